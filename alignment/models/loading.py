@@ -1,0 +1,67 @@
+"""Loading policies and reward models from a local directory or hub id (offline), with LoRA by option."""
+from __future__ import annotations
+
+import torch
+
+from alignment.config import ModelSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto" is bf16 on a GPU that has it and fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def _common_kwargs(section: ModelSection) -> dict:
+    kwargs = {"dtype": resolve_dtype(section.dtype), "attn_implementation": section.attn_implementation,
+              "local_files_only": True}
+    if section.lora.enabled and section.lora.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.lora.load_in_4bit (QLoRA) needs a CUDA device and bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return kwargs
+
+
+def _finish(model, section: ModelSection, task_type: str):
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if section.lora.enabled:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if section.lora.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=section.gradient_checkpointing)
+        lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
+                          target_modules=list(section.lora.target_modules), task_type=task_type,
+                          modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+        model = get_peft_model(model, lora)
+    return model
+
+
+def load_causal_lm(section: ModelSection):
+    """A `AutoModelForCausalLM` ready to train (grad checkpointing / LoRA as the section says)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(section.path, **_common_kwargs(section))
+    return _finish(model, section, "CAUSAL_LM")
+
+
+def load_reward_model(section: ModelSection, pad_token_id: int):
+    """A scalar-head `AutoModelForSequenceClassification` (num_labels=1) initialised from a chat model:
+    the transformer is loaded from the checkpoint and the LM head is replaced by a new linear `score`."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(section.path, num_labels=1, **_common_kwargs(section))
+    model.config.pad_token_id = pad_token_id
+    return _finish(model, section, "SEQ_CLS")
+
+
+def merge_lora_for_save(model):
+    """Fold LoRA adapters into the base weights (for an HF-native full checkpoint)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -1,0 +1,235 @@
+"""The one training loop every stage shares (pretrain, SFT, reward models, rejection sampling, GAtt, ...).
+
+A stage hands over a model, a deterministic `StepPlan` and a `step_fn(model, micro_batch_rows, scale)`
+that returns `(loss_to_backward, metrics)`; this module owns the rest: accelerate / DeepSpeed ZeRO,
+AdamW, the learning-rate schedule, gradient accumulation, checkpoints, resume, logging and the final
+HF-native save. Nothing here knows what the loss is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignment.batching import StepPlan
+from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
+                              ScheduleSection, TrainSection)
+from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The shared sections a training stage passes to `train`."""
+
+    optim: OptimSection
+    schedule: ScheduleSection
+    train: TrainSection
+    distributed: DistributedSection
+    logging: LoggingSection
+    output: OutputSection
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------- schedule
+def warmup_steps(total: int, sched: ScheduleSection) -> int:
+    return min(total, max(sched.min_warmup_steps, math.ceil(sched.warmup_ratio * total)))
+
+
+def lr_at(step: int, total: int, base_lr: float, sched: ScheduleSection) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine decay
+    to `base_lr * min_lr_ratio` at the last step (the paper's RM schedule: cosine to 10% of max)."""
+    warm = warmup_steps(total, sched)
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    if sched.kind == "constant":
+        return base_lr
+    progress = (step - warm) / max(1, total - warm - 1)
+    progress = min(1.0, progress)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if sched.kind == "cosine" else 1.0 - progress
+    return base_lr * (sched.min_lr_ratio + (1.0 - sched.min_lr_ratio) * shape)
+
+
+# ----------------------------------------------------------------------------------------- accelerate
+def resolve_mixed_precision(dist: DistributedSection) -> str:
+    if dist.mixed_precision != "auto":
+        return dist.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def deepspeed_config(path: str, train: TrainSection, optim: OptimSection, world: int, mixed: str) -> dict:
+    """Read a DeepSpeed JSON and fill its "auto" values from the recipe (accelerate cannot infer them
+    without a prepared DataLoader)."""
+    cfg = json.loads(Path(path).read_text())
+    fill = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world,
+        "gradient_clipping": optim.grad_clip,
+    }
+    for key, value in fill.items():
+        if cfg.get(key, "auto") == "auto":  # reading a user's JSON file, not our config
+            cfg[key] = value
+    for key, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
+        section = cfg.setdefault(key, {"enabled": False})
+        if section.get("enabled") == "auto":
+            section["enabled"] = on
+    return cfg
+
+
+def make_accelerator(dist: DistributedSection, train: TrainSection, optim: OptimSection):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    mixed = resolve_mixed_precision(dist)
+    plugin = None
+    if dist.deepspeed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(dist.deepspeed, train, optim, world, mixed))
+    return Accelerator(gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed,
+                       deepspeed_plugin=plugin, cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(model, optim: OptimSection) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and norms (fused on CUDA)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+StepFn = Callable[[torch.nn.Module, list, float], tuple[torch.Tensor, dict]]
+
+
+def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig, run: RunDir,
+          desc: str = "train", unit: str = "tok") -> dict:
+    """Run (or resume) every step of `plan`; save the final model under `run.final_dir`.
+
+    `step_fn(model, rows, scale)` gets one micro-batch (rows of example indices) and `scale`, the number to
+    divide its summed loss by so that the micro-batch losses of all processes and accumulation steps add
+    up to the mean over the whole optimizer step; it returns (loss to backward, metrics of detached
+    tensors, including "items" = trained items in the micro-batch).
+    Returns a summary (steps, final metrics, throughput).
+    """
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(cfg.distributed, cfg.train, cfg.optim)
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = len(plan.steps)
+
+    start = 0
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        start = json.loads((latest / "state.json").read_text())["step"]
+        accelerator.print(f"[{desc}] resuming from {latest} (step {start}/{total})")
+    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=accelerator.is_main_process, resume_step=start)
+    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+               disable=not (accelerator.is_main_process and cfg.logging.progress))
+
+    model.train()
+    last: dict = {}
+    t0, items_done = time.perf_counter(), 0
+    for step in range(start, total):
+        lr = lr_at(step, total, cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scale = plan.items[step] / (cfg.train.grad_accum * world)
+        sums: dict[str, torch.Tensor] = {}
+        for rows in plan.micro_batches(step, rank, world):
+            with accelerator.accumulate(model):
+                loss, metrics = step_fn(model, rows, scale)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.distributed_type.name != "DEEPSPEED":
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        items_done += plan.items[step]
+        bar.update(1)
+        done = step + 1
+        if done % cfg.logging.every_steps == 0 or done == total:
+            last = _reduce_metrics(accelerator, sums, plan.items[step])
+            if not math.isfinite(last["loss"]):
+                raise NonFiniteLossError(f"[{desc}] step {done}: loss is {last['loss']}; the last good checkpoint "
+                                         f"is {run.latest_checkpoint()}")
+            rate = items_done / max(1e-9, time.perf_counter() - t0)
+            last.update(step=done, lr=lr, **{f"{unit}_per_s": rate})
+            log.log(last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"})
+        if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done < total:
+            save_checkpoint(accelerator, run, done, cfg.output.keep_last)
+    bar.close()
+    log.close()
+    save_final(accelerator, model, tokenizer, run)
+    elapsed = time.perf_counter() - t0
+    return {"steps": total, "resumed_from": start, "final": last, f"{unit}_per_s": items_done / max(elapsed, 1e-9),
+            "seconds": elapsed}
+
+
+def _reduce_metrics(accelerator, sums: dict, step_items: int) -> dict:
+    """Step metrics over all processes: "loss" summed (it is already a per-step mean share), counts summed,
+    the rest averaged per micro-batch."""
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k] for k in keys]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="sum")
+    n_micro = None
+    out = {}
+    for k, v in zip(keys, stacked.tolist()):
+        out[k] = v
+    n_micro = out.pop("micro_batches", None)
+    for k in list(out):
+        if k.endswith("_mean") and n_micro:
+            out[k] /= n_micro
+    out["items"] = step_items
+    return out
+
+
+def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int) -> None:
+    """Full training state (model, optimizer, RNG; ZeRO shards per rank), written atomically."""
+    final = run.checkpoint_path(step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "state.json", {"step": step})
+        commit_dir(tmp, final)
+        run.prune_checkpoints(keep_last)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator, model, tokenizer, run: RunDir) -> None:
+    """The HF-native model (`save_pretrained`, gathered from ZeRO-3 shards) and tokenizer, atomically."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        tmp = run.path / ".tmp-final"
+        tmp.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        commit_dir(tmp, run.final_dir)
+    accelerator.wait_for_everyone()
