@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return {str(k): _convert(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string; take it as the number meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -228,3 +234,64 @@ class OutputSection:
     save_every_steps: int = 0  # 0: only at the end
     keep_last: int = 2
     overwrite: bool = False  # a finished run directory is never overwritten unless this is set
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation at the end of a stage: loss on `data.eval`, and answers to held-out prompts."""
+
+    prompts: list[DataSource] = field(default_factory=list)  # rl_prompt rows (toy world: gold-scored)
+    max_prompts: int = 200
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    compare_base: bool = False  # also evaluate the starting checkpoint, for a before/after table
+
+
+# --------------------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class TinyModelSection:
+    """The toy world's tiny Llama, built from a config and a tokenizer trained here (no download)."""
+
+    size: str = "tiny"
+    vocab_size: int = 2048
+    max_position_embeddings: int = 1024
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    corpus: list[DataSource]  # rows {"text": ...}
+    eval_fraction: float = 0.02
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: PretrainData
+    output: OutputSection
+    model: TinyModelSection = field(default_factory=TinyModelSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, weight_decay=0.1))
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SFTData:
+    train: list[DataSource]  # sft_dialog rows
+    eval: list[DataSource] = field(default_factory=list)
+    train_on: Literal["all", "last"] = "all"  # "last": loss on the final answer only (GAtt)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSection
+    data: SFTData
+    output: OutputSection
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 0

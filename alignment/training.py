@@ -121,8 +121,8 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
 
     `step_fn(model, rows, scale)` gets one micro-batch (rows of example indices) and `scale`, the number to
     divide its summed loss by so that the micro-batch losses of all processes and accumulation steps add
-    up to the mean over the whole optimizer step; it returns (loss to backward, metrics of detached
-    tensors, including "items" = trained items in the micro-batch).
+    up to the mean over the whole optimizer step; it returns (loss to backward, metrics as detached sums
+    over the micro-batch: "loss_sum" and any "x_sum", reported as means over the step's items).
     Returns a summary (steps, final metrics, throughput).
     """
     from tqdm.auto import tqdm
@@ -186,20 +186,18 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
 
 
 def _reduce_metrics(accelerator, sums: dict, step_items: int) -> dict:
-    """Step metrics over all processes: "loss" summed (it is already a per-step mean share), counts summed,
-    the rest averaged per micro-batch."""
+    """Step metrics over all processes. Step functions report sums: "x_sum" becomes "x", the mean over the
+    step's trained items (tokens or pairs); other entries (counts) are summed."""
     keys = sorted(sums)
     stacked = torch.stack([sums[k] for k in keys]).to(accelerator.device)
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, reduction="sum")
-    n_micro = None
     out = {}
     for k, v in zip(keys, stacked.tolist()):
-        out[k] = v
-    n_micro = out.pop("micro_batches", None)
-    for k in list(out):
-        if k.endswith("_mean") and n_micro:
-            out[k] /= n_micro
+        if k.endswith("_sum"):
+            out[k[:-4]] = v / max(step_items, 1)
+        else:
+            out[k] = v
     out["items"] = step_items
     return out
 

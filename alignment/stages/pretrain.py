@@ -1,0 +1,62 @@
+"""Stage 0: the tiny base model. Trains a BPE tokenizer on the toy corpus and a tiny `LlamaForCausalLM`
+from scratch on it (next-token loss on every token), so SFT starts from a language model, not from noise.
+Real models skip this stage: their recipes point `model.path` at Llama-2 weights."""
+from __future__ import annotations
+
+import json
+
+from alignment.config import PretrainConfig
+from alignment.data.io import load_records
+from alignment.runs import RunDir
+from alignment.stages.sft import is_main_process, lm_step_fn, loop_config
+from alignment.training import train
+
+
+def encode_documents(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+    """BOS + text + EOS, cut into pieces of at most `max_length`; every token but BOS is a target."""
+    examples = []
+    for text in texts:
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        for start in range(0, len(ids), max_length):
+            piece = ids[start:start + max_length]
+            if len(piece) > 1:
+                examples.append({"input_ids": piece, "labels": [-100, *piece[1:]]})
+    return examples
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    from alignment.data.io import file_sha256
+    from alignment.models.tiny import build_tiny_llama
+    from alignment.models.tokenizer import load_tokenizer, train_tokenizer
+    from alignment.stages.sft import make_plan
+
+    run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[pretrain] {run.path} already holds this finished run (config {run.hash}); nothing to do")
+        return json.loads(run.done_file.read_text())
+    texts = []
+    for src in cfg.data.corpus:
+        rows = load_records(src.path, "text_document")
+        texts += [r["text"] for r in rows[:src.limit]]
+    run.prepare({s.path: file_sha256(s.path) for s in cfg.data.corpus}, is_main=is_main_process())
+    tok_dir = run.path / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(texts, cfg.model.vocab_size, tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    n_eval = int(len(texts) * cfg.data.eval_fraction)
+    examples = encode_documents(tokenizer, texts[n_eval:], cfg.train.max_length)
+    eval_examples = encode_documents(tokenizer, texts[:n_eval], cfg.train.max_length)
+    model = build_tiny_llama(tokenizer, cfg.model.size, seed=cfg.seed)
+    plan = make_plan(cfg, examples, world=1)
+    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
+                    cfg=loop_config(cfg), run=run, desc="pretrain", unit="tok")
+    if is_main_process():
+        from alignment.evaluate import heldout_loss
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(run.final_dir, local_files_only=True)
+        summary["heldout_loss"] = heldout_loss(model, eval_examples, tokenizer.pad_token_id, "sdpa")
+        summary["parameters"] = sum(p.numel() for p in model.parameters())
+        run.mark_done(summary)
+        print(f"[pretrain] {summary['parameters'] / 1e6:.2f}M parameters, held-out loss {summary['heldout_loss']:.3f}")
+    return summary

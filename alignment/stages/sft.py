@@ -1,0 +1,140 @@
+"""Stage 1: supervised fine-tuning in the Llama-2 chat format (LLAMA2_METHOD.md, stage 1).
+
+Dialogs are encoded with `alignment.chat.encode_dialog` (loss on every assistant answer, or on the last
+one only), packed padding-free into rows with a block-diagonal mask, and trained by the shared loop with
+`alignment.losses.sft_loss` normalised by the trained tokens of the whole optimizer step. Rejection
+sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from alignment.batching import attention_inputs, build_plan, collate
+from alignment.chat import encode_dialog, truncate_example
+from alignment.config import SFTConfig
+from alignment.data.sources import load_sources, source_hashes
+from alignment.losses import sft_loss
+from alignment.runs import RunDir, write_json_atomic
+from alignment.training import LoopConfig, train
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
+    """Encoded examples and the number dropped because truncation left no trained answer token."""
+    examples, dropped = [], 0
+    for row in dialogs:
+        ex = truncate_example(encode_dialog(tokenizer, row["messages"], train_on=train_on), max_length)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, dropped
+
+
+def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
+    """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens."""
+
+    def step(model, rows, scale):
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(examples, rows, pad_id).items()}
+        dtype = next(model.parameters()).dtype
+        logits = model(**attention_inputs(batch, attn_implementation, dtype)).logits
+        loss, metrics = sft_loss(logits, batch["labels"], num_items=scale)
+        return loss, {"loss_sum": loss.detach() * scale, "tokens": metrics["num_tokens"]}
+
+    return step
+
+
+def make_plan(cfg, examples: list[dict], world: int):
+    lengths = [len(e["input_ids"]) for e in examples]
+    items = [sum(label != -100 for label in e["labels"]) for e in examples]
+    return build_plan(lengths, items, seed=cfg.seed, epochs=cfg.train.epochs,
+                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
+                      packing=cfg.train.packing, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)
+
+
+def loop_config(cfg) -> LoopConfig:
+    return LoopConfig(optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed,
+                      logging=cfg.logging, output=cfg.output, seed=cfg.seed)
+
+
+def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
+    """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
+    from alignment.models.loading import load_causal_lm
+    from alignment.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    examples, dropped = encode_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
+    if not examples:
+        raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, examples, world)
+    run.prepare(inputs, is_main=is_main_process())
+    if dropped and is_main_process():
+        print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
+              f"train.max_length={cfg.train.max_length}")
+    model = load_causal_lm(cfg.model)
+    step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
+    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
+                    desc=desc, unit="tok")
+    summary.update(examples=len(examples), dropped=dropped)
+    return summary
+
+
+def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[dict]) -> dict:
+    """Held-out loss and gold-scored answers of the final model (and of the starting one, by option)."""
+    from alignment.evaluate import answer_prompts, gold_metrics, heldout_loss
+    from alignment.models.tokenizer import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(run.final_dir)
+    result: dict = {}
+    checkpoints = [("final", str(run.final_dir))]
+    if cfg.eval.compare_base:
+        checkpoints.append(("start", cfg.model.path))
+    for name, path in checkpoints:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                     attn_implementation=cfg.model.attn_implementation)
+        examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
+        entry = {"heldout_loss": heldout_loss(model, examples, tokenizer.pad_token_id, cfg.model.attn_implementation)}
+        if prompts:
+            answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, progress=cfg.logging.progress)
+            if all(r.get("source") == "toyworld" for r in prompts):  # a row's optional field
+                entry.update(gold_metrics(prompts, answers))
+            entry["examples"] = [{"prompt": r["prompt"] if "prompt" in r else r["context"][-1]["content"],
+                                  "answer": a} for r, a in list(zip(prompts, answers))[:5]]
+        result[name] = entry
+    write_json_atomic(run.path / "eval.json", result)
+    return result
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """`align sft`: validate data, fine-tune (resuming if the run has checkpoints), evaluate, mark done."""
+    run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[sft] {run.path} already holds this finished run (config {run.hash}); nothing to do")
+        return json.loads(run.done_file.read_text())
+    dialogs = load_sources(cfg.data.train, "sft_dialog")  # every input is checked before any compute
+    eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
+    prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
+    inputs = source_hashes([*cfg.data.train, *cfg.data.eval, *cfg.eval.prompts])
+    summary = fine_tune(cfg, dialogs, run, inputs, desc="sft")
+    if is_main_process():
+        summary["eval"] = evaluate_policy(cfg, run, eval_dialogs, prompts)
+        run.mark_done(summary)
+        print_eval_table("sft", summary["eval"])
+    return summary
+
+
+def print_eval_table(stage: str, result: dict) -> None:
+    keys = ["heldout_loss", "gold_helpfulness", "violation_rate", "false_refusal_rate"]
+    print(f"[{stage}] evaluation")
+    print("  " + "checkpoint".ljust(12) + "".join(k.rjust(20) for k in keys))
+    for name, entry in result.items():
+        cells = "".join((f"{entry[k]:.4f}" if k in entry else "-").rjust(20) for k in keys)
+        print("  " + name.ljust(12) + cells)

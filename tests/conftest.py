@@ -1,0 +1,60 @@
+"""Shared fixtures: a tokenizer and a nano Llama built in the test session (no download, seconds)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the cat dog sun moon red blue green one two three four five six seven plus minus is what "
+         "answer sort these numbers count letters in word capital of city sorry I cannot help with that").split()
+
+
+def make_dialogs(n: int, seed: int = 0, multi_turn_every: int = 4) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        turns = 2 if i % multi_turn_every == 0 else 1
+        messages = []
+        if i % 5 == 0:
+            messages.append({"role": "system", "content": "answer in few words"})
+        for _ in range(turns):
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 9)))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))})
+        rows.append({"id": f"d{i}", "messages": messages, "source": "test"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from alignment.models.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [" ".join(random.Random(i).choices(WORDS, k=20)) for i in range(300)]
+    train_tokenizer(texts, 400, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from alignment.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def nano_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved nano LlamaForCausalLM (~0.2M parameters) with its tokenizer: a stand-in base checkpoint."""
+    from alignment.models.tiny import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("nano_base")
+    build_tiny_llama(tokenizer, "nano", seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,68 @@
+"""The strict config loader: unknown keys and wrong types at any depth, in YAML and in --set."""
+from pathlib import Path
+
+import pytest
+
+from alignment.config import ConfigError, SFTConfig, apply_overrides, config_hash, from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"model": {"path": "m"}, "data": {"train": [{"path": "t.jsonl"}]}, "output": {"dir": "out"}}
+
+
+def test_defaults_fill_in():
+    cfg = from_dict(SFTConfig, BASE)
+    assert cfg.optim.lr == 2e-5 and cfg.train.packing is True and cfg.model.lora.enabled is False
+    assert cfg.data.train[0].source == "native"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({**BASE, "optimm": {}}, "unknown key 'optimm'; did you mean 'optim'"),
+    ({**BASE, "optim": {"lr": 1e-5, "weight_decy": 0.1}}, "optim: unknown key 'weight_decy'; did you mean 'weight_decay'"),
+    ({**BASE, "model": {"path": "m", "lora": {"rank": 8}}}, "model.lora: unknown key 'rank'"),
+    ({**BASE, "data": {"train": [{"path": "t", "limt": 3}]}}, r"data.train\[0\]: unknown key 'limt'; did you mean 'limit'"),
+    ({**BASE, "optim": {"lr": "fast"}}, "optim.lr: expected a number"),
+    ({**BASE, "train": {"micro_batch_size": 2.5}}, "train.micro_batch_size: expected an integer"),
+    ({**BASE, "train": {"packing": "yes"}}, "train.packing: expected bool"),
+    ({**BASE, "schedule": {"kind": "cosin"}}, "schedule.kind: 'cosin' is not one of"),
+    ({**BASE, "optim": {"betas": [0.9]}}, "optim.betas: expected 2 values"),
+    ({"data": BASE["data"], "output": BASE["output"]}, "model: .*path: required key is missing|model.path: required"),
+])
+def test_rejects_bad_recipes(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(SFTConfig, raw)
+
+
+def test_set_overrides_are_checked(tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(SFTConfig, recipe, ["optim.lr=3e-4", "train.max_steps=7", "model.lora.enabled=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.model.lora.enabled
+    with pytest.raises(ConfigError, match="optim: unknown key 'lrr'; did you mean 'lr'"):
+        load_config(SFTConfig, recipe, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="train.epochs: expected a number"):
+        load_config(SFTConfig, recipe, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides(BASE, ["optim.lr"])
+
+
+def test_hash_changes_with_any_value():
+    a = from_dict(SFTConfig, BASE)
+    b = from_dict(SFTConfig, apply_overrides(BASE, ["optim.lr=1e-4"]))
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(from_dict(SFTConfig, BASE))
+
+
+def test_every_recipe_in_the_repo_loads():
+    """STYLE.md rule 5: each YAML under recipes/ validates against its stage's config class."""
+    from alignment.cli import STAGES
+    import alignment.config as config
+
+    recipes = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+    assert recipes
+    for path in recipes:
+        stage = path.stem.replace("_", "-")
+        stage = {"rm-helpful": "rm", "rm-safety": "rm", "rm-ablation": "rm"}.get(stage, stage)
+        assert stage in STAGES, f"{path}: no stage named {stage!r} (name recipe files after their stage)"
+        load_config(getattr(config, STAGES[stage][0]), path)
