@@ -32,14 +32,16 @@ def pack(lengths: list[int], order: list[int], max_length: int) -> list[list[int
     return rows
 
 
-def group_by_length(lengths: list[int], order: list[int], micro_batch_size: int, rng: random.Random,
+def group_by_length(lengths: list[int], order: list[int], group_size: int, rng: random.Random,
                     window: int = 64) -> list[list[int]]:
-    """Micro-batches of similar lengths (little padding): sort within windows of the shuffled order."""
+    """Groups of `group_size` examples of similar lengths (little padding): sort within windows of the
+    shuffled order, cut into groups, shuffle the groups. A group is one optimizer step's examples, so the
+    same examples share a step whatever the micro-batch / accumulation split."""
     groups = []
-    span = micro_batch_size * window
+    span = group_size * window
     for start in range(0, len(order), span):
         chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
-        groups += [chunk[j:j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)]
+        groups += [chunk[j:j + group_size] for j in range(0, len(chunk), group_size)]
     rng.shuffle(groups)
     return groups
 
@@ -78,7 +80,9 @@ def build_plan(lengths: list[int], items_per_example: list[int], *, seed: int, e
             micro = [[row] for row in rows] if micro_batch_size == 1 else [
                 rows[j:j + micro_batch_size] for j in range(0, len(rows), micro_batch_size)]
         else:
-            micro = [[[i] for i in g] for g in group_by_length(lengths, order, micro_batch_size, rng)]
+            groups = group_by_length(lengths, order, micro_batch_size * per_step, rng)
+            micro = [[[i] for i in g[j:j + micro_batch_size]] for g in groups
+                     if len(g) == micro_batch_size * per_step for j in range(0, len(g), micro_batch_size)]
         usable = len(micro) - len(micro) % per_step
         for s in range(0, usable, per_step):
             step = micro[s:s + per_step]

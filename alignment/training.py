@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
 from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
+
+
+# Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
+_STOP_AFTER_STEP = int(os.environ.get("ALIGN_STOP_AFTER_STEP", "0"))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,8 +91,6 @@ def deepspeed_config(path: str, train: TrainSection, optim: OptimSection, world:
 
 
 def make_accelerator(dist: DistributedSection, train: TrainSection, optim: OptimSection):
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
@@ -177,6 +180,8 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
             bar.set_postfix(loss=f"{last['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"})
         if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done < total:
             save_checkpoint(accelerator, run, done, cfg.output.keep_last)
+        if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
+            os._exit(99)
     bar.close()
     log.close()
     save_final(accelerator, model, tokenizer, run)

@@ -100,7 +100,9 @@ def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[di
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                      attn_implementation=cfg.model.attn_implementation)
         examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
-        entry = {"heldout_loss": heldout_loss(model, examples, tokenizer.pad_token_id, cfg.model.attn_implementation)}
+        entry = {}
+        if examples:
+            entry["heldout_loss"] = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
         if prompts:
             answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, progress=cfg.logging.progress)

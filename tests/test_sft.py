@@ -1,0 +1,144 @@
+"""SFT invariants: batch x accumulation equivalence, packed == unpacked, resume == uninterrupted,
+bad data stops before any compute and leaves an existing run untouched."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignment.batching import attention_inputs, collate
+from alignment.config import SFTConfig, load_config
+from alignment.runs import read_metrics
+from alignment.stages.sft import encode_dialogs, run_sft
+
+from conftest import make_dialogs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp_path, base, train_rows, name="r.yaml", **sections) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    raw = {
+        "model": {"path": str(base)},
+        "data": {"train": [{"path": str(train)}]},
+        "train": {"epochs": 1, "micro_batch_size": 4, "max_length": 128, "packing": False},
+        "optim": {"lr": 1e-3},
+        "logging": {"every_steps": 1, "progress": False, "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def losses(run_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+def test_batch_times_accumulation_is_one_big_batch(tmp_path, nano_model_dir):
+    rows = make_dialogs(32)
+    a = recipe(tmp_path / "a", nano_model_dir, rows, train={"micro_batch_size": 4, "grad_accum": 1})
+    b = recipe(tmp_path / "b", nano_model_dir, rows, train={"micro_batch_size": 2, "grad_accum": 2})
+    run_sft(load_config(SFTConfig, a))
+    run_sft(load_config(SFTConfig, b))
+    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert len(la) == len(lb) == 8
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+    assert la[-1] < la[0]  # it learns
+
+
+def test_packed_rows_give_the_unpacked_loss(tokenizer, nano_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from alignment.losses import sft_loss
+
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+    examples, _ = encode_dialogs(tokenizer, make_dialogs(6), 128)
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        packed = collate(examples, [[0, 1, 2], [3, 4, 5]], tokenizer.pad_token_id)
+        unpacked = collate(examples, [[i] for i in range(6)], tokenizer.pad_token_id)
+        lp, mp = sft_loss(model(**attention_inputs(packed, impl)).logits, packed["labels"])
+        lu, mu = sft_loss(model(**attention_inputs(unpacked, impl)).logits, unpacked["labels"])
+        assert int(mp["num_tokens"]) == int(mu["num_tokens"])
+        assert lp.item() == pytest.approx(lu.item(), abs=1e-5), impl
+
+
+def test_hand_computed_loss_on_two_examples(tokenizer, nano_model_dir):
+    """The stage's loss equals -mean log softmax over answer tokens computed one token at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.stages.sft import lm_step_fn
+
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+    examples, _ = encode_dialogs(tokenizer, make_dialogs(2), 128)
+    nll, count = 0.0, 0
+    for ex in examples:
+        logits = model(torch.tensor([ex["input_ids"]])).logits[0]
+        for t in range(1, len(ex["input_ids"])):
+            if ex["labels"][t] != -100:
+                nll -= torch.log_softmax(logits[t - 1], -1)[ex["labels"][t]].item()
+                count += 1
+    loss, metrics = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa")(model, [[0, 1]], count)
+    assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+    assert metrics["loss_sum"].item() == pytest.approx(nll, rel=1e-5)
+
+
+def _run_cli(recipe_path, *extra, env=None):
+    return subprocess.run([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(recipe_path), *extra],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, nano_model_dir):
+    rows = make_dialogs(48)
+    full = recipe(tmp_path / "full", nano_model_dir, rows, train={"packing": True, "micro_batch_size": 2})
+    run_sft(load_config(SFTConfig, full))
+    reference = losses(tmp_path / "full" / "run")
+
+    part = recipe(tmp_path / "part", nano_model_dir, rows, train={"packing": True, "micro_batch_size": 2},
+                  output={"save_every_steps": 2})
+    # stop the run right after its step-4 checkpoint, as a kill would, then resume it from the CLI
+    import os
+    env = {**os.environ, "ALIGN_STOP_AFTER_STEP": "4"}
+    killed = _run_cli(part, env=env)
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    run_dir = tmp_path / "part" / "run"
+    assert not (run_dir / "done.json").exists()
+    assert [m["step"] for m in read_metrics(run_dir)][-1] >= 4
+    resumed = _run_cli(part)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert losses(run_dir) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, len(reference) + 1))
+
+
+def test_bad_data_fails_before_training_and_keeps_the_run(tmp_path, nano_model_dir):
+    good = recipe(tmp_path, nano_model_dir, make_dialogs(16))
+    run_sft(load_config(SFTConfig, good))
+    run_dir = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+
+    bad_rows = make_dialogs(16)
+    bad_rows[6]["messages"][1]["role"] = "user"
+    del bad_rows[9]["messages"]
+    write_jsonl(tmp_path / "train.jsonl", bad_rows)
+    result = _run_cli(good, "--set", "optim.lr=2e-3")
+    assert result.returncode == 2
+    assert "train.jsonl:7: messages[1].role" in result.stderr
+    assert "train.jsonl:10: messages" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_finished_run_with_another_config_is_not_overwritten(tmp_path, nano_model_dir):
+    path = recipe(tmp_path, nano_model_dir, make_dialogs(16))
+    run_sft(load_config(SFTConfig, path))
+    result = _run_cli(path, "--set", "optim.lr=5e-4")
+    assert result.returncode != 0
+    assert "holds a run with another config" in result.stderr
+    again = _run_cli(path)  # the same config: nothing to do
+    assert again.returncode == 0 and "nothing to do" in again.stdout
