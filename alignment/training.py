@@ -98,9 +98,16 @@ def make_accelerator(dist: DistributedSection, train: TrainSection, optim: Optim
     plugin = None
     if dist.deepspeed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        # accelerate initialises DeepSpeed's process group only when told so before its state exists
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if not torch.cuda.is_available():
+            # On CPU accelerate finds no backend for DeepSpeed and would run each process alone; name gloo.
+            from accelerate import PartialState
+
+            PartialState(backend="gloo")
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(dist.deepspeed, train, optim, world, mixed))
     return Accelerator(gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed,
-                       deepspeed_plugin=plugin, cpu=not torch.cuda.is_available())
+                       deepspeed_plugin=plugin)
 
 
 def make_optimizer(model, optim: OptimSection) -> torch.optim.Optimizer:
@@ -136,6 +143,10 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     total = len(plan.steps)
+    engine = accelerator.distributed_type.name.lower()
+    if accelerator.state.deepspeed_plugin is not None:
+        engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    accelerator.print(f"[{desc}] {total} steps on {world} process(es), {engine}, {accelerator.mixed_precision} precision")
 
     start = 0
     latest = run.latest_checkpoint()
@@ -185,6 +196,7 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
     bar.close()
     log.close()
     save_final(accelerator, model, tokenizer, run)
+    _leave_zero3()
     elapsed = time.perf_counter() - t0
     return {"steps": total, "resumed_from": start, "final": last, f"{unit}_per_s": items_done / max(elapsed, 1e-9),
             "seconds": elapsed}
@@ -205,6 +217,16 @@ def _reduce_metrics(accelerator, sums: dict, step_items: int) -> dict:
             out[k] = v
     out["items"] = step_items
     return out
+
+
+def _leave_zero3() -> None:
+    """After training, models loaded for evaluation (on the main process only) must not be partitioned
+    by the ZeRO-3 context that accelerate registered with transformers."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
 
 
 def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int) -> None:
