@@ -1,0 +1,58 @@
+"""Scoring (prompt, answer) pairs with a reward model: one encoding for training, sampling and PPO.
+
+A reward model reads the whole dialog in the Llama-2 format, the answer closed by EOS, and its scalar
+head's output at the last real token is the reward (`AutoModelForSequenceClassification` with one
+label). Encoding lives here only, so the RM is trained and used on exactly the same token sequences.
+"""
+from __future__ import annotations
+
+import torch
+
+from alignment.chat import encode_dialog
+
+
+def encode_for_reward(tokenizer, context: list[dict], answer: str, max_length: int) -> list[int]:
+    """Token ids of `context` (ending with a user turn) answered by `answer`, cut to the last
+    `max_length` tokens so the answer (and the EOS the score is read at) is always kept."""
+    ids = encode_dialog(tokenizer, [*context, {"role": "assistant", "content": answer}])["input_ids"]
+    return ids[-max_length:]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [N, T] of right-padded sequences."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward [N] read at each row's last real token (right padding), whatever the pad id is."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.dim() == 2:  # sequence-classification heads already pool at the last non-pad token
+        return logits[:, 0]
+    last = attention_mask.sum(dim=1) - 1
+    return logits[torch.arange(logits.shape[0], device=logits.device), last, 0]
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, contexts: list[list[dict]], answers: list[str], *, batch_size: int = 32,
+                  max_length: int = 1024) -> torch.Tensor:
+    """Raw (pre-sigmoid) scores [N] of each (context, answer), batched by similar length."""
+    seqs = [encode_for_reward(tokenizer, c, a, max_length) for c, a in zip(contexts, answers)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    scores = torch.empty(len(seqs))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_right([seqs[i] for i in idx], tokenizer.pad_token_id)
+        scores[idx] = last_token_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    if was_training:
+        model.train()
+    return scores
