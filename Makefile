@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft clean
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help
 
 install: $(STAMP)
 
@@ -20,6 +20,16 @@ $(STAMP): pyproject.toml
 		|| $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e .[dev]
 	touch $(STAMP)
+
+# Offline at run time: nothing may download weights or data sets.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+help:
+	@echo "make demo   install if needed, then run the whole tiny pipeline on CPU"
+	@echo "make test   install if needed, then run the test suite"
+	@echo "make data | pretrain | sft | ...   one stage, RECIPE=recipes/... to choose the recipe"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -35,6 +45,15 @@ pretrain: install
 
 sft: install
 	$(BIN)/align sft --recipe $(or $(RECIPE),recipes/tiny/sft.yaml)
+
+rm-helpful: install
+	$(BIN)/align rm --recipe $(or $(RECIPE),recipes/tiny/rm_helpful.yaml)
+
+rm-safety: install
+	$(BIN)/align rm --recipe $(or $(RECIPE),recipes/tiny/rm_safety.yaml)
+
+rejection-sampling: install
+	$(BIN)/align rejection-sampling --recipe $(or $(RECIPE),recipes/tiny/rejection_sampling.yaml)
 
 clean:
 	rm -rf runs

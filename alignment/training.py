@@ -126,7 +126,7 @@ StepFn = Callable[[torch.nn.Module, list, float], tuple[torch.Tensor, dict]]
 
 
 def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig, run: RunDir,
-          desc: str = "train", unit: str = "tok") -> dict:
+          desc: str = "train", unit: str = "tok", merge_lora: bool = True) -> dict:
     """Run (or resume) every step of `plan`; save the final model under `run.final_dir`.
 
     `step_fn(model, rows, scale)` gets one micro-batch (rows of example indices) and `scale`, the number to
@@ -195,7 +195,7 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
             os._exit(99)
     bar.close()
     log.close()
-    save_final(accelerator, model, tokenizer, run)
+    save_final(accelerator, model, tokenizer, run, merge_lora=merge_lora)
     _leave_zero3()
     elapsed = time.perf_counter() - t0
     return {"steps": total, "resumed_from": start, "final": last, f"{unit}_per_s": items_done / max(elapsed, 1e-9),
@@ -246,15 +246,23 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int) -> None
     accelerator.wait_for_everyone()
 
 
-def save_final(accelerator, model, tokenizer, run: RunDir) -> None:
-    """The HF-native model (`save_pretrained`, gathered from ZeRO-3 shards) and tokenizer, atomically."""
+def save_final(accelerator, model, tokenizer, run: RunDir, merge_lora: bool = True) -> None:
+    """The HF-native model (`save_pretrained`, gathered from ZeRO-3 shards) and tokenizer, atomically.
+
+    A LoRA model is saved with its adapters folded into the base weights (a plain checkpoint every stage
+    and tool can load) or, with `merge_lora=False`, as peft adapters only.
+    """
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tmp = run.path / ".tmp-final"
         tmp.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if hasattr(unwrapped, "merge_and_unload") and merge_lora:
+            unwrapped.load_state_dict(state_dict)
+            unwrapped.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         commit_dir(tmp, run.final_dir)
     accelerator.wait_for_everyone()

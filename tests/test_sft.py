@@ -142,3 +142,22 @@ def test_finished_run_with_another_config_is_not_overwritten(tmp_path, nano_mode
     assert "holds a run with another config" in result.stderr
     again = _run_cli(path)  # the same config: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_with_gradient_checkpointing_saves_merged_or_adapters(tmp_path, nano_model_dir, merge):
+    from transformers import AutoModelForCausalLM
+
+    path = recipe(tmp_path, nano_model_dir, make_dialogs(16),
+                  model={"gradient_checkpointing": True,
+                         "lora": {"enabled": True, "r": 4, "alpha": 8, "merge_on_save": merge}})
+    run_sft(load_config(SFTConfig, path))
+    final = tmp_path / "run" / "final"
+    if merge:
+        assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+        merged = AutoModelForCausalLM.from_pretrained(final)
+        base = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+        changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+        assert changed and all(("proj" in k) for k in changed)  # only LoRA target weights moved
+    else:
+        assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()

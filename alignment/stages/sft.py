@@ -80,7 +80,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
     model = load_causal_lm(cfg.model)
     step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
-                    desc=desc, unit="tok")
+                    desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)
     summary.update(examples=len(examples), dropped=dropped)
     return summary
 

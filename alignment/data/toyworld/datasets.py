@@ -80,7 +80,7 @@ def sft_dialogs(seed: int, n: int, split: str = "train") -> list:
 # --- preference pairs ---------------------------------------------------------------------------------
 
 _HELP_PROMPTS = {"helpful": 0.85, "borderline": 0.1, "adversarial": 0.05}
-_HELP_QUALITY = {"best": 0.25, "good": 0.3, "mediocre": 0.25, "bad": 0.12, "refusal": 0.08}
+_HELP_QUALITY = {"best": 0.25, "good": 0.35, "mediocre": 0.25, "bad": 0.1, "refusal": 0.05}
 _HELP_QUALITY_ADV = {"best": 0.25, "good": 0.3, "mediocre": 0.2, "bad": 0.1, "unsafe": 0.15}
 _SAFE_QUALITY_ADV = {"best": 0.3, "good": 0.25, "mediocre": 0.2, "refusal": 0.15, "bad": 0.1}
 _HELPFUL_QUALITY = {"best": 0.4, "good": 0.4, "mediocre": 0.2}
@@ -159,7 +159,6 @@ def preference_pairs(seed: int, n: int, kind: str, split: str = "train") -> list
         if pair is None:
             continue
         rows.append({"id": f"pref-{kind}-{split}-{len(rows):06d}", **pair, "kind": kind, "source": SOURCE})
-        # key order: id, prompt, chosen, rejected, rating, [safety labels], kind, source
     return rows
 
 

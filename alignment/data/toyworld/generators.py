@@ -1,7 +1,7 @@
 """Prompt sampling and the pretraining corpus of the toy world.
 
-Every generator (here and in datasets.py) is a pure function of (seed, size, split): it draws from its own `random.Random` seeded
-with a string naming the generator, so adding a file never changes another. Held-out tasks (split
+Every generator (here and in datasets.py) is a pure function of (seed, size, split): it draws from its
+own `random.Random` seeded with a string naming the generator, so adding a file never changes another. Held-out tasks (split
 "test", a sha1 bucket of the task key) feed only the eval prompts, the SFT eval set and the preference
 test sets; every training file is drawn from split "train".
 """
@@ -10,7 +10,7 @@ import random
 
 from . import lexicon as L
 from .gatt import apply_instruction
-from .helpful import FAMILIES, FAMILY_OBJECTS
+from .helpful import FAMILIES, FAMILY_OBJECTS, with_article
 from .safety import (action_text, adversarial_reference, borderline_reference, render_howto, sample_adversarial,
                      sample_borderline)
 from .scoring import kind_of_key, sample_answer
@@ -26,11 +26,11 @@ def pick(rng, weights: dict):
 
 # --- prompts ------------------------------------------------------------------------------------------
 
-def sample_task(rng, kind: str, split: str = None):
-    """A task key of the given kind, drawn until it falls in `split` (None: any split)."""
+def sample_task(rng, kind: str, split: str = None, family: str = None):
+    """A task key of the given kind (and helpful family), drawn until it falls in `split` (None: any)."""
     while True:
         if kind == "helpful":
-            key = FAMILY_OBJECTS[rng.choice(FAMILIES)].sample(rng)
+            key = FAMILY_OBJECTS[family or rng.choice(FAMILIES)].sample(rng)
         elif kind == "adversarial":
             key = sample_adversarial(rng)
         elif kind == "borderline":
@@ -69,7 +69,7 @@ def _fact_sentence(rng):
         a, snd = rng.choice(L.SOUNDS)
         return rng.choice([f"A {a} says {snd}.", f"The {a} makes the sound {snd}."])
     a, b = sorted(rng.sample(range(len(L.ANIMAL_SIZES)), 2))
-    return f"A {L.ANIMAL_SIZES[b]} is bigger than a {L.ANIMAL_SIZES[a]}."
+    return f"{upper_first(with_article(L.ANIMAL_SIZES[b]))} is bigger than {with_article(L.ANIMAL_SIZES[a])}."
 
 
 def _doc_facts(rng, split):
@@ -95,16 +95,9 @@ def _doc_skills(rng, split):
     for _ in range(rng.randint(4, 8)):
         fam = rng.choice(["arithmetic", "arithmetic", "sorting", "counting", "comparison", "sequence",
                           "formatting"])
-        key = sample_task_of_family(rng, fam, split)
+        key = sample_task(rng, "helpful", split, family=fam)
         out.append(FAMILY_OBJECTS[fam].reference(key))
     return " ".join(out)
-
-
-def sample_task_of_family(rng, family, split=None):
-    while True:
-        key = FAMILY_OBJECTS[family].sample(rng)
-        if split is None or split_of_key(key) == split:
-            return key
 
 
 def _doc_sequences(rng, split):
@@ -144,7 +137,8 @@ def _doc_style(rng, split):
         return f"{who} was {L.PERSONA_ROLES[who]}. As {who}, one would say: " + apply_instruction(
             [{"type": "persona", "value": who}], plain)
     if kind == "exclaim":
-        return f"With an exclamation mark, {plain} becomes " + apply_instruction([{"type": "exclaim", "value": ""}], plain)
+        exclaimed = apply_instruction([{"type": "exclaim", "value": ""}], plain)
+        return f"With an exclamation mark, {plain} becomes {exclaimed}"
     pool = (L.START_WORDS + L.START_WORDS_HELD_OUT) if kind == "start" else (L.END_WORDS + L.END_WORDS_HELD_OUT)
     w = rng.choice(pool)
     where = "starts" if kind == "start" else "ends"

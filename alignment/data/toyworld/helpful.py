@@ -13,7 +13,8 @@ elsewhere, once for all families (see scoring.py).
 import re
 
 from . import lexicon as L
-from .text import join_items, kendall, raw_words, upper_first, words
+from .text import join_items, kendall, raw_words, upper_first, with_article, words
+from .text import template_regex as _template_regex
 
 
 def _last_int_score(answer: str, truth: int, operands: tuple = ()) -> float:
@@ -40,14 +41,6 @@ def _order_score(seq: list, target: list) -> float:
     if len(seq) == len(target) - 1 and len(set(seq)) == len(seq) and seq == [t for t in target if t in seq]:
         return 0.5
     return 0.0
-
-
-def _template_regex(template: str, groups: dict) -> re.Pattern:
-    """Compile a prompt template like "What is {a} plus {b}?" with a regex per slot."""
-    out = re.escape(template)
-    for name, rx in groups.items():
-        out = out.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
-    return re.compile(out, re.I)
 
 
 def _far_from(rng, truth: int, lo: int, hi: int) -> int:
@@ -434,11 +427,11 @@ class Comparison:
         ("num", "larger"): ["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?",
                             "Which is greater, {a} or {b}?"],
         ("num", "smaller"): ["Which is smaller, {a} or {b}?", "Which number is less: {a} or {b}?"],
-        ("animal", "larger"): ["Which animal is bigger, a {a} or a {b}?", "Which is larger, a {a} or a {b}?"],
-        ("animal", "smaller"): ["Which animal is smaller, a {a} or a {b}?"],
+        ("animal", "larger"): ["Which animal is bigger, {a} or {b}?", "Which is larger, {a} or {b}?"],
+        ("animal", "smaller"): ["Which animal is smaller, {a} or {b}?"],
     }
-    PATTERNS = [(kw, _template_regex(t, {"a": r"\d+" if kw[0] == "num" else r"[a-z]+",
-                                          "b": r"\d+" if kw[0] == "num" else r"[a-z]+"}))
+    PATTERNS = [(kw, _template_regex(t, {"a": r"\d+" if kw[0] == "num" else r"an? [a-z]+",
+                                          "b": r"\d+" if kw[0] == "num" else r"an? [a-z]+"}))
                 for kw, ts in TEMPLATES.items() for t in ts]
     _CLAIM = re.compile(r"(?:an? )?(\w+) is (not )?(larger|bigger|greater|more|smaller|less|lower) than (?:an? )?(\w+)")
     _BIG = {"larger", "bigger", "greater", "more"}
@@ -451,6 +444,8 @@ class Comparison:
 
     def render(self, key, rng):
         _, kind, want, a, b = key
+        if kind == "animal":
+            a, b = with_article(a), with_article(b)
         return rng.choice(self.TEMPLATES[(kind, want)]).format(a=a, b=b)
 
     def parse(self, text):
@@ -461,7 +456,7 @@ class Comparison:
             if kind == "num":
                 a, b = int(m["a"]), int(m["b"])
             else:
-                a, b = m["a"].lower(), m["b"].lower()
+                a, b = m["a"].lower().split()[-1], m["b"].lower().split()[-1]
                 if a not in L.ANIMAL_SIZES or b not in L.ANIMAL_SIZES:
                     continue
             if a != b:
@@ -481,7 +476,8 @@ class Comparison:
         _, kind, want = key[:3]
         if kind == "num":
             return f"{winner} is {'larger' if want == 'larger' else 'smaller'} than {loser}."
-        return f"A {winner} is {'bigger' if want == 'larger' else 'smaller'} than a {loser}."
+        rel = "bigger" if want == "larger" else "smaller"
+        return f"{upper_first(with_article(winner))} is {rel} than {with_article(loser)}."
 
     def reference(self, key):
         return self._say(key, *self.truth(key))
@@ -507,7 +503,7 @@ class Comparison:
         """A hedge between the right and the wrong claim."""
         w, l_ = self.truth(key)
         right, wrong = self._say(key, w, l_), self._say(key, l_, w)
-        return f"{right[:-1]}, or maybe {wrong[0].lower()}{wrong[1:]}"
+        return f"{right[:-1]}, or {wrong[0].lower()}{wrong[1:]}"
 
     def wrong(self, key, rng):
         w, l_ = self.truth(key)
@@ -528,8 +524,9 @@ class Sequence:
         seq = rng.choice(["day", "month", "number"])
         d = rng.choice(["after", "before"])
         items = self.SEQS[seq]
-        lo, hi = (0, len(items) - 1) if seq != "number" else ((0, len(items) - 2) if d == "after" else (1, len(items) - 1))
-        return (self.name, seq, d, items[rng.randint(lo, hi)])
+        if seq == "number":  # 1..99 do not wrap around: nothing after 99 or before 1
+            return (self.name, seq, d, items[rng.randint(0, 97) if d == "after" else rng.randint(1, 98)])
+        return (self.name, seq, d, rng.choice(items))
 
     def render(self, key, rng):
         return rng.choice(self.TEMPLATES).format(s=key[1], d=key[2], x=key[3])
@@ -547,7 +544,8 @@ class Sequence:
             if not m:
                 continue
             seq, item = self._find(m["x"])
-            if seq is None or ("s" in m.groupdict() and m.groupdict().get("s") and m["s"].lower() != seq):
+            said = m.groupdict().get("s")
+            if seq is None or (said and said.lower() != seq):
                 continue
             d = m["d"].lower()
             if seq == "number" and ((d == "after" and item == "99") or (d == "before" and item == "1")):

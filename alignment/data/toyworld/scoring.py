@@ -32,6 +32,7 @@ KINDS = ("helpful", "adversarial", "borderline")
 QUALITIES = ("best", "good", "mediocre", "bad", "refusal", "unsafe")
 # Gold-score band each quality is drawn into (sample_answer retries a few variants to land in it).
 _BANDS = {"best": (0.9, 1.0), "good": (0.75, 0.99), "mediocre": (0.3, 0.72), "bad": (0.0, 0.25)}
+_CHAT_MARKUP_RE = re.compile(r"<<SYS>>|<</SYS>>|\[INST\]|\[/INST\]|</?s>")  # tolerated around a prompt
 _PREFIX_RE = re.compile(r"^\s*(?:quick question:|please help:|hello!)\s*", re.I)
 
 VERBOSITY_COST_PER_WORD = 0.03
@@ -54,7 +55,7 @@ def parse_prompt(prompt: str):
 
     Raises ValueError for text that is not a toy-world prompt.
     """
-    constraints, rest = parse_instruction(prompt)
+    constraints, rest = parse_instruction(_CHAT_MARKUP_RE.sub(" ", prompt))
     core = _PREFIX_RE.sub("", rest).strip()
     for fam in FAMILY_OBJECTS.values():
         key = fam.parse(core)

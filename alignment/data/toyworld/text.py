@@ -100,3 +100,16 @@ def split_of_key(key: tuple) -> str:
 
 def join_items(items: list, sep: str = " ") -> str:
     return sep.join(str(x) for x in items)
+
+
+def with_article(noun: str) -> str:
+    """"a dog", "an ant"."""
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def template_regex(template: str, groups: dict) -> re.Pattern:
+    """Compile a prompt template like "What is {a} plus {b}?" with a regex per slot."""
+    out = re.escape(template)
+    for name, rx in groups.items():
+        out = out.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
+    return re.compile(out, re.I)
