@@ -5,12 +5,28 @@ import argparse
 import sys
 
 STAGES = {
-    # name: (config class name in alignment.config, "module:function", help)
+    # name: (config class: a name in alignment.config or "module:Class", "module:function", help)
     "pretrain": ("PretrainConfig", "alignment.stages.pretrain:run_pretrain",
                  "train the tiny base model (tokenizer + LlamaForCausalLM) on the toy corpus"),
     "sft": ("SFTConfig", "alignment.stages.sft:run_sft",
             "stage 1: supervised fine-tuning in the Llama-2 chat format"),
+    "rm": ("RMConfig", "alignment.stages.reward_model:run_rm",
+           "stage 2: a helpfulness or safety reward model (ranking loss with a margin), or a margin ablation"),
+    "rejection-sampling": ("RejectionSamplingConfig", "alignment.stages.rejection_sampling:run_rejection_sampling",
+                           "stage 3: rejection sampling RLHF-V1..Vn (K samples, best by RM, fine-tune on the best)"),
+    "ppo": ("PPOConfig", "alignment.stages.ppo:run_ppo",
+            "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping"),
+    "pipeline": ("alignment.pipeline:PipelineConfig", "alignment.pipeline:run_pipeline",
+                 "the whole recipe as one resumable run (stages, lineage manifest, report)"),
 }
+
+
+def config_class(stage: str) -> type:
+    """The config dataclass of a stage command."""
+    import alignment.config as config
+
+    name = STAGES[stage][0]
+    return _import(name) if ":" in name else getattr(config, name)
 
 
 def _import(target: str):
@@ -47,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data(args)
-        cls_name, target, _ = STAGES[args.command]
-        import alignment.config as config
+        _, target, _ = STAGES[args.command]
+        from alignment.config import load_config
 
-        cfg = config.load_config(getattr(config, cls_name), args.recipe, args.overrides)
+        cfg = load_config(config_class(args.command), args.recipe, args.overrides)
         _import(target)(cfg)
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -56,8 +56,7 @@ def test_hash_changes_with_any_value():
 
 def test_every_recipe_in_the_repo_loads():
     """STYLE.md rule 5: each YAML under recipes/ validates against its stage's config class."""
-    from alignment.cli import STAGES
-    import alignment.config as config
+    from alignment.cli import STAGES, config_class
 
     recipes = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
     assert recipes
@@ -65,4 +64,4 @@ def test_every_recipe_in_the_repo_loads():
         stage = path.stem.replace("_", "-")
         stage = {"rm-helpful": "rm", "rm-safety": "rm", "rm-ablation": "rm"}.get(stage, stage)
         assert stage in STAGES, f"{path}: no stage named {stage!r} (name recipe files after their stage)"
-        load_config(getattr(config, STAGES[stage][0]), path)
+        load_config(config_class(stage), path)

@@ -1,0 +1,191 @@
+"""`align pipeline`: the whole recipe as one resumable run.
+
+A pipeline recipe lists stages in order; each names its stage command, its own stage recipe (checked by
+the same strict loader) and overrides, where `{name}` in an override value is the run directory of an
+earlier stage (or `{data}` for the toy-world data directory). Every stage runs as its own process
+(`python -m alignment.cli <stage>`, or under `torchrun` when the recipe asks for several processes),
+writing into `<output.dir>/<name>`.
+
+Resume and lineage: the manifest (`manifest.json`) records, per stage, a key = hash of the stage's
+resolved config and of the keys of the stages it reads from. A stage whose key matches and whose run
+directory says done is skipped; an interrupted stage is re-run with the same command and resumes from
+its own checkpoints; a stage whose key changed (its config, or anything upstream) is re-run from
+scratch, and so are the stages after it that read from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignment.config import ConfigError, config_hash, load_config
+from alignment.runs import write_json_atomic
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    name: str  # the run directory's name, and the {name} other stages refer to
+    stage: str  # a command of `align` (pretrain, sft, rm, rejection-sampling, ppo, gatt, ...)
+    recipe: str
+    set: dict[str, Any] = field(default_factory=dict)  # key.path -> any YAML value
+    processes: int = 1  # > 1: launched with torchrun (gloo on CPU)
+    expected_seconds: float = 60.0  # for the ETA before the first run measured it
+
+
+@dataclass(frozen=True)
+class ToyWorldData:
+    seed: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    dir: str
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    output: PipelineOutput
+    stages: list[PipelineStage]
+    toyworld: ToyWorldData = field(default_factory=ToyWorldData)
+    report: bool = True
+
+
+def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
+    """The stage's resolved config with placeholders filled and output.dir set (strictly checked)."""
+    from alignment.cli import STAGES, config_class
+
+    if spec.stage not in STAGES or spec.stage == "pipeline":
+        raise ConfigError(f"stage {spec.name!r}: unknown stage command {spec.stage!r}; known: {', '.join(STAGES)}")
+    overrides = []
+    for key, value in spec.set.items():
+        text = json.dumps(value) if not isinstance(value, str) else value
+        for ref in PLACEHOLDER.findall(text):
+            if ref not in dirs:
+                raise ConfigError(f"stage {spec.name!r}: {key} refers to {{{ref}}}, which is not an earlier stage "
+                                  f"(earlier: {', '.join(dirs)})")
+        overrides.append(f"{key}={PLACEHOLDER.sub(lambda m: dirs[m.group(1)], text)}")
+    overrides.append(f"output.dir={run_dir}")
+    cfg = load_config(config_class(spec.stage), spec.recipe, overrides)
+    return cfg, overrides
+
+
+def _upstream(spec: PipelineStage) -> list[str]:
+    return sorted({ref for v in spec.set.values() for ref in PLACEHOLDER.findall(str(v)) if ref != "data"})
+
+
+def plan_pipeline(cfg: PipelineConfig) -> list[dict]:
+    """Resolve every stage (configs checked before anything runs) and compute its lineage key."""
+    root = Path(cfg.output.dir)
+    dirs = {"data": str(root / "data")}
+    data_key = hashlib.sha256(json.dumps({"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes},
+                                         sort_keys=True).encode()).hexdigest()[:16]
+    keys = {"data": data_key}
+    planned = []
+    names = set()
+    for spec in cfg.stages:
+        if spec.name in names or spec.name == "data":
+            raise ConfigError(f"stage name {spec.name!r} is used twice (or is reserved)")
+        names.add(spec.name)
+        run_dir = root / spec.name
+        stage_cfg, overrides = _stage_config(spec, dirs, run_dir)
+        refs = _upstream(spec)
+        uses_data = any("{data}" in str(v) for v in spec.set.values())
+        lineage = [keys[r] for r in refs] + ([data_key] if uses_data else [])
+        key = hashlib.sha256((config_hash(stage_cfg) + "".join(lineage)).encode()).hexdigest()[:16]
+        keys[spec.name] = key
+        dirs[spec.name] = str(run_dir)
+        planned.append({"spec": spec, "dir": run_dir, "key": key, "overrides": overrides, "upstream": refs,
+                        "config_hash": config_hash(stage_cfg)})
+    return planned
+
+
+def _command(spec: PipelineStage, overrides: list[str]) -> list[str]:
+    args = ["-m", "alignment.cli", spec.stage, "--recipe", spec.recipe]
+    for o in overrides:
+        args += ["--set", o]
+    if spec.processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.processes}",
+                "--master_addr=127.0.0.1", "--master_port=29531", *args]
+    return [sys.executable, *args]
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every stage not already done with the same lineage; then the evaluation report."""
+    root = Path(cfg.output.dir)
+    planned = plan_pipeline(cfg)  # every stage config is checked before any compute
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"stages": {}}
+    root.mkdir(parents=True, exist_ok=True)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+
+    _ensure_toyworld(cfg, root, manifest)
+    write_json_atomic(manifest_path, manifest)
+
+    t_start = time.perf_counter()
+    remaining = {p["spec"].name: manifest["stages"].get(p["spec"].name, {}).get("seconds", p["spec"].expected_seconds)
+                 for p in planned}
+    for i, p in enumerate(planned, start=1):
+        spec, run_dir = p["spec"], p["dir"]
+        entry = manifest["stages"].get(spec.name, {})
+        done = (run_dir / "done.json").is_file() and entry.get("key") == p["key"] and entry.get("status") == "done"
+        eta = sum(remaining.values())
+        prefix = f"[{i}/{len(planned)}] {spec.name:<16}"
+        if done:
+            print(f"{prefix} up to date ({entry.get('seconds', 0):.0f}s when run)", flush=True)
+            remaining.pop(spec.name)
+            continue
+        if entry.get("key") not in (None, p["key"]) and run_dir.exists():
+            shutil.rmtree(run_dir)  # its config or an upstream stage changed: it is stale
+        print(f"{prefix} running ... (ETA pipeline {_fmt(eta)})", flush=True)
+        manifest["stages"][spec.name] = {"key": p["key"], "status": "running", "stage": spec.stage,
+                                         "recipe": spec.recipe, "overrides": p["overrides"],
+                                         "upstream": p["upstream"], "config_hash": p["config_hash"],
+                                         "dir": str(run_dir)}
+        write_json_atomic(manifest_path, manifest)
+        t0 = time.perf_counter()
+        with open(logs / f"{spec.name}.log", "a") as log:
+            result = subprocess.run(_command(spec, p["overrides"]), stdout=log, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - t0
+        if result.returncode != 0:
+            manifest["stages"][spec.name]["status"] = "failed"
+            write_json_atomic(manifest_path, manifest)
+            tail = (logs / f"{spec.name}.log").read_text().splitlines()[-15:]
+            raise RuntimeError(f"stage {spec.name} failed (exit {result.returncode}); log {logs / spec.name}.log:\n"
+                               + "\n".join(tail))
+        manifest["stages"][spec.name].update(status="done", seconds=seconds,
+                                             finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(manifest_path, manifest)
+        remaining.pop(spec.name)
+        print(f"{prefix} done in {_fmt(seconds)}", flush=True)
+    total = time.perf_counter() - t_start
+    print(f"pipeline finished in {_fmt(total)}; manifest {manifest_path}")
+    return manifest
+
+
+def _ensure_toyworld(cfg: PipelineConfig, root: Path, manifest: dict) -> None:
+    from alignment.data.toyworld import write_toyworld
+
+    data_dir = root / "data"
+    want = {"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes}
+    if manifest.get("data") == want and (data_dir / "manifest.json").is_file():
+        print(f"[0] toy world data      up to date ({data_dir})", flush=True)
+        return
+    write_toyworld(data_dir, seed=cfg.toyworld.seed, sizes=cfg.toyworld.sizes or None)
+    manifest["data"] = want
+    print(f"[0] toy world data      written to {data_dir}", flush=True)
