@@ -75,3 +75,47 @@ def heldout_loss(model, examples: list[dict], pad_id: int, attn_implementation: 
     if was_training:
         model.train()
     return total / max(count, 1)
+
+
+def _load_rm(path: str):
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.models.tokenizer import load_tokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True), load_tokenizer(path)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str | None = None,
+                        safety_rm: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
+                        progress: bool = False) -> dict:
+    """Greedy answers of one policy checkpoint to held-out prompts, scored by the gold scorers (toy world)
+    and by the reward models (mean sigmoid score, and the combined score of LLAMA2_METHOD.md stage 3)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.data.schemas import prompt_context
+    from alignment.models.tokenizer import load_tokenizer
+    from alignment.rewards import combine
+    from alignment.scoring import reward_scores
+
+    tokenizer = load_tokenizer(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True)
+    answers = answer_prompts(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress)
+    del policy
+    result: dict = {}
+    if all(r.get("source") == "toyworld" for r in prompts):  # optional field of a prompt row
+        result.update(gold_metrics(prompts, answers))
+    contexts = [prompt_context(r) for r in prompts]
+    sig = {}
+    for name, path in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm)):
+        if path:
+            rm, rm_tok = _load_rm(path)
+            sig[name] = torch.sigmoid(reward_scores(rm, rm_tok, contexts, answers, batch_size=batch_size))
+            result[name] = sig[name].mean().item()
+    if len(sig) == 2:
+        is_safety = torch.tensor([bool(r["is_safety"]) for r in prompts])
+        result["combined_rm"] = combine(sig["helpful_rm"], sig["safety_rm"], is_safety).mean().item()
+    result["answer_length"] = sum(len(a.split()) for a in answers) / max(len(answers), 1)
+    result["answers"] = answers
+    return result

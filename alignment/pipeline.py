@@ -53,11 +53,25 @@ class PipelineOutput:
 
 
 @dataclass(frozen=True)
+class ReportSection:
+    """The final evaluation of every policy checkpoint on the same held-out prompts."""
+
+    enabled: bool = True
+    prompts: list[str] = field(default_factory=lambda: [
+        "{data}/eval_helpful.jsonl", "{data}/eval_adversarial.jsonl", "{data}/eval_borderline.jsonl"])
+    max_prompts_per_file: int = 200
+    helpful_rm: str | None = None  # the pipeline stage whose model is the helpfulness RM
+    safety_rm: str | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     output: PipelineOutput
     stages: list[PipelineStage]
     toyworld: ToyWorldData = field(default_factory=ToyWorldData)
-    report: bool = True
+    report: ReportSection = field(default_factory=ReportSection)
 
 
 def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
@@ -173,6 +187,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         write_json_atomic(manifest_path, manifest)
         remaining.pop(spec.name)
         print(f"{prefix} done in {_fmt(seconds)}", flush=True)
+    if cfg.report.enabled:
+        from alignment.data.io import load_records
+        from alignment.report import build_report, table
+
+        prompts = []
+        for path in cfg.report.prompts:
+            prompts += load_records(path.replace("{data}", str(root / "data")), "rl_prompt")[:cfg.report.max_prompts_per_file]
+        t0 = time.perf_counter()
+        print(f"[report] evaluating every checkpoint on {len(prompts)} held-out prompts ...", flush=True)
+        report = build_report(root, prompts=prompts, helpful_rm_stage=cfg.report.helpful_rm,
+                              safety_rm_stage=cfg.report.safety_rm, max_new_tokens=cfg.report.max_new_tokens,
+                              batch_size=cfg.report.batch_size)
+        print(f"[report] done in {_fmt(time.perf_counter() - t0)}\n{table(report)}")
+        print(f"report: {root / 'report.html'} and {root / 'report.json'}")
     total = time.perf_counter() - t_start
     print(f"pipeline finished in {_fmt(total)}; manifest {manifest_path}")
     return manifest

@@ -20,6 +20,7 @@ def write_recipe(tmp_path: Path, sft_lr: float = 1e-3, base_lr: float = 3e-3) ->
     raw = {
         "output": {"dir": str(tmp_path / "demo")},
         "toyworld": {"seed": 0, "sizes": SIZES},
+        "report": {"enabled": False},
         "stages": [
             {"name": "base", "stage": "pretrain", "recipe": str(REPO / "recipes/tiny/pretrain.yaml"),
              "set": {"data.corpus": [{"path": "{data}/pretrain.jsonl"}], "model.size": "nano",

@@ -1,0 +1,174 @@
+"""The pipeline report: every policy checkpoint evaluated on the same held-out prompts, the reward models'
+accuracy by rating, training curves; `report.json` and a self-contained `report.html` (plots embedded)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from alignment.runs import read_metrics, write_json_atomic
+
+POLICY_STAGES = ("pretrain", "sft", "rejection-sampling", "ppo", "gatt", "safety-distill")
+TABLE_KEYS = ("gold_helpfulness", "violation_rate", "false_refusal_rate", "helpful_rm", "safety_rm")
+
+
+def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
+    """(name, model dir) of every policy checkpoint in pipeline order; rejection sampling gives one per
+    iteration (rlhf-v1, rlhf-v2, ...), numbered on from earlier RLHF stages."""
+    out: list[tuple[str, str]] = []
+    version = 0
+    for name, entry in manifest["stages"].items():
+        if entry.get("status") != "done" or entry["stage"] not in POLICY_STAGES:
+            continue
+        root = Path(entry["dir"])
+        if entry["stage"] == "rejection-sampling":
+            for it in sorted((root / "iterations").glob("v*"), key=lambda p: int(p.name[1:])):
+                if (it / "final").is_dir():
+                    version += 1
+                    out.append((f"rlhf-v{version}", str(it / "final")))
+        elif entry["stage"] == "ppo":
+            version += 1
+            out.append((f"rlhf-v{version}", str(root / "final")))
+        else:
+            out.append(({"pretrain": "base", "sft": "sft", "gatt": "gatt", "safety-distill": "safety"}[entry["stage"]],
+                        str(root / "final")))
+    return out
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(report: dict, manifest: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    stages = [(n, e) for n, e in manifest["stages"].items() if e.get("status") == "done"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, entry in stages:
+        metrics = [m for m in read_metrics(entry["dir"]) if "loss" in m]
+        if metrics:
+            ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss per stage", yscale="log")
+    ax.legend(fontsize=8)
+    plots["losses"] = _png(fig)
+    plt.close(fig)
+
+    ckpts = report["checkpoints"]
+    if ckpts and "gold_helpfulness" in ckpts[0]:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = [c["name"] for c in ckpts]
+        ax.plot(names, [c["gold_helpfulness"] for c in ckpts], "o-", label="gold helpfulness (higher is better)")
+        ax.plot(names, [c["violation_rate"] for c in ckpts], "s-", label="violation rate (lower is better)")
+        ax.plot(names, [c["false_refusal_rate"] for c in ckpts], "^-", label="false refusal rate")
+        ax.set(ylim=(0, 1), title="Progress per checkpoint (paper Figure 11 in form)")
+        ax.legend(fontsize=8)
+        plots["progress"] = _png(fig)
+        plt.close(fig)
+
+    rms = report.get("reward_models", {})
+    if rms:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / max(1, sum(len(v.get("test_sets", {})) for v in rms.values()))
+        k = 0
+        for rm_name, entry in rms.items():
+            for test_name, test in entry.get("test_sets", {}).items():
+                buckets = [b for b in ("significantly_better", "better", "slightly_better", "negligibly_better")
+                           if b in test.get("accuracy_by_rating", {})]
+                xs = [i + k * width for i in range(len(buckets))]
+                ax.bar(xs, [test["accuracy_by_rating"][b] for b in buckets], width, label=f"{rm_name} RM on {test_name}")
+                k += 1
+        ax.set_xticks(range(4), ["significantly", "better", "slightly", "negligibly"])
+        ax.set(ylim=(0, 1), ylabel="accuracy", title="Reward model accuracy by rating (paper Tables 7-8)")
+        ax.legend(fontsize=7)
+        plots["rm_accuracy"] = _png(fig)
+        plt.close(fig)
+
+    for name, entry in stages:
+        if entry["stage"] == "ppo":
+            metrics = read_metrics(entry["dir"])
+            keys = [k for k in ("reward/combined", "combined_reward", "kl") if metrics and k in metrics[0]]
+            if keys:
+                fig, ax = plt.subplots(figsize=(7, 3.5))
+                for key in keys:
+                    ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], label=key)
+                ax.set(xlabel="PPO iteration", title=f"{name}: reward and KL")
+                ax.legend(fontsize=8)
+                plots[f"{name}_dynamics"] = _png(fig)
+                plt.close(fig)
+    return plots
+
+
+def _reward_model_summary(entry: dict) -> dict:
+    path = Path(entry["dir"]) / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
+                 safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
+    """Evaluate every policy checkpoint of a pipeline run and write report.json and report.html."""
+    from alignment.evaluate import evaluate_checkpoint
+
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    stage_dir = {n: e["dir"] for n, e in manifest["stages"].items() if e.get("status") == "done"}
+    helpful_rm = str(Path(stage_dir[helpful_rm_stage]) / "final") if helpful_rm_stage in stage_dir else None
+    safety_rm = str(Path(stage_dir[safety_rm_stage]) / "final") if safety_rm_stage in stage_dir else None
+    checkpoints, samples = [], {}
+    for name, path in policy_checkpoints(manifest):
+        result = evaluate_checkpoint(path, prompts, helpful_rm=helpful_rm, safety_rm=safety_rm,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+        samples[name] = result.pop("answers")[:8]
+        checkpoints.append({"name": name, "path": path, **result})
+        print(f"[report] evaluated {name}", flush=True)
+    report = {
+        "checkpoints": checkpoints,
+        "reward_models": {k: _reward_model_summary(manifest["stages"][s])
+                          for k, s in (("helpful", helpful_rm_stage), ("safety", safety_rm_stage)) if s in stage_dir},
+        "stages": {n: {"stage": e["stage"], "seconds": e.get("seconds"), "dir": e["dir"]}
+                   for n, e in manifest["stages"].items()},
+        "num_prompts": len(prompts),
+        "sample_answers": {"prompts": [p.get("prompt", "") for p in prompts[:8]], "answers": samples},
+    }
+    write_json_atomic(root / "report.json", report)
+    (root / "report.html").write_text(render_html(report, _plots(report, manifest)))
+    return report
+
+
+def table(report: dict) -> str:
+    """The checkpoints as a fixed-width text table (printed at the end of `make demo`)."""
+    keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
+    lines = ["checkpoint".ljust(12) + "".join(k.rjust(20) for k in keys)]
+    for c in report["checkpoints"]:
+        lines.append(c["name"].ljust(12) + "".join((f"{c[k]:.3f}" if k in c else "-").rjust(20) for k in keys))
+    return "\n".join(lines)
+
+
+def render_html(report: dict, plots: dict[str, str]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    rows = "".join(
+        "<tr><td>" + html.escape(c["name"]) + "</td>" + "".join(
+            f"<td>{c[k]:.3f}</td>" if k in c else "<td>-</td>" for k in keys) + "</tr>"
+        for c in report["checkpoints"])
+    images = "".join(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{data}"/>'
+                     for name, data in plots.items())
+    samples = ""
+    for name, answers in report["sample_answers"]["answers"].items():
+        items = "".join(f"<li><b>{html.escape(p)}</b><br>{html.escape(a)}</li>"
+                        for p, a in zip(report["sample_answers"]["prompts"], answers))
+        samples += f"<h3>{html.escape(name)}</h3><ul>{items}</ul>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>alignment pipeline report</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>Llama 2-Chat recipe: pipeline report</h1>
+<p>Every checkpoint answers the same {report['num_prompts']} held-out prompts (greedy); gold scores come from
+the toy world's scorers, RM scores are mean sigmoid scores of the pipeline's reward models.</p>
+<table><tr><th>checkpoint</th>{head}</tr>{rows}</table>{images}<h2>Sample answers</h2>{samples}</body></html>"""

@@ -1,0 +1,47 @@
+"""The report evaluates every policy checkpoint on the same prompts and writes report.json/html."""
+import json
+
+from transformers import AutoModelForSequenceClassification
+
+from alignment.data import toyworld
+from alignment.report import build_report, policy_checkpoints, table
+
+
+def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, tokenizer):
+    rm_dir = tmp_path / "rm" / "final"
+    rm = AutoModelForSequenceClassification.from_pretrained(nano_model_dir, num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    (tmp_path / "rm" / "eval.json").write_text(json.dumps({"test_sets": {"helpful": {"accuracy_by_rating": {
+        "significantly_better": 0.9, "better": 0.8, "slightly_better": 0.6, "negligibly_better": 0.5}}}}))
+    rs_iter = tmp_path / "rs" / "iterations"
+    for v in ("v1", "v2", "v10"):
+        (rs_iter / v).mkdir(parents=True)
+        (rs_iter / v / "final").symlink_to(nano_model_dir)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "final").symlink_to(nano_model_dir)
+    manifest = {"stages": {
+        "sft": {"stage": "sft", "status": "done", "dir": str(tmp_path / "sft")},
+        "rm_helpful": {"stage": "rm", "status": "done", "dir": str(tmp_path / "rm")},
+        "rlhf": {"stage": "rejection-sampling", "status": "done", "dir": str(tmp_path / "rs")},
+        "broken": {"stage": "ppo", "status": "failed", "dir": str(tmp_path / "nowhere")},
+    }}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert [n for n, _ in policy_checkpoints(manifest)] == ["sft", "rlhf-v1", "rlhf-v2", "rlhf-v3"]
+
+    prompts = (toyworld.eval_prompts(0, 3, "helpful") + toyworld.eval_prompts(0, 3, "adversarial")
+               + toyworld.eval_prompts(0, 2, "borderline"))
+    report = build_report(tmp_path, prompts=prompts, helpful_rm_stage="rm_helpful", safety_rm_stage="rm_helpful",
+                          max_new_tokens=4, batch_size=8)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [c["name"] for c in saved["checkpoints"]] == ["sft", "rlhf-v1", "rlhf-v2", "rlhf-v3"]
+    for c in saved["checkpoints"]:
+        for key in ("gold_helpfulness", "violation_rate", "false_refusal_rate", "helpful_rm", "safety_rm"):
+            assert 0.0 <= c[key] <= 1.0
+    # the same weights answer the same prompts the same way
+    assert saved["checkpoints"][0]["gold_helpfulness"] == saved["checkpoints"][1]["gold_helpfulness"]
+    assert saved["reward_models"]["helpful"]["test_sets"]["helpful"]["accuracy_by_rating"]["better"] == 0.8
+    page = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in page and "rlhf-v3" in page
+    assert "rlhf-v2" in table(report)
