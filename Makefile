@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline
 
 install: $(STAMP)
 
@@ -54,6 +54,16 @@ rm-safety: install
 
 rejection-sampling: install
 	$(BIN)/align rejection-sampling --recipe $(or $(RECIPE),recipes/tiny/rejection_sampling.yaml)
+
+ppo: install
+	$(BIN)/align ppo --recipe $(or $(RECIPE),recipes/tiny/ppo.yaml)
+
+pipeline: install
+	$(BIN)/align pipeline --recipe $(or $(RECIPE),recipes/tiny/pipeline.yaml)
+
+# The whole tiny pipeline on CPU, resumable: re-running skips what is done.
+demo: install
+	$(BIN)/align pipeline --recipe recipes/tiny/pipeline.yaml
 
 clean:
 	rm -rf runs
