@@ -1,0 +1,36 @@
+"""The `align` entry point: every stage listed, toy world files valid, errors as one clear line."""
+import subprocess
+import sys
+from pathlib import Path
+
+from alignment.cli import STAGES, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "alignment.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0
+    for stage in [*STAGES, "data"]:
+        assert stage in out.stdout
+
+
+def test_toyworld_files_pass_their_schemas(tmp_path, capsys):
+    assert main(["data", "toyworld", "--out", str(tmp_path)]) == 0
+    for name, schema in [("sft_train", "sft_dialog"), ("pref_safety_test", "preference_pair"),
+                         ("rl_prompts", "rl_prompt"), ("gatt_instructions", "gatt_instruction"),
+                         ("pretrain", "text_document")]:
+        assert main(["data", "validate", str(tmp_path / f"{name}.jsonl"), "--schema", schema]) == 0
+    assert "rows pass" in capsys.readouterr().out
+
+
+def test_bad_recipe_and_bad_data_are_one_line_errors(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: x}\ndata: {train: [{path: nowhere.jsonl}]}\noutput: {dir: out}\noptim: {lrr: 1}\n")
+    assert main(["sft", "--recipe", str(recipe)]) == 2
+    assert "optim: unknown key 'lrr'; did you mean 'lr'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    assert main(["data", "validate", str(bad), "--schema", "sft_dialog"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1: messages" in err and "bad.jsonl:2:" in err
