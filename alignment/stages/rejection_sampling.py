@@ -1,0 +1,447 @@
+"""Stage 3: rejection sampling, RLHF-V1..Vn in one run (LLAMA2_METHOD.md, stage 3; paper 3.2.3).
+
+Every iteration n of `cfg.iterations` (K samples at temperature T):
+
+1. sample K answers per RL prompt from the current policy (V1: `model.path`; Vn: V(n-1)'s fine-tuned
+   checkpoint; or always `policy.sample_from`, a larger model whose samples the policy is distilled from),
+2. score them with the reward model(s): the PPO reward `combine(sigmoid(Rh), sigmoid(Rs), is_safety)` or
+   one RM (`reward.mode`),
+3. keep the best answer per prompt: among this iteration's samples, or from iteration `best_of_all_from`
+   on (the paper: V4) among the samples of every iteration so far. Older samples need no re-scoring:
+   the reward models are fixed within a run (they are part of its config), so all scores are comparable,
+4. fine-tune the policy on the kept answers (SFT loss on the answer, `sft.fine_tune`) into
+   `iterations/vN/`, and evaluate it on the held-out prompts (`sft.evaluate_policy`).
+
+Layout of `output.dir`:
+
+    config.json, run.json, done.json      the whole run (RunDir)
+    iterations/vN/samples/                the sample shards (`alignment.sampling.ShardStore`)
+    iterations/vN/kept.jsonl              the kept answers as sft_dialog rows (what vN is fine-tuned on)
+    iterations/vN/{config.json, checkpoints/, final/, eval.json, done.json}   vN's fine-tune (an SFT run)
+    iterations/vN/report.json             best-of-K vs single-sample reward, gold metrics, samples/s, eval
+    sweep/                                the temperature sweep (sweep.enabled=true), JSON and PNG
+
+Resume: a killed run keeps every finished shard and samples only the missing chunks, each with a seed
+that depends on (seed, iteration, chunk) only, so it draws what an uninterrupted run draws; a fine-tune
+resumes from the shared loop's checkpoints; a finished iteration (done.json) is never touched again.
+
+Generation runs on a plain HF model loaded from the sampler's checkpoint directory (full weights on one
+device, KV cache, prompts sorted by length, the K samples of a prompt side by side in a batch). Under
+ZeRO-3 training this is the paper's fix for slow generation: the weights are consolidated once per
+generation round (they are the saved checkpoint), never gathered layer by layer per token. With several
+processes each samples its own chunks (chunk i on rank i mod world) and they meet on the shard files.
+A vLLM backend is not offered yet: every sample goes through `alignment.generation.generate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection, SFTConfig, SFTData
+from alignment.data.schemas import prompt_context
+from alignment.data.sources import load_sources, source_hashes
+from alignment.runs import RunDir, write_json_atomic
+from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
+                                chunk_seed, powers_of_two, sample_reward, select_best)
+from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
+
+STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after this many shards are written
+POLL_SECONDS = 2.0
+
+
+# ----------------------------------------------------------------------------------------- models
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_sampler(path: str, cfg: RejectionSamplingConfig):
+    """The policy that draws samples: a plain HF causal LM (inference only) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.models.loading import resolve_dtype
+    from alignment.models.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True,
+                                                 attn_implementation=cfg.model.attn_implementation)
+    return model.to(_device()).eval(), load_tokenizer(path)
+
+
+def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
+    """{"helpful"|"safety": (model, tokenizer)} for the RMs `reward.mode` reads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.models.loading import resolve_dtype
+    from alignment.models.tokenizer import load_tokenizer
+
+    rms = {}
+    for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
+        path = getattr(cfg.reward, name)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        rms[name] = (model.to(_device()).eval(), tokenizer)
+    return rms
+
+
+def _release_memory() -> None:
+    """Return the memory of models the caller just deleted (the next phase loads other models)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], answers: list[str]) -> dict:
+    """Raw RM scores, their sigmoids and the ranking score of (rows[i], answers[i]) pairs, as lists."""
+    from alignment.scoring import reward_scores
+
+    contexts = [prompt_context(r) for r in rows]
+    raw = {name: reward_scores(model, tok, contexts, answers, batch_size=cfg.reward.batch_size,
+                               max_length=cfg.reward.max_length) for name, (model, tok) in rms.items()}
+    is_safety = torch.tensor([bool(r["is_safety"]) for r in rows])
+    score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, cfg.reward.threshold)
+    out = {"score": score.tolist()}
+    for name in ("helpful", "safety"):
+        out[f"{name}_raw"] = raw[name].tolist() if name in raw else [None] * len(answers)
+        out[name] = torch.sigmoid(raw[name]).tolist() if name in raw else [None] * len(answers)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- sampling
+def sample_chunk(cfg, sampler, tokenizer, rms, rows: list[dict], *, iteration: int, num_samples: int,
+                 temperature: float, seed: int) -> list[dict]:
+    """K samples for each row of one chunk, scored: the records of one shard (prompt order, then k)."""
+    from alignment.chat import encode_prompt
+    from alignment.generation import generate
+
+    prompts = [encode_prompt(tokenizer, prompt_context(r)) for r in rows]
+    samples = generate(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens,
+                       num_samples=num_samples, temperature=temperature, top_p=cfg.generation.top_p,
+                       batch_size=cfg.generation.batch_size, seed=seed)
+    flat = [(rows[i], s) for i, per_prompt in enumerate(samples) for s in per_prompt]
+    scores = score_answers(cfg, rms, [r for r, _ in flat], [s.text for _, s in flat])
+    records = []
+    for j, (row, s) in enumerate(flat):
+        records.append({
+            "prompt_id": row["id"], "iteration": iteration, "sample_index": s.sample_index, "text": s.text,
+            "token_count": len(s.token_ids), "finished": s.finished, "temperature": temperature,
+            **{key: scores[key][j] for key in ("helpful_raw", "helpful", "safety_raw", "safety", "score")}})
+    return records
+
+
+def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _wait_for(condition, what: str) -> None:
+    """Processes meet on files (no collective: sampling can outlast any barrier timeout)."""
+    if not condition():
+        print(f"[rejection-sampling] rank {os.environ.get('RANK', '0')} waiting for {what}")
+    while not condition():
+        time.sleep(POLL_SECONDS)
+
+
+def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path: str, rows: list[dict],
+                     store: ShardStore) -> dict:
+    """Write every missing shard of one iteration (this process's chunks), then mark the samples done."""
+    from tqdm.auto import tqdm
+
+    spec = cfg.iterations[iteration - 1]
+    chunks = _chunks(rows, cfg.generation.prompts_per_shard)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    todo = [i for i in range(len(chunks)) if i % world == rank and not store.has_shard(i)]
+    stop_after = int(os.environ.get(STOP_AFTER_SHARD_ENV, "0"))
+    samples = tokens = 0
+    t0 = time.perf_counter()
+    if todo:
+        sampler, tokenizer = load_sampler(sampler_path, cfg)
+        rms = load_reward_models(cfg)
+        bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"sample v{iteration}", unit="shard",
+                   dynamic_ncols=True, disable=not (cfg.logging.progress and is_main_process()))
+        for written, index in enumerate(todo, start=1):
+            records = sample_chunk(cfg, sampler, tokenizer, rms, chunks[index], iteration=iteration,
+                                   num_samples=spec.num_samples, temperature=spec.temperature,
+                                   seed=chunk_seed(cfg.seed, iteration, index))
+            store.write_shard(index, records)
+            samples += len(records)
+            tokens += sum(r["token_count"] for r in records)
+            bar.update(1)
+            bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - t0):.1f}")
+            if written == stop_after:  # fault injection for tests: die like a killed process, no cleanup
+                os._exit(99)
+        bar.close()
+        del sampler, rms
+        _release_memory()
+    seconds = time.perf_counter() - t0
+    if is_main_process():
+        _wait_for(lambda: all(store.has_shard(i) for i in range(len(chunks))), "every rank's shards")
+        records = store.read()
+        store.mark_done({
+            "shards": len(chunks), "samples": len(records), "shards_sampled_by_this_session": len(todo),
+            "seconds": seconds, "samples_per_s": samples / seconds if samples else None,
+            "tokens_per_s": tokens / seconds if samples else None,
+            "finished_rate": sum(r["finished"] for r in records) / max(len(records), 1)})
+    else:
+        _wait_for(store.done, "the main process to close the samples")
+    return store.summary()
+
+
+# ----------------------------------------------------------------------------------------- reports
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _is_toyworld(rows: list[dict]) -> bool:
+    return bool(rows) and all(r.get("source") == "toyworld" for r in rows)  # a row's optional field
+
+
+def sample_report(rows: list[dict], records: list[dict], kept: dict[str, dict], iteration: int) -> dict:
+    """Mean best-of-K vs mean single-sample reward of this iteration's samples, and (toy world) the gold
+    metrics of the kept answers vs of one sample per prompt (sample 0)."""
+    own = [r for r in records if r["iteration"] == iteration]
+    own_best = select_best(own)
+    report = {
+        "mean_single_sample_reward": _mean([r["score"] for r in own]),
+        "mean_best_of_k_reward": _mean([r["score"] for r in own_best.values()]),
+        "mean_kept_reward": _mean([r["score"] for r in kept.values()]),
+        "kept": len(kept), "prompts_without_answer": len(rows) - len(kept),
+        "kept_from_iteration": {f"v{n}": sum(r["iteration"] == n for r in kept.values())
+                                for n in sorted({r["iteration"] for r in kept.values()})},
+    }
+    if _is_toyworld(rows):
+        from alignment.evaluate import gold_metrics
+
+        first = {r["prompt_id"]: r["text"] for r in own if r["sample_index"] == 0}
+        kept_rows = [r for r in rows if r["id"] in kept]
+        report["gold_kept"] = gold_metrics(kept_rows, [kept[r["id"]]["text"] for r in kept_rows])
+        report["gold_single_sample"] = gold_metrics(rows, [first[r["id"]] for r in rows])
+    return report
+
+
+def _cells(values: list, width: int = 11) -> str:
+    return "".join(("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(width)
+                   for v in values)
+
+
+def print_summary(reports: list[dict]) -> None:
+    """Two tables: what each iteration's sampling harvested, and the held-out evaluation of each checkpoint."""
+    print("[rejection-sampling] samples (reward: the ranking score; gold: toy-world scorers on the kept answers)")
+    cols = ["K", "T", "single", "best-of-K", "kept", "gold_help", "violation", "samples/s"]
+    print("  " + "iter".ljust(8) + "".join(c.rjust(11) for c in cols))
+    for rep in reports:
+        s, gold = rep["samples"], rep["samples"].get("gold_kept", {})
+        print("  " + f"v{rep['iteration']}".ljust(8) + _cells([
+            rep["num_samples"], rep["temperature"], s["mean_single_sample_reward"], s["mean_best_of_k_reward"],
+            s["mean_kept_reward"], gold.get("gold_helpfulness"), gold.get("violation_rate"),
+            rep["sampling"]["samples_per_s"]]))
+    keys = ["heldout_loss", "gold_helpfulness", "violation_rate", "false_refusal_rate"]
+    rows = [("start", reports[0]["eval"]["start"])] if "start" in reports[0]["eval"] else []
+    rows += [(f"v{rep['iteration']}", rep["eval"]["final"]) for rep in reports]
+    print("[rejection-sampling] held-out evaluation (start: the checkpoint v1 was fine-tuned from)")
+    print("  " + "model".ljust(8) + "".join(k.rjust(20) for k in keys))
+    for name, entry in rows:
+        print("  " + name.ljust(8) + _cells([entry.get(k) for k in keys], 20))
+
+
+# ----------------------------------------------------------------------------------------- iterations
+def iteration_sft_config(cfg: RejectionSamplingConfig, iteration: int, start: str, kept_path: Path) -> SFTConfig:
+    """The SFT run of iteration n: `start` fine-tuned on its kept answers with the recipe's SFT sections."""
+    return SFTConfig(
+        model=dataclasses.replace(cfg.model, path=start),
+        data=SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval, train_on=cfg.data.train_on),
+        output=dataclasses.replace(cfg.output, dir=str(kept_path.parent)),
+        optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed, logging=cfg.logging,
+        eval=dataclasses.replace(cfg.eval, compare_base=cfg.eval.compare_base and iteration == 1), seed=cfg.seed)
+
+
+def kept_dialogs(rows: list[dict], kept: dict[str, dict], iteration: int) -> list[dict]:
+    """sft_dialog rows: each prompt's context answered by its kept sample (prompts in file order)."""
+    out = []
+    for row in rows:
+        if row["id"] in kept:
+            best = kept[row["id"]]
+            out.append({"id": f"rs-v{iteration}-{row['id']}", "source": "rejection_sampling",
+                        "messages": [*prompt_context(row), {"role": "assistant", "content": best["text"]}],
+                        "meta": {"iteration": best["iteration"], "sample_index": best["sample_index"],
+                                 "score": best["score"]}})
+    return out
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / "iterations" / f"v{iteration}"
+
+
+def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows: list[dict],
+                  eval_dialogs: list[dict], eval_prompts: list[dict]) -> dict:
+    """Sample, keep the best, fine-tune and evaluate iteration `iteration` (1-based), resuming where it stopped."""
+    from alignment.data.io import file_sha256, write_jsonl
+
+    spec = cfg.iterations[iteration - 1]
+    it_dir = iteration_dir(root, iteration)
+    start = cfg.model.path if iteration == 1 else str(iteration_dir(root, iteration - 1) / "final")
+    sampler = spec.sample_from or cfg.policy.sample_from or start
+    kept_path = it_dir / "kept.jsonl"
+    sft_cfg = iteration_sft_config(cfg, iteration, start, kept_path)
+    run = RunDir(it_dir, sft_cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[rejection-sampling] v{iteration} is finished in {it_dir}; not touched")
+        return json.loads((it_dir / "report.json").read_text())
+
+    store = ShardStore(it_dir / "samples")
+    if not store.done():
+        if is_main_process():
+            store.check_meta({"sampled_by": sampler, "num_samples": spec.num_samples,
+                              "temperature": spec.temperature, "seed": cfg.seed,
+                              "generation": dataclasses.asdict(cfg.generation),
+                              "reward": dataclasses.asdict(cfg.reward), "prompt_ids": [r["id"] for r in rows]})
+            store.remove_temp_files()
+        else:
+            _wait_for(lambda: (store.path / "meta.json").is_file(), "the sample store")
+        print(f"[rejection-sampling] v{iteration}: {spec.num_samples} samples x {len(rows)} prompts at "
+              f"T={spec.temperature} from {sampler}")
+        sampling = sample_iteration(cfg, iteration, sampler, rows, store)
+    else:
+        sampling = store.summary()
+
+    records = [r for n in sorted(candidate_iterations(iteration, cfg.best_of_all_from))
+               for r in ShardStore(iteration_dir(root, n) / "samples").read()]
+    kept = select_best(records)
+    dialogs = kept_dialogs(rows, kept, iteration)
+    if is_main_process() and not kept_path.is_file():
+        write_jsonl(kept_path, dialogs)
+    else:
+        _wait_for(kept_path.is_file, "the kept answers")
+    summary = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)}, desc=f"rs-v{iteration}")
+    report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": spec.temperature,
+              "sampled_by": sampler, "fine_tuned_from": start,
+              "candidate_iterations": sorted(candidate_iterations(iteration, cfg.best_of_all_from)),
+              "prompts": len(rows), "sampling": sampling, "samples": sample_report(rows, records, kept, iteration),
+              "fine_tune": summary}
+    if is_main_process():
+        report["eval"] = evaluate_policy(sft_cfg, run, eval_dialogs, eval_prompts)
+        write_json_atomic(it_dir / "report.json", report)
+        run.mark_done({"report": str(it_dir / "report.json")})
+        print_eval_table(f"rs-v{iteration}", report["eval"])
+    return report
+
+
+def _check_inputs(cfg: RejectionSamplingConfig, rows: list[dict]) -> None:
+    """Everything that can be checked before any compute (the data rows themselves: `load_sources`)."""
+    if not cfg.iterations:
+        raise ValueError("iterations: at least one iteration is needed")
+    for i, it in enumerate(cfg.iterations):
+        if it.num_samples < 1 or it.temperature < 0:
+            raise ValueError(f"iterations[{i}]: num_samples must be >= 1 and temperature >= 0")
+    if cfg.best_of_all_from is not None and cfg.best_of_all_from < 1:
+        raise ValueError("best_of_all_from: iterations count from 1 (the paper: 4)")
+    for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
+        path = getattr(cfg.reward, name)
+        if path is None:
+            raise ValueError(f"reward.{name}: a reward model directory is required for reward.mode={cfg.reward.mode}")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"reward.{name}: {path} not found")
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if row["id"] in seen:
+            raise ValueError(f"data.prompts: prompt id {row['id']!r} appears twice (rows {seen[row['id']] + 1} and "
+                             f"{i + 1} of the concatenated files); ids key the samples")
+        seen[row["id"]] = i
+
+
+def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
+    """`align rejection-sampling`: every iteration of the recipe, resuming where a killed run stopped
+    (or the temperature sweep alone, with `sweep.enabled`)."""
+    rows = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
+    eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
+    eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
+    _check_inputs(cfg, rows)
+    if cfg.sweep.enabled:
+        return run_sweep(cfg, rows)
+    # The sweep section is a separate tool: switching it does not make this another run.
+    root = RunDir(cfg.output.dir, dataclasses.replace(cfg, sweep=RSSweepSection()), overwrite=cfg.output.overwrite)
+    if root.finished():
+        print(f"[rejection-sampling] {root.path} already holds this finished run (config {root.hash}); nothing to do")
+        return json.loads(root.done_file.read_text())
+    old_cfg = root.path / "config.json"
+    replaced = old_cfg.is_file() and json.loads(old_cfg.read_text())["hash"] != root.hash
+    root.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval, *cfg.eval.prompts]), is_main=is_main_process())
+    if replaced and is_main_process():  # output.overwrite with another config: its iterations go too
+        shutil.rmtree(root.path / "iterations", ignore_errors=True)
+    reports = [run_iteration(cfg, root.path, n, rows, eval_dialogs, eval_prompts)
+               for n in range(1, len(cfg.iterations) + 1)]
+    summary = {"iterations": [str(iteration_dir(root.path, n) / "report.json") for n in range(1, len(reports) + 1)],
+               "final": str(iteration_dir(root.path, len(reports)) / "final")}
+    if is_main_process():
+        root.mark_done(summary)
+        print_summary(reports)
+    return {**summary, "reports": reports}
+
+
+# ----------------------------------------------------------------------------------------- the sweep
+def run_sweep(cfg: RejectionSamplingConfig, rows: list[dict]) -> dict:
+    """Figures 7-8: for the first `sweep.num_prompts` prompts, `sweep.max_samples` samples per temperature;
+    the mean (over prompts) max and median reward among the first K, K = 1, 2, 4, ... Writes
+    `<output.dir>/sweep/sweep.json` and `sweep.png`; the main process only."""
+    if not is_main_process():
+        return {}
+    sweep = cfg.sweep
+    checkpoint = sweep.checkpoint or cfg.policy.sample_from or cfg.model.path
+    rows = rows[:sweep.num_prompts]
+    ks = powers_of_two(sweep.max_samples)
+    sampler, tokenizer = load_sampler(checkpoint, cfg)
+    rms = load_reward_models(cfg)
+    result = {"checkpoint": checkpoint, "prompts": len(rows), "ks": ks, "reward_mode": cfg.reward.mode,
+              "temperatures": list(sweep.temperatures), "max": {}, "median": {}, "best_temperature": {}}
+    for t_index, temperature in enumerate(sweep.temperatures):
+        records = sample_chunk(cfg, sampler, tokenizer, rms, rows, iteration=0, num_samples=sweep.max_samples,
+                               temperature=temperature, seed=chunk_seed(cfg.seed, 0, t_index))
+        scores = torch.tensor([r["score"] for r in records]).view(len(rows), sweep.max_samples)
+        curves = best_of_k_curves(scores, ks)
+        result["max"][str(temperature)] = curves["max"]
+        result["median"][str(temperature)] = curves["median"]
+        print(f"[rejection-sampling sweep] T={temperature}: max@K " +
+              " ".join(f"{k}:{v:.3f}" for k, v in zip(ks, curves["max"])))
+    for j, k in enumerate(ks):
+        result["best_temperature"][str(k)] = max(sweep.temperatures, key=lambda t: result["max"][str(t)][j])
+    del sampler, rms
+    _release_memory()
+    out = Path(cfg.output.dir) / "sweep"
+    write_json_atomic(out / "sweep.json", result)
+    plot_sweep(result, out / "sweep.png")
+    print(f"[rejection-sampling sweep] wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+    return result
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """Max (left) and median (right) reward among K samples against K, one line per temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, stat in zip(axes, ("max", "median")):
+        for temperature in result["temperatures"]:
+            ax.plot(result["ks"], result[stat][str(temperature)], marker="o", label=f"T={temperature}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("number of samples K")
+        ax.set_title(f"{stat} reward among K samples")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"reward ({result['reward_mode']})")
+    axes[1].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
