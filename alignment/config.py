@@ -295,3 +295,221 @@ class SFTConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- reward models
+MarginScale = Literal["none", "small", "large"]
+
+
+@dataclass(frozen=True)
+class MixSection:
+    """How `data.secondary` is mixed into `data.primary` (alignment.data.mixing): "equal" draws as many
+    secondary pairs as there are primary ones (helpfulness RM), "ratio" makes primary `primary_fraction`
+    of the mix (safety RM: 0.9), "all" concatenates both."""
+
+    kind: Literal["all", "equal", "ratio"] = "all"
+    primary_fraction: float = 0.9  # only for kind "ratio"
+
+
+@dataclass(frozen=True)
+class RMData:
+    primary: list[DataSource]  # preference_pair rows, all used
+    secondary: list[DataSource] = field(default_factory=list)  # pool the mix draws from (seeded)
+    mix: MixSection = field(default_factory=MixSection)
+    test: dict[str, list[DataSource]] = field(default_factory=dict)  # test-set name -> preference_pair sources
+
+
+@dataclass(frozen=True)
+class RMEvalSection:
+    batch_size: int = 32
+    calibration_bins: int = 5  # bins of confidence max(p, 1 - p) over [0.5, 1]
+    histogram: bool = True  # reward-score histograms as scores.png
+
+
+@dataclass(frozen=True)
+class RMAblationSection:
+    """Train one sub-run per margin scale on the same data (Table 28); empty: a single run."""
+
+    margin_scales: list[MarginScale] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    model: ModelSection  # path: the SFT checkpoint the RM starts from
+    data: RMData
+    output: OutputSection
+    margin_scale: MarginScale = "small"
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
+    # the paper's RM schedule: cosine to 10% of max lr, warm-up 3% of steps (at least 5)
+    schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(
+        kind="cosine", warmup_ratio=0.03, min_warmup_steps=5, min_lr_ratio=0.1))
+    train: TrainSection = field(default_factory=lambda: TrainSection(epochs=1.0, packing=False))
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: RMEvalSection = field(default_factory=RMEvalSection)
+    ablation: RMAblationSection = field(default_factory=RMAblationSection)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RSIteration:
+    """One rejection-sampling iteration (RLHF-V1, V2, ...): K samples per prompt at one temperature."""
+
+    num_samples: int  # K; the paper grows it with each iteration
+    temperature: float = 1.0  # best for 10-100 samples is 1.2-1.3 and drifts as the model changes
+    sample_from: str | None = None  # this iteration's sampler (distillation from the large model's Vn)
+
+
+@dataclass(frozen=True)
+class RSData:
+    prompts: list[DataSource]  # rl_prompt rows to sample answers for
+    eval: list[DataSource] = field(default_factory=list)  # sft_dialog rows: held-out loss of each iteration
+    train_on: Literal["all", "last"] = "last"  # the loss is on the kept (last) answer, not the context's
+
+
+@dataclass(frozen=True)
+class RSPolicySection:
+    # The checkpoint that draws the samples in every iteration (distillation: the largest model); None:
+    # the policy itself, i.e. model.path in V1 and the previous iteration's fine-tuned checkpoint after.
+    sample_from: str | None = None
+
+
+@dataclass(frozen=True)
+class RSRewardSection:
+    """The reward models that rank the samples (HF seq-cls dirs with one label) and how they combine."""
+
+    helpful: str | None = None
+    safety: str | None = None
+    mode: Literal["combined", "helpful", "safety"] = "combined"  # combined: the PPO switch of 3.2.3
+    threshold: float = 0.15  # safety RM wins when its sigmoid score is below this (or on safety prompts)
+    batch_size: int = 32
+    max_length: int = 1024
+
+
+@dataclass(frozen=True)
+class RSGenerationSection:
+    max_new_tokens: int = 128
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generate() call: the K samples of a prompt share a batch
+    prompts_per_shard: int = 64  # one atomically written sample shard per chunk of prompts
+
+
+@dataclass(frozen=True)
+class RSSweepSection:
+    """The temperature sweep of Figures 7-8: max and median RM score among K samples, per temperature."""
+
+    enabled: bool = False  # run the sweep instead of the iterations (writes <output.dir>/sweep/)
+    checkpoint: str | None = None  # default: policy.sample_from, else model.path
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])
+    max_samples: int = 64  # K runs over 1, 2, 4, ... up to this
+    num_prompts: int = 32  # the first N prompts of data.prompts
+
+
+@dataclass(frozen=True)
+class RejectionSamplingConfig:
+    """Stage 3, rejection sampling (RLHF-V1..Vn). `model` is the checkpoint fine-tuned in V1; iteration n
+    fine-tunes the checkpoint of iteration n-1 with the shared SFT sections below."""
+
+    model: ModelSection
+    data: RSData
+    output: OutputSection
+    iterations: list[RSIteration] = field(default_factory=lambda: [RSIteration(num_samples=4)])
+    best_of_all_from: int | None = None  # from this iteration on (paper: 4), pick among all iterations' samples
+    policy: RSPolicySection = field(default_factory=RSPolicySection)
+    reward: RSRewardSection = field(default_factory=RSRewardSection)
+    generation: RSGenerationSection = field(default_factory=RSGenerationSection)
+    sweep: RSSweepSection = field(default_factory=RSSweepSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- PPO (3.2.3)
+@dataclass(frozen=True)
+class CriticSection:
+    """The value model: the base transformer with a linear value head on every token
+    (`AutoModelForTokenClassification`, one label). Loaded from the helpfulness RM by default, which reuses
+    its transformer and its scalar head (a value function starts close to a reward predictor)."""
+
+    path: str | None = None  # default: reward.helpful_rm
+    lr: float | None = None  # default: optim.lr
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class PPORewardSection:
+    """The frozen models of the reward `WHITEN(LOGIT(Rc)) - beta * KL(pi || pi_0)`: two HF seq-cls RMs
+    (num_labels=1) and the reference policy pi_0, all in inference mode."""
+
+    helpful_rm: str
+    safety_rm: str
+    reference: str | None = None  # default: model.path (ignored with a LoRA actor: adapters off = reference)
+    safety_threshold: float = 0.15  # Rc = Rs if is_safety or Rs < threshold else Rh
+    kl_beta: float = 0.01  # 0.01 for 7B/13B, 0.005 for 34B/70B
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    max_length: int = 1024  # RM input tokens (left-truncated, the answer is kept)
+    batch_size: int = 32  # RM scoring batch
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the RMs and the reference
+    offload: bool = False  # keep RMs and reference on CPU outside their phase (GPU runs)
+
+
+@dataclass(frozen=True)
+class PPOData:
+    prompts: list[DataSource]  # rl_prompt rows sampled for rollouts
+    eval_prompts: list[DataSource] = field(default_factory=list)  # held-out rl_prompt rows (early stopping)
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generate call (per process)
+
+
+@dataclass(frozen=True)
+class PPOSection:
+    iterations: int = 400  # the paper ran 200-400, with early stopping
+    batch_size: int = 512  # prompts per iteration, all processes together
+    mini_batch_size: int = 64  # rows per optimizer step (one step per mini-batch), all processes together
+    micro_batch_size: int = 8  # rows per forward/backward per process (gradient accumulation inside a mini-batch)
+    epochs: int = 1  # passes over each iteration's batch
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1  # weight of the value loss in the one backward of actor + critic
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_kl: float | None = None  # stop when the mean sequence KL to the reference exceeds this
+
+
+@dataclass(frozen=True)
+class EarlyStoppingSection:
+    """Held-out evaluation by the combined reward (greedy answers); the best actor becomes `final/`."""
+
+    every_iterations: int = 10  # 0: never evaluate, keep the last actor
+    patience: int = 3  # stop after this many evaluations without improvement
+    max_prompts: int = 256
+    max_new_tokens: int = 256
+    batch_size: int = 64
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    model: ModelSection  # the actor, initialised from the rejection-sampling (or SFT) checkpoint
+    reward: PPORewardSection
+    data: PPOData
+    output: OutputSection
+    critic: CriticSection = field(default_factory=CriticSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, eps=1e-5))  # constant lr (3.2.3)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=lambda: LoggingSection(every_steps=1))
+    seed: int = 0
