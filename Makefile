@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt
 
 install: $(STAMP)
 
@@ -57,6 +57,9 @@ rejection-sampling: install
 
 ppo: install
 	$(BIN)/align ppo --recipe $(or $(RECIPE),recipes/tiny/ppo.yaml)
+
+gatt: install
+	$(BIN)/align gatt --recipe $(or $(RECIPE),recipes/tiny/gatt.yaml)
 
 pipeline: install
 	$(BIN)/align pipeline --recipe $(or $(RECIPE),recipes/tiny/pipeline.yaml)

@@ -16,6 +16,9 @@ STAGES = {
                            "stage 3: rejection sampling RLHF-V1..Vn (K samples, best by RM, fine-tune on the best)"),
     "ppo": ("PPOConfig", "alignment.stages.ppo:run_ppo",
             "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping"),
+    "gatt": ("GAttConfig", "alignment.stages.gatt:run_gatt",
+             "Ghost Attention: multi-turn dialogs sampled with the instruction on every turn, fine-tuned with it "
+             "as first-turn system prompt"),
     "pipeline": ("alignment.pipeline:PipelineConfig", "alignment.pipeline:run_pipeline",
                  "the whole recipe as one resumable run (stages, lineage manifest, report)"),
 }

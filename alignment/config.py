@@ -513,3 +513,63 @@ class PPOConfig:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(every_steps=1))
     seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- GAtt (3.3)
+@dataclass(frozen=True)
+class GAttData:
+    instructions: list[DataSource]  # gatt_instruction rows the training dialogs carry
+    prompts: list[DataSource]  # rl_prompt rows: their (last) user message is one user turn of a dialog
+
+
+@dataclass(frozen=True)
+class GAttSamplingSection:
+    """How the multi-turn dialogs are built and answered (alignment.stages.gatt)."""
+
+    num_dialogs: int = 200
+    min_turns: int = 1
+    max_turns: int = 4  # N: dialogs have min_turns..max_turns user turns
+    # "sample" (the paper): keep a dialog only when its sampled answers obey the instruction;
+    # "rewrite" (NOT the paper, a fallback for models that obey too rarely): a breaking answer is
+    # rewritten by the toy world's `apply_instruction` to obey
+    answers: Literal["sample", "rewrite"] = "sample"
+    samples_per_turn: int = 1  # k > 1: best of k by the checker (the first obeying sample)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    every_turn_examples: bool = True  # one example per turn (cut after it), not only the whole dialog
+
+
+@dataclass(frozen=True)
+class GAttEvalSection:
+    """Table 30: adherence at each turn of `turns`, instruction once as system prompt, own answers as history."""
+
+    enabled: bool = True
+    instructions: list[DataSource] = field(default_factory=list)  # training types, new dialogs
+    zero_shot_instructions: list[DataSource] = field(default_factory=list)  # held-out constraints
+    prompts: list[DataSource] = field(default_factory=list)  # held-out rl_prompt rows for the user turns
+    max_instructions: int = 50  # dialogs per instruction set (one per instruction)
+    turns: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 10, 20])
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    max_context: int | None = None  # prompt + answer tokens; default: the model's max_position_embeddings
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class GAttConfig:
+    """GAtt (paper 3.3): sample multi-turn dialogs with the instruction on every user turn, fine-tune on
+    them with the instruction as first-turn system prompt and the loss on the last answer only."""
+
+    model: ModelSection  # the latest RLHF model: it samples the answers and is fine-tuned
+    data: GAttData
+    output: OutputSection
+    sampling: GAttSamplingSection = field(default_factory=GAttSamplingSection)
+    eval: GAttEvalSection = field(default_factory=GAttEvalSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    seed: int = 0

@@ -1,0 +1,549 @@
+"""Stage 3b: PPO against the two reward models (LLAMA2_METHOD.md, stage 3; paper 3.2.3).
+
+Each iteration samples `ppo.batch_size` prompts, answers them with the actor (left padding, KV cache),
+scores the answers with the helpfulness and safety RMs, and gives every answer the reward
+``WHITEN(LOGIT(Rc)) - beta * KL(pi || pi_0)`` (`alignment.rollout.compute_rewards`); GAE advantages are
+whitened, then `ppo.epochs` passes over mini-batches of `ppo.mini_batch_size` rows make ONE optimizer step
+each (clipped policy loss + clipped value loss, `alignment.losses`). Every `early_stopping.every_iterations`
+iterations greedy answers to held-out prompts are scored by the combined reward; the best actor is kept
+and becomes `final/`, and the run stops after `patience` evaluations without improvement.
+
+Models: the actor (a causal LM, LoRA by option), the critic (the base transformer with a per-token linear
+value head, `AutoModelForTokenClassification` with one label, loaded from the helpfulness RM by default),
+the frozen reference policy (with a LoRA actor: the actor with its adapters disabled, no second copy) and
+the frozen helpfulness and safety RMs (HF sequence-classification directories, one label).
+
+Distribution: actor and critic are two sub-modules of one `ActorCritic` module prepared ONCE by accelerate
+with one optimizer (two sets of parameter groups, each with its own lr), i.e. one DeepSpeed ZeRO-2/3
+engine holding both, as TRL's PPO trainer does. accelerate's DeepSpeed integration prepares a single
+model per `Accelerator` (its multi-plugin API is marked experimental), and a second `deepspeed.initialize`
+outside accelerate would need its own checkpointing; one engine keeps `save_state`/`load_state`, ZeRO
+partitioning of both models and gloo CPU runs working unchanged. Consequence: gradient clipping is over the
+actor and critic gradients together. The frozen models are plain modules in eval mode on every process
+(dtype `reward.dtype`, moved to CPU between phases with `reward.offload`). Under ZeRO-3 the actor's weights
+are gathered once per generation round (`alignment.rollout.gathered_for_generation`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignment.config import PPOConfig, TrainSection
+from alignment.losses import masked_mean, policy_loss, value_loss
+from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
+                               explained_variance, gathered_for_generation, masked_row_sum,
+                               model_inputs, policy_outputs, response_logprobs)
+from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
+from alignment.training import NonFiniteLossError
+
+
+class KLBlowUpError(FloatingPointError):
+    """The policy moved too far from the reference (`ppo.max_kl`); the run stops."""
+
+
+@dataclass
+class PPOModels:
+    actor: torch.nn.Module
+    critic: torch.nn.Module
+    reference: torch.nn.Module | None  # None with a LoRA actor: the actor with its adapters disabled
+    helpful_rm: torch.nn.Module
+    safety_rm: torch.nn.Module
+
+
+class ActorCritic(torch.nn.Module):
+    """Actor and critic in one module, so one accelerate/DeepSpeed engine trains both."""
+
+    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
+        """Logits of the last ``L + 1`` positions ``[B, L + 1, V]`` and values ``[B, L]`` (see rollout.py)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        logits = self.actor(**inputs, logits_to_keep=response_length + 1).logits
+        values = self.critic(**inputs).logits[:, -response_length - 1:-1, 0].float()
+        return logits, values
+
+
+# ----------------------------------------------------------------------------------------- models
+def _frozen(model, dtype):
+    model.to(dtype).eval().requires_grad_(False)
+    return model
+
+
+def load_models(cfg: PPOConfig, tokenizer) -> PPOModels:
+    """Actor, critic, reference and both RMs from the recipe's directories (before any ZeRO-3 context,
+    so the frozen models are plain full copies)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from alignment.models.loading import load_causal_lm, resolve_dtype
+
+    common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
+    frozen_dtype = resolve_dtype(cfg.reward.dtype)
+    actor = load_causal_lm(cfg.model)
+    critic = AutoModelForTokenClassification.from_pretrained(
+        cfg.critic.path or cfg.reward.helpful_rm, num_labels=1, dtype=resolve_dtype(cfg.critic.dtype), **common)
+    if cfg.critic.gradient_checkpointing:
+        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = None
+    if not cfg.model.lora.enabled:
+        reference = _frozen(AutoModelForCausalLM.from_pretrained(cfg.reward.reference or cfg.model.path, **common),
+                            frozen_dtype)
+    rms = []
+    for path in (cfg.reward.helpful_rm, cfg.reward.safety_rm):
+        rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **common)
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        rms.append(_frozen(rm, frozen_dtype))
+    return PPOModels(actor, critic, reference, *rms)
+
+
+class FrozenPlacement:
+    """Puts the frozen models on the device, for good or (with `offload`) only while a phase uses them."""
+
+    def __init__(self, models: list[torch.nn.Module], device, offload: bool):
+        self.device, self.offload = device, offload and device.type != "cpu"
+        for m in models:
+            m.to("cpu" if self.offload else device)
+
+    @contextlib.contextmanager
+    def active(self, *models):
+        if self.offload:
+            for m in models:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in models:
+                    m.to("cpu")
+                torch.cuda.empty_cache()
+
+
+def make_ppo_optimizer(models: PPOModels, cfg: PPOConfig) -> torch.optim.Optimizer:
+    """One AdamW over actor and critic parameter groups (decay / no decay each), critic at `critic.lr`."""
+    from alignment.training import make_optimizer
+
+    optimizer = make_optimizer(models.actor, cfg.optim)
+    for group in optimizer.param_groups:
+        group["role"] = "actor"
+    for group in make_optimizer(models.critic, cfg.optim).param_groups:
+        optimizer.add_param_group({**group, "lr": cfg.critic.lr or cfg.optim.lr, "role": "critic"})
+    return optimizer
+
+
+# ----------------------------------------------------------------------------------------- schedule of prompts
+def iteration_prompts(num_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of an iteration: consecutive slices of a seeded permutation per pass over the set, so
+    the data position is a function of the iteration number (what a resumed run restarts from)."""
+    import random
+
+    out, start = [], iteration * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, num_prompts)
+        order = list(range(num_prompts))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def check_sizes(cfg: PPOConfig, world: int) -> int:
+    """Gradient-accumulation steps per mini-batch; rejects sizes that do not divide."""
+    p = cfg.ppo
+    if p.batch_size % p.mini_batch_size or p.mini_batch_size % (world * p.micro_batch_size):
+        raise ValueError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size "
+                         f"({p.mini_batch_size}), itself a multiple of processes ({world}) x ppo.micro_batch_size "
+                         f"({p.micro_batch_size})")
+    return p.mini_batch_size // (world * p.micro_batch_size)
+
+
+# ----------------------------------------------------------------------------------------- one iteration
+def _rows(batch: dict, idx) -> dict:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
+    """Generate, score and compute advantages for this process's prompt rows.
+
+    Returns (batch tensors for training, per-row stats, timings)."""
+    from alignment.chat import encode_prompt
+    from alignment.data.schemas import prompt_context
+    from alignment.generation import generate
+    from alignment.scoring import reward_scores
+
+    cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
+    contexts = [prompt_context(r) for r in rows]
+    prompts = [encode_prompt(tok, c) for c in contexts]
+    t0 = time.perf_counter()
+    actor = acc.unwrap_model(ctx.policy).actor
+    with gathered_for_generation(ctx.policy, actor):  # ZeRO-3: one gather for the whole round
+        samples = generate(actor, tok, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                           batch_size=cfg.rollout.batch_size,
+                           seed=cfg.seed * 1_000_003 + iteration * acc.num_processes + acc.process_index)
+    answers = [s[0] for s in samples]
+    responses = [a.token_ids + ([tok.eos_token_id] if a.finished else []) for a in answers]
+    batch = {k: v.to(acc.device) for k, v in build_batch(prompts, responses, tok.pad_token_id).items()}
+    t1 = time.perf_counter()
+
+    texts = [a.text for a in answers]
+    with ctx.frozen.active(models.helpful_rm, models.safety_rm):
+        kw = {"batch_size": cfg.reward.batch_size, "max_length": cfg.reward.max_length}
+        helpful_raw = reward_scores(models.helpful_rm, tok, contexts, texts, **kw)
+        safety_raw = reward_scores(models.safety_rm, tok, contexts, texts, **kw)
+    old_logprobs, ref_logprobs, values, entropy = [], [], [], []
+    micro = cfg.ppo.micro_batch_size
+    with torch.no_grad(), ctx.frozen.active(*([models.reference] if models.reference is not None else [])):
+        for start in range(0, len(rows), micro):
+            chunk = _rows(batch, slice(start, start + micro))
+            length = chunk["response_mask"].size(1)
+            logits, v = ctx.policy(**model_inputs(chunk), response_length=length)
+            lp, ent = response_logprobs(logits, chunk, with_entropy=True)
+            if models.reference is None:  # LoRA: pi_0 is the actor without its adapters
+                with actor.disable_adapter():
+                    ref, _ = policy_outputs(actor, chunk)
+            else:
+                ref, _ = policy_outputs(models.reference, chunk)
+            old_logprobs.append(lp), ref_logprobs.append(ref), values.append(v), entropy.append(ent)
+    old_logprobs, ref_logprobs = torch.cat(old_logprobs), torch.cat(ref_logprobs)
+    values, entropy = torch.cat(values), torch.cat(entropy)
+    mask = batch["response_mask"]
+    is_safety = torch.tensor([bool(r["is_safety"]) for r in rows], device=acc.device)
+    gather = acc.gather if acc.num_processes > 1 else None
+    rewards, stats = compute_rewards(
+        helpful_raw.to(acc.device), safety_raw.to(acc.device), is_safety, old_logprobs, ref_logprobs, mask,
+        beta=cfg.reward.kl_beta, threshold=cfg.reward.safety_threshold, estimator=cfg.reward.kl_estimator,
+        gather=gather, offset=acc.process_index * len(rows))
+    advantages, returns = advantages_and_returns(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    batch.update(old_logprobs=old_logprobs, old_values=values, advantages=advantages, returns=returns)
+    lengths = mask.sum(dim=1).float()
+    row_stats = {
+        "reward_helpful": stats["helpful"].mean(), "reward_safety": stats["safety"].mean(),
+        "reward_combined": stats["combined"].mean(), "reward_whitened": stats["score"].mean(),
+        "reward_total": masked_row_sum(rewards, mask).mean(),
+        "kl": masked_row_sum(stats["kl"], mask).mean(), "kl_per_token": masked_mean(stats["kl"], mask),
+        "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
+        "value_mean": masked_mean(values, mask), "explained_variance": explained_variance(values, returns, mask),
+    }
+    return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1}
+
+
+def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
+    """`ppo.epochs` passes over shuffled mini-batches; one optimizer step per mini-batch."""
+    cfg, acc = ctx.cfg, ctx.accelerator
+    rows = batch["input_ids"].size(0)
+    per_mini = cfg.ppo.mini_batch_size // acc.num_processes
+    micro = cfg.ppo.micro_batch_size
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+    sums: dict[str, float] = {}
+    count = 0
+    ctx.policy.train()
+    for _ in range(cfg.ppo.epochs):
+        order = torch.randperm(rows, generator=generator).to(acc.device)
+        for m0 in range(0, rows, per_mini):
+            for u0 in range(m0, m0 + per_mini, micro):
+                chunk = _rows(batch, order[u0:u0 + micro])
+                mask = chunk["response_mask"]
+                with acc.accumulate(ctx.policy):
+                    logits, values = ctx.policy(**model_inputs(chunk), response_length=mask.size(1))
+                    logprobs, _ = response_logprobs(logits, chunk)
+                    pg, pg_metrics = policy_loss(logprobs, chunk["old_logprobs"], chunk["advantages"], mask,
+                                                 clip=cfg.ppo.clip)
+                    vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask,
+                                                clip=cfg.ppo.value_clip)
+                    acc.backward(pg + cfg.ppo.vf_coef * vf)
+                    if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
+                        acc.clip_grad_norm_(ctx.policy.parameters(), cfg.optim.grad_clip)
+                    ctx.optimizer.step()
+                    ctx.optimizer.zero_grad(set_to_none=True)
+                metrics = {"policy_loss": pg_metrics["loss"], "value_loss": vf_metrics["loss"],
+                           "clip_fraction": pg_metrics["clip_fraction"], "approx_kl": pg_metrics["approx_kl"],
+                           "value_clip_fraction": vf_metrics["value_clip_fraction"]}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def _reduce_mean(acc, stats: dict) -> dict:
+    """Means over processes (every process holds the same number of rows)."""
+    keys = sorted(stats)
+    stacked = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=acc.device) for k in keys])
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="mean")
+    return dict(zip(keys, stacked.tolist()))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate_heldout(ctx, rows: list[dict]) -> dict:
+    """Greedy answers to held-out prompts: mean combined reward Rc (the early-stopping metric) and, on toy
+    world prompts, the gold metrics (`alignment.evaluate.gold_metrics`)."""
+    from accelerate.utils import gather_object
+
+    from alignment.chat import encode_prompt
+    from alignment.data.schemas import prompt_context
+    from alignment.generation import generate
+    from alignment.rewards import combine
+    from alignment.scoring import reward_scores
+
+    cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
+    es = cfg.early_stopping
+    mine = list(range(acc.process_index, len(rows), acc.num_processes))
+    contexts = [prompt_context(rows[i]) for i in mine]
+    actor = acc.unwrap_model(ctx.policy).actor
+    with gathered_for_generation(ctx.policy, actor):
+        samples = generate(actor, tok, [encode_prompt(tok, c) for c in contexts], max_new_tokens=es.max_new_tokens,
+                           temperature=0.0, batch_size=es.batch_size)
+    answers = [s[0].text for s in samples]
+    combined = torch.zeros(0)
+    if mine:
+        with ctx.frozen.active(models.helpful_rm, models.safety_rm):
+            kw = {"batch_size": cfg.reward.batch_size, "max_length": cfg.reward.max_length}
+            h = torch.sigmoid(reward_scores(models.helpful_rm, tok, contexts, answers, **kw))
+            s = torch.sigmoid(reward_scores(models.safety_rm, tok, contexts, answers, **kw))
+        is_safety = torch.tensor([bool(rows[i]["is_safety"]) for i in mine])
+        combined = combine(h, s, is_safety, cfg.reward.safety_threshold)
+    totals = torch.tensor([combined.sum().item(), float(len(mine))], device=acc.device)
+    if acc.num_processes > 1:
+        totals = acc.reduce(totals, reduction="sum")
+    result = {"eval_reward_combined": totals[0].item() / max(totals[1].item(), 1.0)}
+    pairs = gather_object(list(zip(mine, answers))) if acc.num_processes > 1 else list(zip(mine, answers))
+    if acc.is_main_process and rows and all(r.get("source") == "toyworld" for r in rows):  # optional field
+        from alignment.evaluate import gold_metrics
+
+        ordered = [a for _, a in sorted(pairs)]
+        result.update({f"eval_{k}": v for k, v in gold_metrics(rows, ordered).items()})
+    return result
+
+
+# ----------------------------------------------------------------------------------------- saving
+def save_actor(ctx, path: Path) -> None:
+    """The actor, HF-native (ZeRO-3 shards gathered), with the tokenizer, written atomically. A LoRA actor
+    is saved as adapters; `finish` merges them into `final/` when `model.lora.merge_on_save`."""
+    acc = ctx.accelerator
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(ctx.policy)
+    if acc.is_main_process:
+        actor = acc.unwrap_model(ctx.policy).actor
+        actor_state = {k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")}
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        actor.save_pretrained(str(tmp), state_dict=actor_state, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(str(tmp))
+        commit_dir(tmp, path)
+    acc.wait_for_everyone()
+
+
+def save_ppo_checkpoint(ctx, run: RunDir, state: dict) -> None:
+    """Actor, critic, optimizer, RNG (accelerate; ZeRO shards per rank) and the loop state, atomically."""
+    acc = ctx.accelerator
+    final = run.checkpoint_path(state["iteration"])
+    tmp = final.with_name(f".tmp-{final.name}")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json_atomic(tmp / "state.json", state)
+        commit_dir(tmp, final)
+        run.prune_checkpoints(ctx.cfg.output.keep_last)
+    acc.wait_for_everyone()
+
+
+def finish(ctx, run: RunDir) -> None:
+    """`final/` = the best held-out actor (or the last one), merged if LoRA; `critic/` = the last critic."""
+    cfg, acc = ctx.cfg, ctx.accelerator
+    best = run.path / "best"
+    if not best.is_dir():
+        save_actor(ctx, best)
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(ctx.policy)
+    if acc.is_main_process:
+        critic = acc.unwrap_model(ctx.policy).critic
+        tmp = run.path / ".tmp-critic"
+        critic.save_pretrained(str(tmp), state_dict={k[len("critic."):]: v for k, v in state.items()
+                                                     if k.startswith("critic.")}, safe_serialization=True)
+        commit_dir(tmp, run.path / "critic")
+    acc.wait_for_everyone()
+    from alignment.training import _leave_zero3
+
+    _leave_zero3()
+    if acc.is_main_process:
+        tmp = run.path / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(cfg.model.path, local_files_only=True)
+            PeftModel.from_pretrained(base, str(best)).merge_and_unload().save_pretrained(str(tmp))
+            ctx.tokenizer.save_pretrained(str(tmp))
+        else:
+            shutil.copytree(best, tmp)
+        commit_dir(tmp, run.final_dir)
+    acc.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------- the loop
+@dataclass
+class _Context:
+    cfg: PPOConfig
+    accelerator: object
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    models: PPOModels
+    tokenizer: object
+    frozen: FrozenPlacement
+
+
+def _check_finite(iteration: int, stats: dict, run: RunDir, max_kl: float | None) -> None:
+    for key, value in stats.items():
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"[ppo] iteration {iteration}: {key} is {value}; the last good checkpoint is "
+                                     f"{run.latest_checkpoint()}")
+    if max_kl is not None and stats["kl"] > max_kl:
+        raise KLBlowUpError(f"[ppo] iteration {iteration}: KL to the reference is {stats['kl']:.4f}, above "
+                            f"ppo.max_kl={max_kl}; lower optim.lr or raise reward.kl_beta (last good checkpoint: "
+                            f"{run.latest_checkpoint()})")
+
+
+def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts: list[dict],
+              eval_rows: list[dict]) -> dict:
+    """Run (or resume) the PPO iterations; returns a summary. `models` come from `load_models` (tests may
+    pass stand-ins)."""
+    from tqdm.auto import tqdm
+
+    from alignment.training import _STOP_AFTER_STEP, make_accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = check_sizes(cfg, world)
+    train_section = TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=accum)
+    acc = make_accelerator(cfg.distributed, train_section, cfg.optim)
+    torch.manual_seed(cfg.seed)
+    for m in (models.actor, models.critic):
+        disable_dropout(m)
+    optimizer = make_ppo_optimizer(models, cfg)
+    policy, optimizer = acc.prepare(ActorCritic(models.actor, models.critic), optimizer)
+    frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
+    ctx = _Context(cfg, acc, policy, optimizer, models, tokenizer, FrozenPlacement(frozen_models, acc.device,
+                                                                                    cfg.reward.offload))
+    engine = acc.distributed_type.name.lower()
+    if acc.state.deepspeed_plugin is not None:
+        engine += f" ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
+    acc.print(f"[ppo] {cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} prompts on {acc.num_processes} "
+              f"process(es), {engine}, {acc.mixed_precision} precision")
+
+    state = {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0, "stopped": None,
+             "evaluations": []}
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        acc.load_state(str(latest))
+        state = json.loads((latest / "state.json").read_text())
+        acc.print(f"[ppo] resuming from {latest} (iteration {state['iteration']}/{cfg.ppo.iterations})")
+    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=state["iteration"])
+    es = cfg.early_stopping
+    evaluate = es.every_iterations > 0 and bool(eval_rows)
+
+    def do_eval(iteration: int) -> dict:
+        result = evaluate_heldout(ctx, eval_rows)
+        reward = result["eval_reward_combined"]
+        if state["best_reward"] is None or reward > state["best_reward"] + es.min_delta:
+            state.update(best_reward=reward, best_iteration=iteration, stale_evals=0)
+            save_actor(ctx, run.path / "best")
+        else:
+            state["stale_evals"] += 1
+            if state["stale_evals"] >= es.patience:
+                state["stopped"] = (f"early stop at iteration {iteration}: no held-out improvement in "
+                                    f"{es.patience} evaluations; best {state['best_reward']:.4f} at iteration "
+                                    f"{state['best_iteration']}")
+        state["evaluations"].append({"iteration": iteration, **result})
+        return result
+
+    if evaluate and not state["evaluations"]:  # the starting actor: the baseline to beat
+        log.log({"step": 0, **do_eval(0)})
+    bar = tqdm(total=cfg.ppo.iterations, initial=state["iteration"], desc="ppo", dynamic_ncols=True,
+               disable=not (acc.is_main_process and cfg.logging.progress))
+    for iteration in range(state["iteration"], cfg.ppo.iterations):
+        if state["stopped"]:
+            break
+        done = iteration + 1
+        t0 = time.perf_counter()
+        indices = iteration_prompts(len(prompts), cfg.ppo.batch_size, iteration, cfg.seed)
+        per_process = cfg.ppo.batch_size // acc.num_processes
+        mine = indices[acc.process_index * per_process:(acc.process_index + 1) * per_process]
+        batch, rollout_stats, timings = rollout(ctx, [prompts[i] for i in mine], iteration)
+        stats = _reduce_mean(acc, rollout_stats)
+        _check_finite(done, stats, run, cfg.ppo.max_kl)  # before any update from a bad batch
+        t1 = time.perf_counter()
+        stats.update(_reduce_mean(acc, train_on_rollout(ctx, batch, iteration)))
+        _check_finite(done, stats, run, None)
+        elapsed = time.perf_counter() - t0
+        stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size / elapsed,
+                     lr=cfg.optim.lr, step=done)
+        if evaluate and done % es.every_iterations == 0:
+            stats.update(do_eval(done))
+        state["iteration"] = done
+        if done % cfg.logging.every_steps == 0 or done == cfg.ppo.iterations or state["stopped"]:
+            log.log(stats)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward_combined']:.3f}", kl=f"{stats['kl']:.3f}")
+        if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done < cfg.ppo.iterations:
+            save_ppo_checkpoint(ctx, run, state)
+        if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
+            os._exit(99)
+    bar.close()
+    log.close()
+    if state["stopped"]:
+        acc.print(f"[ppo] {state['stopped']}")
+    finish(ctx, run)
+    return {"iterations": state["iteration"], "stopped": state["stopped"], "best_iteration": state["best_iteration"],
+            "best_reward": state["best_reward"], "evaluations": state["evaluations"]}
+
+
+def check_model_dirs(cfg: PPOConfig) -> None:
+    """A missing local checkpoint stops the run before anything is written (hub ids are left to HF)."""
+    paths = {"model.path": cfg.model.path, "reward.helpful_rm": cfg.reward.helpful_rm,
+             "reward.safety_rm": cfg.reward.safety_rm, "critic.path": cfg.critic.path,
+             "reward.reference": cfg.reward.reference}
+    for key, path in paths.items():
+        local = path is not None and (path.startswith((".", "/", "runs/")) or path.count("/") > 1)
+        if local and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist; run the stage that writes it first "
+                                    "(make sft, make rm-helpful, make rm-safety, make rejection-sampling)")
+
+
+def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
+    """`align ppo`: validate prompts, load the five models, run (or resume) PPO, keep the best actor."""
+    from alignment.data.sources import load_sources, source_hashes
+    from alignment.models.tokenizer import load_tokenizer
+
+    run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[ppo] {run.path} already holds this finished run (config {run.hash}); nothing to do")
+        return json.loads(run.done_file.read_text())
+    prompts = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
+    eval_rows = load_sources(cfg.data.eval_prompts, "rl_prompt")[:cfg.early_stopping.max_prompts]
+    if not prompts:
+        raise ValueError("[ppo] data.prompts holds no prompt")
+    check_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_model_dirs(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
+    torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run
+    summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer), tokenizer, prompts, eval_rows)
+    if is_main:
+        run.mark_done(summary)
+        for e in summary["evaluations"]:
+            print("[ppo] eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in e.items()))
+    return summary
