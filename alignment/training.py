@@ -229,8 +229,9 @@ def _leave_zero3() -> None:
     unset_hf_deepspeed_config()
 
 
-def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int) -> None:
-    """Full training state (model, optimizer, RNG; ZeRO shards per rank), written atomically."""
+def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int, state: dict | None = None) -> None:
+    """Full training state (model, optimizer, RNG; ZeRO shards per rank) plus the loop's own `state`
+    (`state.json`, with at least the step), written to a temp directory and renamed when complete."""
     final = run.checkpoint_path(step)
     tmp = final.with_name(f".tmp-{final.name}")
     accelerator.wait_for_everyone()
@@ -240,7 +241,7 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int) -> None
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "state.json", {"step": step})
+        write_json_atomic(tmp / "state.json", {"step": step, **(state or {})})
         commit_dir(tmp, final)
         run.prune_checkpoints(keep_last)
     accelerator.wait_for_everyone()

@@ -42,7 +42,7 @@ from alignment.rollout import (advantages_and_returns, build_batch, compute_rewa
                                explained_variance, gathered_for_generation, masked_row_sum,
                                model_inputs, policy_outputs, response_logprobs)
 from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
-from alignment.training import NonFiniteLossError
+from alignment.training import NonFiniteLossError, save_checkpoint
 
 
 class KLBlowUpError(FloatingPointError):
@@ -343,20 +343,7 @@ def save_actor(ctx, path: Path) -> None:
 
 def save_ppo_checkpoint(ctx, run: RunDir, state: dict) -> None:
     """Actor, critic, optimizer, RNG (accelerate; ZeRO shards per rank) and the loop state, atomically."""
-    acc = ctx.accelerator
-    final = run.checkpoint_path(state["iteration"])
-    tmp = final.with_name(f".tmp-{final.name}")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json_atomic(tmp / "state.json", state)
-        commit_dir(tmp, final)
-        run.prune_checkpoints(ctx.cfg.output.keep_last)
-    acc.wait_for_everyone()
+    save_checkpoint(ctx.accelerator, run, state["iteration"], ctx.cfg.output.keep_last, state)
 
 
 def finish(ctx, run: RunDir) -> None:

@@ -1,0 +1,82 @@
+"""Seeded data mixes for the reward models (LLAMA2_METHOD.md, stage 2; Llama 2 section 3.2.2).
+
+- Helpfulness RM: all helpfulness pairs (primary) + an *equal* number drawn uniformly from safety and
+  open-source pairs (secondary): `MixKind.EQUAL`.
+- Safety RM: all safety pairs (primary) mixed with helpfulness pairs at a 90/10 *ratio*: `MixKind.RATIO`
+  with `primary_fraction=0.9`, i.e. `round(n_primary * (1 - f) / f)` secondary pairs.
+- `MixKind.ALL`: primary and secondary concatenated, nothing drawn.
+
+Every primary row is kept; secondary rows are drawn without replacement by a `random.Random(seed)`, so a
+mix is a pure function of (rows, kind, fraction, seed). A secondary pool too small for the mix asked for
+is an error, never a silently different ratio.
+"""
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from types import MappingProxyType
+
+
+class MixKind(str, enum.Enum):
+    ALL = "all"
+    EQUAL = "equal"
+    RATIO = "ratio"
+
+
+def _count_all(n_primary: int, n_secondary: int, primary_fraction: float) -> int:
+    return n_secondary
+
+
+def _count_equal(n_primary: int, n_secondary: int, primary_fraction: float) -> int:
+    return n_primary
+
+
+def _count_ratio(n_primary: int, n_secondary: int, primary_fraction: float) -> int:
+    if not 0.0 < primary_fraction <= 1.0:
+        raise ValueError(f"primary_fraction must be in (0, 1]; got {primary_fraction}")
+    return round(n_primary * (1.0 - primary_fraction) / primary_fraction)
+
+
+# How many secondary rows each mix draws, from (n_primary, n_secondary available, primary_fraction).
+SECONDARY_COUNT: MappingProxyType[MixKind, Callable[[int, int, float], int]] = MappingProxyType({
+    MixKind.ALL: _count_all,
+    MixKind.EQUAL: _count_equal,
+    MixKind.RATIO: _count_ratio,
+})
+
+
+def mix_rows(primary: list[dict], secondary: list[dict], kind: str | MixKind, *, seed: int,
+             primary_fraction: float = 0.9) -> tuple[list[dict], dict]:
+    """All `primary` rows followed by the secondary rows the mix draws (in their original order).
+
+    Returns (rows, report); the report holds the kind, counts, the realised primary fraction and the ids
+    of the drawn secondary rows (for `mix.json` in the run directory).
+    """
+    kind = MixKind(kind)
+    want = SECONDARY_COUNT[kind](len(primary), len(secondary), primary_fraction)
+    if want > len(secondary):
+        raise ValueError(f"data mix {kind.value!r} needs {want} secondary rows but only {len(secondary)} are given "
+                         f"(for {len(primary)} primary rows); add secondary data or lower the primary share")
+    drawn = sorted(random.Random(seed).sample(range(len(secondary)), want))
+    picked = [secondary[i] for i in drawn]
+    total = len(primary) + len(picked)
+    report = {
+        "kind": kind.value,
+        "seed": seed,
+        "primary_fraction_requested": primary_fraction if kind is MixKind.RATIO else None,
+        "primary_fraction": len(primary) / total if total else 0.0,
+        "counts": {"primary": len(primary), "secondary_available": len(secondary), "secondary_drawn": len(picked),
+                   "total": total},
+        "ids": {"primary": [r.get("id") for r in primary], "secondary": [r.get("id") for r in picked]},
+    }
+    return [*primary, *picked], report
+
+
+def count_by(rows: list[dict], key: str) -> dict[str, int]:
+    """Rows per value of an optional field (`kind`, `rating`, `category`); rows without it count as "-"."""
+    out: dict[str, int] = {}
+    for row in rows:
+        value = str(row[key]) if key in row else "-"
+        out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,328 @@
+"""Stage 2: the helpfulness and safety reward models (LLAMA2_METHOD.md, stage 2; Llama 2 section 3.2.2).
+
+A scalar-head `AutoModelForSequenceClassification` starts from the SFT checkpoint. Every pair is encoded
+with `alignment.scoring.encode_for_reward` (the one RM encoding rejection sampling and PPO use too); a
+micro-batch scores its chosen rows and its rejected rows in one right-padded forward pass, and
+`alignment.losses.ranking_loss` with per-pair margins `preference_margin(rating, margin_scale)` gives the
+loss. The shared loop (`alignment.training.train`) does ZeRO, resume, checkpoints and logging; one plan
+item is one pair, so a step's loss is the mean over its pairs.
+
+At the end the main process evaluates the final model on every `data.test` set: accuracy per rating
+bucket and overall (Tables 7 and 8), per safety category, a calibration table and score histograms
+(`eval.json`, `scores.png`). `ablation.margin_scales` trains one sub-run per margin scale and compares
+them per rating bucket (Table 28: `ablation.json`, `ablation.md`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from alignment.batching import build_plan
+from alignment.config import RMConfig
+from alignment.data.mixing import count_by, mix_rows
+from alignment.data.schemas import pair_context
+from alignment.data.sources import load_sources, source_hashes
+from alignment.losses import RATINGS, preference_margin, ranking_loss
+from alignment.runs import RunDir, write_json_atomic
+from alignment.scoring import encode_for_reward, last_token_scores, pad_right
+from alignment.training import LoopConfig, train
+
+SCHEMA = "preference_pair"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------- data
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int, margin_scale: str) -> list[dict]:
+    """One example per pair: chosen and rejected token ids (same context), its rating and margin."""
+    examples = []
+    for row in pairs:
+        context = pair_context(row)
+        examples.append({
+            "chosen": encode_for_reward(tokenizer, context, row["chosen"], max_length),
+            "rejected": encode_for_reward(tokenizer, context, row["rejected"], max_length),
+            "rating": row["rating"],
+            "margin": preference_margin(row["rating"], margin_scale),
+        })
+    return examples
+
+
+def make_plan(cfg: RMConfig, examples: list[dict], world: int):
+    """Length-grouped micro-batches of pairs (never packed); a pair's length is its longer answer."""
+    lengths = [max(len(e["chosen"]), len(e["rejected"])) for e in examples]
+    return build_plan(lengths, [1] * len(examples), seed=cfg.seed, epochs=cfg.train.epochs,
+                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
+                      packing=False, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)
+
+
+# ----------------------------------------------------------------------------------------- the step
+def score_pairs(model, examples: list[dict], indices: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) scores of pairs `indices` from ONE forward over 2N right-padded rows."""
+    n = len(indices)
+    seqs = [examples[i]["chosen"] for i in indices] + [examples[i]["rejected"] for i in indices]
+    ids, mask = pad_right(seqs, pad_id)
+    device = next(model.parameters()).device
+    scores = last_token_scores(model, ids.to(device), mask.to(device)).float()
+    return scores[:n], scores[n:]
+
+
+def rm_step_fn(examples: list[dict], pad_id: int):
+    """The RM micro-step: ranking loss of the micro-batch's pairs, summed, over the step's share of pairs."""
+
+    def step(model, rows, scale):
+        indices = [i for row in rows for i in row]
+        chosen, rejected = score_pairs(model, examples, indices, pad_id)
+        margin = torch.tensor([examples[i]["margin"] for i in indices], device=chosen.device)
+        loss, metrics = ranking_loss(chosen, rejected, margin)
+        n = len(indices)
+        loss_sum = loss * n
+        sums = {f"{k}_sum": v * n for k, v in metrics.items() if k != "loss"}
+        return loss_sum / scale, {"loss_sum": loss_sum.detach(), **sums}
+
+    return step
+
+
+def loop_config(cfg: RMConfig) -> LoopConfig:
+    return LoopConfig(optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed,
+                      logging=cfg.logging, output=cfg.output, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, rows: list[dict], bins: int = 5) -> dict:
+    """RM accuracy and calibration on one test set, from scores of the gold chosen/rejected answers.
+
+    A pair is right when ``chosen > rejected`` (a tie is wrong). Returns ``count``, ``accuracy``,
+    ``by_rating`` ({rating: {accuracy, count}} for every rating, accuracy None when empty),
+    ``by_category`` (safety categories found in the rows), ``calibration`` (reliability table of the
+    confidence ``c = max(p, 1 - p)`` with ``p = sigmoid(chosen - rejected)``: per bin of c over [0.5, 1],
+    mean c and the observed accuracy of the RM's preferred answer; plus the expected calibration error
+    ``ece = sum_b n_b / n * |acc_b - conf_b|``) and ``sigmoid_mean`` (mean ``sigmoid(score)`` of chosen,
+    rejected and all answers).
+    """
+    chosen, rejected = chosen.double(), rejected.double()
+    correct = (chosen > rejected).tolist()
+    result = {"count": len(rows), "accuracy": _mean(correct), "by_rating": group_accuracy(correct, rows, "rating")}
+    if any("category" in r for r in rows):
+        result["by_category"] = group_accuracy(correct, rows, "category")
+    p = torch.sigmoid(chosen - rejected)
+    result["calibration"] = reliability_table(p, bins)
+    result["sigmoid_mean"] = {"chosen": torch.sigmoid(chosen).mean().item() if rows else None,
+                              "rejected": torch.sigmoid(rejected).mean().item() if rows else None,
+                              "all": torch.sigmoid(torch.cat([chosen, rejected])).mean().item() if rows else None}
+    result["score_mean"] = {"chosen": chosen.mean().item() if rows else None,
+                            "rejected": rejected.mean().item() if rows else None}
+    return result
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def group_accuracy(correct: list[bool], rows: list[dict], key: str) -> dict:
+    """{value: {accuracy, count}} by a row field; for "rating" every rating appears (in the paper's order)."""
+    groups: dict[str, list[bool]] = {r: [] for r in RATINGS} if key == "rating" else {}
+    for ok, row in zip(correct, rows):
+        if key in row:
+            groups.setdefault(str(row[key]), []).append(ok)
+    return {name: {"accuracy": _mean(v), "count": len(v)} for name, v in groups.items()}
+
+
+def reliability_table(p: torch.Tensor, bins: int) -> dict:
+    """Calibration of p = P(chosen preferred): the RM prefers chosen when p > 0.5 with confidence
+    max(p, 1 - p); each bin of confidence compares its mean confidence with its observed accuracy."""
+    confidence = torch.maximum(p, 1 - p)
+    right = (p > 0.5).double()
+    edges = torch.linspace(0.5, 1.0, bins + 1, dtype=torch.float64)
+    index = torch.clamp(torch.bucketize(confidence, edges[1:-1], right=True), max=bins - 1)
+    table, ece, n = [], 0.0, len(p)
+    for b in range(bins):
+        inside = index == b
+        count = int(inside.sum())
+        conf = confidence[inside].mean().item() if count else None
+        acc = right[inside].mean().item() if count else None
+        if count:
+            ece += count / n * abs(acc - conf)
+        table.append({"low": edges[b].item(), "high": edges[b + 1].item(), "count": count,
+                      "confidence": conf, "accuracy": acc})
+    return {"bins": table, "ece": ece if n else None}
+
+
+@torch.no_grad()
+def evaluate_reward_model(model_dir: str | Path, test_sets: dict[str, list[dict]], *, batch_size: int = 32,
+                          max_length: int = 1024, bins: int = 5, plot_path: str | Path | None = None,
+                          attn_implementation: str = "sdpa") -> dict:
+    """Accuracy per rating bucket, per safety category, calibration and score means of a saved RM on each
+    test set (preference_pair rows); histograms of chosen/rejected scores to `plot_path` when given."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.models.tokenizer import load_tokenizer
+    from alignment.scoring import reward_scores
+
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
+                                                               attn_implementation=attn_implementation)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    model.eval()
+    result, scores = {}, {}
+    for name, rows in test_sets.items():
+        contexts = [pair_context(r) for r in rows]
+        both = reward_scores(model, tokenizer, contexts + contexts, [r["chosen"] for r in rows] +
+                             [r["rejected"] for r in rows], batch_size=batch_size, max_length=max_length)
+        chosen, rejected = both[:len(rows)], both[len(rows):]
+        scores[name] = (chosen, rejected)
+        result[name] = preference_metrics(chosen, rejected, rows, bins)
+    if plot_path is not None and scores:
+        plot_score_histograms(scores, plot_path)
+    return result
+
+
+def plot_score_histograms(scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> None:
+    """One panel per test set: histograms of the chosen and the rejected answers' raw scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.5), squeeze=False)
+    for ax, (name, (chosen, rejected)) in zip(axes[0], scores.items()):
+        ax.hist(chosen.numpy(), bins=40, alpha=0.6, label="chosen")
+        ax.hist(rejected.numpy(), bins=40, alpha=0.6, label="rejected")
+        ax.set_title(f"{name} test")
+        ax.set_xlabel("reward score")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_accuracy_table(result: dict, title: str = "test set") -> str:
+    """Markdown table, one row per entry of `result` ({name: preference_metrics}), one column per rating
+    bucket plus the average (Tables 7/8)."""
+    head = [title, *RATINGS, "avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in result.items():
+        cells = [_pct(entry["by_rating"][r]["accuracy"]) for r in RATINGS] + [_pct(entry["accuracy"])]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+# ----------------------------------------------------------------------------------------- the stage
+def load_rm_data(cfg: RMConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """Every input file validated (file:row errors) before anything is written: primary, secondary, tests."""
+    primary = load_sources(cfg.data.primary, SCHEMA)
+    secondary = load_sources(cfg.data.secondary, SCHEMA)
+    tests = {name: load_sources(sources, SCHEMA) for name, sources in cfg.data.test.items()}
+    return primary, secondary, tests
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """`align rm`: validate data, mix, train (resuming from checkpoints), evaluate, mark done; or, with
+    `ablation.margin_scales`, one such run per margin scale and their comparison."""
+    if cfg.ablation.margin_scales:
+        return run_margin_ablation(cfg)
+    if cfg.train.packing:
+        raise ValueError("train.packing must be false for reward models: each example is a chosen/rejected pair")
+    run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[rm] {run.path} already holds this finished run (config {run.hash}); nothing to do")
+        return json.loads(run.done_file.read_text())
+    primary, secondary, tests = load_rm_data(cfg)
+    pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
+                          primary_fraction=cfg.data.mix.primary_fraction)
+    mix["by_kind"], mix["by_rating"] = count_by(pairs, "kind"), count_by(pairs, "rating")
+    inputs = source_hashes([*cfg.data.primary, *cfg.data.secondary, *(s for v in cfg.data.test.values() for s in v)])
+    summary = train_reward_model(cfg, pairs, run, inputs, mix)
+    if is_main_process():
+        summary["eval"] = evaluate_reward_model(
+            run.final_dir, tests, batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length,
+            bins=cfg.eval.calibration_bins, plot_path=run.path / "scores.png" if cfg.eval.histogram else None,
+            attn_implementation=cfg.model.attn_implementation)
+        write_json_atomic(run.path / "eval.json", summary["eval"])
+        run.mark_done(summary)
+        print_rm_eval(summary["eval"])
+    return summary
+
+
+def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: dict[str, str], mix: dict) -> dict:
+    """Train a scalar-head RM from `cfg.model` on `pairs` into `run` with the shared loop."""
+    from alignment.models.loading import load_reward_model
+    from alignment.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    examples = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(cfg, examples, world)
+    run.prepare(inputs, is_main=is_main_process())
+    if is_main_process():
+        write_json_atomic(run.path / "mix.json", mix)
+        c = mix["counts"]
+        print(f"[rm] {len(pairs)} pairs: {c['primary']} primary + {c['secondary_drawn']} of "
+              f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; {len(plan.steps)} steps")
+    torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
+    model = load_reward_model(cfg.model, tokenizer.pad_token_id)
+    step = rm_step_fn(examples, tokenizer.pad_token_id)
+    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
+                    desc=f"rm[{cfg.margin_scale}]", unit="pairs")
+    summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale)
+    return summary
+
+
+def print_rm_eval(result: dict) -> None:
+    print("[rm] accuracy (%) by rating bucket")
+    print(format_accuracy_table(result))
+    for name, entry in result.items():
+        if "by_category" in entry:
+            cats = ", ".join(f"{k} {_pct(v['accuracy'])} (n={v['count']})" for k, v in entry["by_category"].items())
+            print(f"[rm] {name}: accuracy by safety category: {cats}")
+        cal = entry["calibration"]
+        ece = "-" if cal["ece"] is None else f"{cal['ece']:.3f}"
+        print(f"[rm] {name}: ECE {ece}; mean sigmoid score chosen {_fmt(entry['sigmoid_mean']['chosen'])}, "
+              f"rejected {_fmt(entry['sigmoid_mean']['rejected'])}")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+# ----------------------------------------------------------------------------------------- margin ablation
+def run_margin_ablation(cfg: RMConfig) -> dict:
+    """One RM per margin scale on the same data and seed, each in `<output.dir>/margin-<scale>` (resumable,
+    finished ones are skipped), then `ablation.json` and `ablation.md`: accuracy per rating bucket for
+    each margin and test set (Table 28)."""
+    load_rm_data(cfg)  # fail on bad data before any sub-run directory is written
+    out = Path(cfg.output.dir)
+    results = {}
+    for scale in cfg.ablation.margin_scales:
+        sub = dataclasses.replace(cfg, margin_scale=scale, ablation=dataclasses.replace(cfg.ablation, margin_scales=[]),
+                                  output=dataclasses.replace(cfg.output, dir=str(out / f"margin-{scale}")))
+        results[scale] = run_rm(sub)
+    if not is_main_process():
+        return {}
+    table = {scale: summary["eval"] for scale, summary in results.items()}
+    write_json_atomic(out / "ablation.json", table)
+    text = format_ablation_table(table)
+    (out / "ablation.md").write_text(text + "\n")
+    print(text)
+    return {"ablation": table}
+
+
+def format_ablation_table(table: dict[str, dict]) -> str:
+    """Markdown: per test set, one row per margin scale, accuracy per rating bucket and average."""
+    tests = list(next(iter(table.values()))) if table else []
+    parts = []
+    for test in tests:
+        parts.append(f"### {test} test: accuracy (%) by rating bucket and margin\n")
+        parts.append(format_accuracy_table({f"margin {s}": r[test] for s, r in table.items()}, title="margin"))
+        parts.append("")
+    return "\n".join(parts).rstrip()
