@@ -1,0 +1,253 @@
+"""Ghost Attention (GAtt, LLAMA2_METHOD.md "Ghost Attention"; paper 3.3): the pure parts.
+
+An instruction given once at the start of a dialog must still be obeyed at turn 20. GAtt builds its
+fine-tuning data in three steps, each a function here (the stage `alignment.stages.gatt` runs them
+with a model):
+
+1. sampling: the instruction is attached to **every** user turn (`attach_instruction(...,
+   every_turn=True)`) and the latest model answers turn by turn, each answer conditioned on the answers
+   sampled before it (`play_dialogs`); dialogs whose answers break the instruction are dropped;
+2. training: the instruction stays only in the first turn, as the system prompt (`every_turn=False`),
+   and the loss is zero on every previous turn, assistant messages included (`train_on="last"`); one
+   dialog gives one example per turn, cut after that turn's answer, so every turn position is trained
+   (`training_dialogs`);
+3. evaluation (Table 30): the instruction is given once as the system prompt, the model's own answers
+   are fed back as history, and `adherence_rates` is the share of answers that still obey at turns
+   1, 2, 4, 6, 10, 20.
+
+Models enter only through `Respond`, a function from contexts to candidate answers, so the dialog logic
+and the counting are tested with a hand-written responder.
+"""
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+TABLE_30_TURNS = (1, 2, 4, 6, 10, 20)
+
+# contexts (message lists ending with a user turn) -> candidate answers per context, or None for a
+# context the model cannot take (too long): that dialog stops there.
+Respond = Callable[[list[list[dict]]], list[list[str] | None]]
+Check = Callable[[list, str], bool]  # (constraints, answer) -> obeys
+
+
+def attach_instruction(messages: list[dict], instruction: str, every_turn: bool) -> list[dict]:
+    """A copy of `messages` carrying `instruction`.
+
+    every_turn=False (training, evaluation): the instruction is the system prompt of the first turn; an
+    existing system prompt is kept and the instruction follows it, "{system} {instruction}".
+    every_turn=True (sampling): the same, and the instruction is also concatenated in front of every later
+    user message in the form a system prompt takes in the chat format ("<<SYS>>\n{instruction}\n<</SYS>>
+    \n\n{user}"), so every turn reads like the single-turn dialogs with a system instruction the model
+    learnt to obey in SFT (chat.py folds the first turn's system prompt into its user message the same way).
+    """
+    from alignment.chat import B_SYS, E_SYS
+
+    instruction = instruction.strip()
+    if not instruction:
+        raise ValueError("instruction is empty")
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content'].strip()} {instruction}"
+    else:
+        out.insert(0, {"role": "system", "content": instruction})
+    if every_turn:
+        users = [m for m in out if m["role"] == "user"]
+        for m in users[1:]:
+            m["content"] = f"{B_SYS}{instruction}{E_SYS}{m['content'].strip()}"
+    return out
+
+
+# ------------------------------------------------------------------------------------- choosing answers
+class AnswerMode(str, enum.Enum):
+    """How a sampled turn becomes the dialog's answer (recipe key `sampling.answers`)."""
+
+    SAMPLE = "sample"  # the paper: the first of the k samples that obeys; none obeys -> the dialog is dropped
+    REWRITE = "rewrite"  # NOT the paper: a sample that breaks the instruction is rewritten to obey it
+
+
+@dataclass(frozen=True)
+class Choice:
+    answer: str
+    obeys: bool
+    rewritten: bool = False
+    tried: int = 1  # candidates looked at
+
+
+def first_obeying(constraints: list, candidates: Sequence[str], check: Check, fix=None) -> Choice:
+    """Best of k by the checker: the first candidate that obeys, else the first candidate (failing)."""
+    for i, answer in enumerate(candidates):
+        if check(constraints, answer):
+            return Choice(answer, True, tried=i + 1)
+    return Choice(candidates[0], False, tried=len(candidates))
+
+
+def first_obeying_or_rewrite(constraints: list, candidates: Sequence[str], check: Check, fix=None) -> Choice:
+    """Best of k by the checker; when none obeys, the first candidate rewritten by `fix` to obey."""
+    choice = first_obeying(constraints, candidates, check)
+    if choice.obeys or fix is None:
+        return choice
+    answer = fix(constraints, candidates[0])
+    return Choice(answer, check(constraints, answer), rewritten=True, tried=choice.tried)
+
+
+def first_candidate(constraints: list, candidates: Sequence[str], check: Check, fix=None) -> Choice:
+    """Evaluation: the model's (single, greedy) answer as it is."""
+    return Choice(candidates[0], check(constraints, candidates[0]))
+
+
+CHOOSERS = {AnswerMode.SAMPLE: first_obeying, AnswerMode.REWRITE: first_obeying_or_rewrite}
+
+
+# ------------------------------------------------------------------------------------- dialogs
+@dataclass
+class DialogPlan:
+    """One dialog to play: its instruction (a gatt_instruction row) and its user turns."""
+
+    instruction: dict
+    users: list[str]
+    turns: list[dict] = field(default_factory=list)  # {"user", "answer", "obeys", "rewritten", "tried"}
+    status: str = "open"  # open -> complete | failed (an answer broke the instruction) | cut (context too long)
+
+    def history(self) -> list[dict]:
+        """The dialog so far without any instruction, ending with the next user message."""
+        messages = []
+        for t in self.turns:
+            messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["answer"]}]
+        messages.append({"role": "user", "content": self.users[len(self.turns)]})
+        return messages
+
+    def to_row(self) -> dict:
+        return {"instruction": self.instruction, "status": self.status, "turns": self.turns}
+
+
+def plan_dialogs(instructions: list[dict], prompts: list[str], num_dialogs: int, min_turns: int, max_turns: int,
+                 rng: random.Random) -> list[DialogPlan]:
+    """`num_dialogs` dialogs, instructions taken in a shuffled round-robin, each with a random number of
+    turns in [min_turns, max_turns] whose user prompts are distinct where the pool allows."""
+    if not instructions or not prompts:
+        raise ValueError("GAtt needs at least one instruction and one user prompt")
+    if not 1 <= min_turns <= max_turns:
+        raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+    order = list(range(len(instructions)))
+    plans = []
+    for i in range(num_dialogs):
+        if i % len(order) == 0:
+            rng.shuffle(order)
+        n = rng.randint(min_turns, max_turns)
+        users = rng.sample(prompts, n) if n <= len(prompts) else [rng.choice(prompts) for _ in range(n)]
+        plans.append(DialogPlan(instructions[order[i % len(order)]], users))
+    return plans
+
+
+def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool, check: Check,
+                 choose=first_candidate, fix=None, stop_on_failure: bool) -> list[DialogPlan]:
+    """Play all dialogs turn by turn, in place: at each turn every open dialog asks `respond` for the next
+    answer given its own history (so each answer conditions on the answers chosen before it), with the
+    instruction attached as `every_turn` says; `choose` picks the answer among the candidates.
+
+    stop_on_failure=True (sampling): a dialog whose answer breaks the instruction stops, status "failed".
+    stop_on_failure=False (evaluation): the answer is kept as history and the dialog goes on.
+    A dialog `respond` cannot answer (None: the context does not fit) stops with status "cut".
+    """
+    for t in range(max((len(p.users) for p in plans), default=0)):
+        live = [p for p in plans if p.status == "open" and len(p.users) > t]
+        if not live:
+            break
+        contexts = [attach_instruction(p.history(), p.instruction["instruction"], every_turn) for p in live]
+        for plan, candidates in zip(live, respond(contexts)):
+            if candidates is None:
+                plan.status = "cut"
+                continue
+            c = choose(plan.instruction["constraints"], candidates, check, fix)
+            plan.turns.append({"user": plan.users[t], "answer": c.answer, "obeys": c.obeys,
+                               "rewritten": c.rewritten, "tried": c.tried})
+            if not c.obeys and stop_on_failure:
+                plan.status = "failed"
+            elif len(plan.turns) == len(plan.users):
+                plan.status = "complete"
+    return plans
+
+
+def training_dialogs(plans: list[DialogPlan], every_turn_examples: bool = True, prefix: str = "gatt") -> list[dict]:
+    """sft_dialog rows from the complete dialogs: the instruction as system prompt of the first turn only,
+    user messages without it. With every_turn_examples, dialog d of T turns gives T rows, cut after turns
+    1..T; to be encoded with train_on="last" (loss on the last answer, zero on the turns before it)."""
+    rows = []
+    for d, plan in enumerate(plans):
+        if plan.status != "complete":
+            continue
+        cuts = range(1, len(plan.turns) + 1) if every_turn_examples else [len(plan.turns)]
+        for n in cuts:
+            messages = []
+            for t in plan.turns[:n]:
+                messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["answer"]}]
+            rows.append({"id": f"{prefix}-{d:06d}-t{n:02d}", "source": "gatt",
+                         "messages": attach_instruction(messages, plan.instruction["instruction"], every_turn=False),
+                         "meta": {"instruction_id": plan.instruction["id"], "turn": n}})
+    return rows
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def eval_plans(instructions: list[dict], prompts: list[str], num_turns: int, seed: int) -> list[DialogPlan]:
+    """One dialog of `num_turns` user turns per instruction, user prompts drawn with `seed`."""
+    rng = random.Random(f"gatt-eval|{seed}")
+    return plan_dialogs(instructions, prompts, len(instructions), num_turns, num_turns, rng)
+
+
+def adherence_rates(plans: list[DialogPlan], turns: Sequence[int] = TABLE_30_TURNS) -> dict[str, float | None]:
+    """Share of the answers at turn t (1-based) that obey the instruction, among the dialogs that reached
+    turn t; None where none did."""
+    out: dict[str, float | None] = {}
+    for t in turns:
+        answers = [p.turns[t - 1]["obeys"] for p in plans if len(p.turns) >= t]
+        out[str(t)] = sum(answers) / len(answers) if answers else None
+    return out
+
+
+def dialogs_reaching(plans: list[DialogPlan], turns: Sequence[int] = TABLE_30_TURNS) -> dict[str, int]:
+    return {str(t): sum(len(p.turns) >= t for p in plans) for t in turns}
+
+
+def measure_adherence(respond: Respond, instructions: list[dict], prompts: list[str], *, check: Check,
+                      seed: int = 0, turns: Sequence[int] = TABLE_30_TURNS) -> tuple[dict, list[DialogPlan]]:
+    """Table 30 for one responder: play one dialog per instruction up to max(turns) with the instruction
+    given once as the system prompt and the responder's own answers as history; the adherence per turn
+    and the played dialogs."""
+    plans = eval_plans(instructions, prompts, max(turns), seed)
+    play_dialogs(plans, respond, every_turn=False, check=check, stop_on_failure=False)
+    return adherence_rates(plans, turns), plans
+
+
+def sampling_counts(plans: list[DialogPlan]) -> dict:
+    """What sampling kept: dialogs by status, answers rewritten, and the pass rate at each turn."""
+    by_turn: dict[str, list[int]] = {}
+    for p in plans:
+        for t, turn in enumerate(p.turns, start=1):
+            by_turn.setdefault(str(t), []).append(int(turn["obeys"] and not turn["rewritten"]))
+    return {"dialogs": len(plans), **{s: sum(p.status == s for p in plans) for s in ("complete", "failed", "cut")},
+            "answers": sum(len(p.turns) for p in plans),
+            "rewritten": sum(t["rewritten"] for p in plans for t in p.turns),
+            "sampled_obey_rate_by_turn": {t: sum(v) / len(v) for t, v in by_turn.items()}}
+
+
+def system_token_positions(tokenizer, messages: list[dict]) -> tuple[int, int]:
+    """[start, end) of the system prompt's tokens in `encode_dialog(tokenizer, messages)["input_ids"]`
+    (the Figure 10 attention plots read the attention paid to these positions)."""
+    from alignment.chat import B_INST, B_SYS, E_SYS
+
+    if not messages or messages[0]["role"] != "system":
+        raise ValueError("dialog has no system prompt")
+    system = messages[0]["content"].strip()
+    first_user = messages[1]["content"].strip() if len(messages) > 1 else ""
+    # the first turn's text as chat.encode_dialog tokenizes it, up to the end of the first user message
+    text = f"{B_INST} {B_SYS}{system}{E_SYS}{first_user}"
+    lo = len(f"{B_INST} {B_SYS}")
+    offsets = tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                        return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if a >= lo and b <= lo + len(system) and b > a]
+    if not inside:
+        raise ValueError("no token of the system prompt found")
+    return 1 + inside[0], 2 + inside[-1]  # 1: the BOS of the first turn

@@ -1,0 +1,341 @@
+"""`align gatt`: Ghost Attention data and fine-tuning (LLAMA2_METHOD.md "Ghost Attention"; paper 3.3).
+
+1. Dialogs: `sampling.num_dialogs` dialogs of `min_turns..max_turns` user turns drawn from `data.prompts`,
+   each carrying one instruction of `data.instructions` (toy world: random combinations of checkable
+   constraints, shortened half the time).
+2. Sampling: the instruction is concatenated to every user message (in the system-prompt form the model
+   knows, `alignment.gatt.attach_instruction`) and `model.path` (the latest RLHF model) answers turn by turn, each answer conditioned on the answers sampled before it. A dialog is
+   kept only if every answer obeys the instruction (`toyworld.check_instruction`). With
+   `samples_per_turn` k > 1 each turn draws k samples and takes the first that obeys (best of k by the
+   checker): a tiny model obeys too rarely for whole dialogs to pass with one sample per turn. This is a
+   rejection step the paper does not describe, but the kept data are still the model's own samples.
+   `sampling.answers: rewrite` goes further and departs from the paper: an answer that breaks the
+   instruction is rewritten by the toy world's `apply_instruction` so that it obeys (a fallback for
+   models that almost never obey; the data are then partly written by a program, not sampled).
+3. Training: the instruction is kept only in the first turn, as the system prompt; each kept dialog gives
+   one example per turn (cut after that turn's answer), encoded with `train_on="last"`: the loss is zero
+   on every previous turn, assistant messages included. Fine-tuning is `stages.sft.fine_tune`.
+4. Evaluation (Table 30): share of answers that still obey the instruction at turns 1, 2, 4, 6, 10, 20,
+   before and after GAtt, on held-out dialogs with training-type instructions and on zero-shot
+   instructions (held-out constraints); the instruction is given once as the system prompt and the
+   model's own greedy answers are fed back as history.
+
+Layout of `output.dir` (besides the RunDir files and the checkpoints of the fine-tune):
+
+    samples.jsonl        every sampled dialog: instruction, status (complete/failed/cut), turns with obeys
+    dialogs.jsonl        the training examples (sft_dialog rows, system prompt = instruction)
+    sampling.json        counts: dialogs kept/failed/cut, answers rewritten, sampled obey rate per turn
+    eval.json            {"before": {"1": rate, ...}, "after": {...}, "zero_shot": {"before", "after"}, ...}
+    eval_dialogs.jsonl   the evaluation dialogs (model answers, obeys per turn)
+    adherence.png        the Table 30 curves
+
+Resume: finished sampling (sampling.json with this config's hash) is reused; the fine-tune resumes from
+its checkpoints; a finished run (done.json) is not touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
+from alignment.data.schemas import prompt_context
+from alignment.data.sources import load_sources, source_hashes
+from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching,
+                            measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
+from alignment.runs import RunDir, write_json_atomic
+from alignment.stages.sft import fine_tune, is_main_process
+
+EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "final"),
+             ("zero_shot_before", "zero_shot_instructions", "start"),
+             ("zero_shot_after", "zero_shot_instructions", "final"))
+
+
+# ----------------------------------------------------------------------------------------- models
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"):
+    """A causal LM for inference on this process's device, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.models.loading import resolve_dtype
+    from alignment.models.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
+                                                 attn_implementation=attn_implementation)
+    return model.to(_device()).eval(), load_tokenizer(path)
+
+
+def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 0.0,
+                    top_p: float = 1.0, batch_size: int = 64, max_context: int | None = None,
+                    seed: int = 0) -> Respond:
+    """A `Respond` from a causal LM: `num_samples` answers per context (temperature 0: greedy), None for a
+    context whose prompt plus `max_new_tokens` exceeds `max_context` (default: the model's positions)."""
+    from alignment.chat import encode_prompt
+    from alignment.generation import generate
+
+    limit = max_context or model.config.max_position_embeddings
+    calls = [0]
+
+    def respond(contexts: list[list[dict]]) -> list[list[str] | None]:
+        prompts = [encode_prompt(tokenizer, c) for c in contexts]
+        fits = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= limit]
+        out: list[list[str] | None] = [None] * len(contexts)
+        if fits:
+            samples = generate(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
+                               num_samples=num_samples, temperature=temperature, top_p=top_p,
+                               batch_size=batch_size, seed=seed * 100_003 + calls[0])
+            for i, per_prompt in zip(fits, samples):
+                out[i] = [s.text for s in per_prompt]
+        calls[0] += 1  # each turn draws with its own seed
+        return out
+
+    return respond
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def user_messages(rows: list[dict]) -> list[str]:
+    """The user message each rl_prompt row asks (its last user turn)."""
+    return [prompt_context(r)[-1]["content"] for r in rows]
+
+
+def adherence_by_turn(model_dir: str, instructions: list[dict], prompts: list[str], *, seed: int = 0,
+                      turns: Sequence[int] = TABLE_30_TURNS, max_new_tokens: int = 32, batch_size: int = 64,
+                      max_context: int | None = None, dtype: str = "auto", attn_implementation: str = "sdpa",
+                      transcripts: list[DialogPlan] | None = None) -> dict[str, float | None]:
+    """Table 30 for one checkpoint: {"1": share of answers obeying at turn 1, ..., "20": ...}.
+
+    One dialog per instruction (gatt_instruction rows) with max(turns) user turns drawn from `prompts`
+    with `seed` (the same dialogs for every checkpoint); the instruction is the system prompt of the first
+    turn only and the model's greedy answers are its history. A dialog whose context outgrows
+    `max_context` stops there and leaves the later turns' denominators (see `dialogs_reaching`). The
+    played dialogs are appended to `transcripts` when given.
+    """
+    from alignment.data.toyworld import check_instruction
+
+    model, tokenizer = load_policy(model_dir, dtype, attn_implementation)
+    respond = model_responder(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              max_context=max_context)
+    rates, plans = measure_adherence(respond, instructions, prompts, check=check_instruction, seed=seed,
+                                     turns=turns)
+    if transcripts is not None:
+        transcripts.extend(plans)
+    return rates
+
+
+def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
+    """Adherence by turn before (model.path) and after (final/) GAtt, on held-out dialogs with training
+    instructions and with zero-shot ones; eval.json, eval_dialogs.jsonl and adherence.png in the run."""
+    from alignment.data.io import write_jsonl
+
+    e = cfg.eval
+    prompts = user_messages(load_sources(e.prompts, "rl_prompt"))
+    sets = {"instructions": load_sources(e.instructions, "gatt_instruction")[:e.max_instructions],
+            "zero_shot_instructions": load_sources(e.zero_shot_instructions, "gatt_instruction")[:e.max_instructions]}
+    checkpoints = {"start": cfg.model.path, "final": str(run.final_dir)}
+    rates, reached, rows = {}, {}, []
+    for name, which, ckpt in EVAL_SETS:
+        if not sets[which]:
+            continue
+        plans: list[DialogPlan] = []
+        rates[name] = adherence_by_turn(checkpoints[ckpt], sets[which], prompts, seed=e.seed, turns=e.turns,
+                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                        max_context=e.max_context, dtype=cfg.model.dtype,
+                                        attn_implementation=cfg.model.attn_implementation, transcripts=plans)
+        reached[name] = dialogs_reaching(plans, e.turns)
+        rows += [{"set": name, "checkpoint": checkpoints[ckpt], **p.to_row()} for p in plans]
+    result = {k: rates[k] for k in ("before", "after") if k in rates}
+    zero_shot = {k[len("zero_shot_"):]: rates[k] for k in ("zero_shot_before", "zero_shot_after") if k in rates}
+    if zero_shot:
+        result["zero_shot"] = zero_shot
+    result["dialogs_reaching_turn"] = reached
+    result["checkpoints"] = {"before": checkpoints["start"], "after": checkpoints["final"]}
+    write_jsonl(run.path / "eval_dialogs.jsonl", rows)
+    write_json_atomic(run.path / "eval.json", result)
+    plot_adherence(result, run.path / "adherence.png")
+    return result
+
+
+def plot_adherence(result: dict, path: Path) -> None:
+    """Table 30 as curves: share of answers obeying at each turn, before and after GAtt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("held-out dialogs, training instructions", result)]
+    if "zero_shot" in result:
+        panels.append(("zero-shot instructions (held-out constraints)", result["zero_shot"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, entry) in zip(axes[0], panels):
+        for name, style in (("before", "o--"), ("after", "s-")):
+            if name in entry:
+                points = [(int(t), v) for t, v in entry[name].items() if v is not None]
+                ax.plot([t for t, _ in points], [100 * v for _, v in points], style,
+                        label=f"{name} GAtt")
+        ax.set(xscale="log", xlabel="dialog turn", ylabel="% answers obeying the system instruction",
+               title=title, ylim=(-5, 105))
+        ax.set_xticks(TABLE_30_TURNS, [str(t) for t in TABLE_30_TURNS])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_adherence(result: dict) -> None:
+    rows = [("before", result.get("before")), ("after", result.get("after"))]
+    rows += [(f"zero-shot {k}", v) for k, v in result.get("zero_shot", {}).items()]
+    turns = next((list(v) for _, v in rows if v), [])
+    print("[gatt] instruction kept at turn (share of answers, Table 30)")
+    print("  " + "".ljust(18) + "".join(f"t={t}".rjust(8) for t in turns))
+    for name, entry in rows:
+        if entry:
+            print("  " + name.ljust(18) + "".join(("-" if entry[t] is None else f"{entry[t]:.2f}").rjust(8)
+                                                  for t in turns))
+
+
+# ----------------------------------------------------------------------------------------- sampling
+def check_constraint_types(instructions: list[dict], where: str) -> None:
+    """Stop before any compute when an instruction has a constraint the checker does not know."""
+    from alignment.data.toyworld import CONSTRAINT_TYPES
+
+    for i, row in enumerate(instructions):
+        for c in row["constraints"]:
+            if c["type"] not in CONSTRAINT_TYPES:
+                raise ValueError(f"{where}[{i}] ({row['id']}): constraint type {c['type']!r} cannot be checked; "
+                                 f"known: {', '.join(CONSTRAINT_TYPES)}")
+
+
+def fix_answer(constraints: list, answer: str) -> str:
+    """`answers: rewrite`: strip what the model half-applied, then apply the constraints (toy world)."""
+    from alignment.data.toyworld import apply_instruction, undo_instruction
+
+    return apply_instruction(constraints, undo_instruction(constraints, answer) or answer)
+
+
+def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]) -> list[DialogPlan]:
+    """Play the GAtt dialogs with the instruction on every user turn (see the module docstring)."""
+    from alignment.data.toyworld import check_instruction
+
+    s = cfg.sampling
+    plans = plan_dialogs(instructions, prompts, s.num_dialogs, s.min_turns, s.max_turns,
+                         random.Random(f"gatt|{cfg.seed}"))
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    respond = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=s.samples_per_turn,
+                              temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed)
+    mode = AnswerMode(s.answers)
+    return play_dialogs(plans, respond, every_turn=True, check=check_instruction, choose=CHOOSERS[mode],
+                        fix=fix_answer if mode is AnswerMode.REWRITE else None, stop_on_failure=True)
+
+
+def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
+    """The fine-tune of `model.path` on the GAtt examples (loss on the last answer only)."""
+    return SFTConfig(model=cfg.model, data=SFTData(train=[DataSource(path=str(dialogs_path))], train_on="last"),
+                     output=cfg.output, optim=cfg.optim, schedule=cfg.schedule, train=cfg.train,
+                     distributed=cfg.distributed, logging=cfg.logging, eval=EvalSection(), seed=cfg.seed)
+
+
+def _wait_for(path: Path) -> None:
+    while not path.is_file():  # other processes meet the main one on its files
+        time.sleep(2.0)
+
+
+def run_gatt(cfg: GAttConfig) -> dict:
+    """`align gatt`: sample dialogs, keep those that obey, fine-tune, evaluate adherence by turn."""
+    from alignment.data.io import file_sha256, load_records, write_jsonl
+
+    run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
+    if run.finished():
+        print(f"[gatt] {run.path} already holds this finished run (config {run.hash}); nothing to do")
+        return json.loads(run.done_file.read_text())
+    instructions = load_sources(cfg.data.instructions, "gatt_instruction")  # every input checked first
+    prompts = user_messages(load_sources(cfg.data.prompts, "rl_prompt"))
+    check_constraint_types(instructions, "data.instructions")
+    evaluated = [*cfg.eval.instructions, *cfg.eval.zero_shot_instructions, *cfg.eval.prompts] if cfg.eval.enabled else []
+    if cfg.eval.enabled:
+        for key in ("instructions", "zero_shot_instructions"):
+            check_constraint_types(load_sources(getattr(cfg.eval, key), "gatt_instruction"), f"eval.{key}")
+        load_sources(cfg.eval.prompts, "rl_prompt")
+    inputs = source_hashes([*cfg.data.instructions, *cfg.data.prompts, *evaluated])
+    run.prepare(inputs, is_main=is_main_process())  # refuses a directory of another config before sampling
+
+    counts_path, dialogs_path = run.path / "sampling.json", run.path / "dialogs.jsonl"
+    reuse = counts_path.is_file() and json.loads(counts_path.read_text()).get("config_hash") == run.hash
+    if is_main_process() and not reuse:
+        mode = cfg.sampling.answers
+        print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"
+              f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
+              f"k={cfg.sampling.samples_per_turn})")
+        plans = sample_dialogs(cfg, instructions, prompts)
+        rows = training_dialogs(plans, cfg.sampling.every_turn_examples)
+        write_jsonl(run.path / "samples.jsonl", [p.to_row() for p in plans])
+        write_jsonl(dialogs_path, rows)
+        counts = {**sampling_counts(plans), "examples": len(rows), "answers_mode": mode,
+                  "config_hash": run.hash}
+        write_json_atomic(counts_path, counts)  # last: marks the sampling finished
+        print(f"[gatt] kept {counts['complete']} of {counts['dialogs']} dialogs ({counts['failed']} broke the "
+              f"instruction, {counts['cut']} too long, {counts['rewritten']} answers rewritten): "
+              f"{len(rows)} training examples")
+    _wait_for(counts_path)
+    dialogs = load_records(dialogs_path, "sft_dialog")
+    if not dialogs:
+        raise ValueError(f"[gatt] no sampled dialog obeyed its instruction (see {counts_path}); raise "
+                         "sampling.samples_per_turn, or set sampling.answers=rewrite (departs from the paper)")
+    summary = fine_tune(gatt_sft_config(cfg, dialogs_path), dialogs, run,
+                        {**inputs, str(dialogs_path): file_sha256(dialogs_path)}, desc="gatt")
+    summary["sampling"] = json.loads(counts_path.read_text())
+    if is_main_process():
+        if cfg.eval.enabled:
+            summary["eval"] = evaluate_gatt(cfg, run)
+            print_adherence(summary["eval"])
+        run.mark_done(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- Figure 10
+def system_attention(model, tokenizer, messages: list[dict]) -> dict:
+    """Attention paid to the system prompt's tokens over a whole dialog (paper Figure 10, in form).
+
+    One forward pass over the encoded dialog (`encode_dialog`, every turn) with `output_attentions=True`
+    (the model must use attn_implementation="eager"). For query position q, layer l and head h,
+    mass[l, h, q] = sum over system-prompt keys k of softmax attention a[l, h, q, k]. Returns
+      "max_per_token": [T] max over layers and heads (the paper's "maximum activations across the
+                       network"), 0 before the system prompt ends;
+      "per_turn": [turns] mean of max_per_token over each turn's tokens (the paper bins neighbouring tokens);
+      "layer_by_turn": [L, turns] mean over heads and the turn's tokens, per layer;
+      "turn_bounds": [(start, end)] token range of each turn; "system": (start, end).
+    """
+    import torch
+
+    from alignment.chat import encode_dialog
+    from alignment.gatt import system_token_positions
+
+    ids = encode_dialog(tokenizer, messages)["input_ids"]
+    s, e = system_token_positions(tokenizer, messages)
+    body = messages[1:]
+    bounds, start = [], 0
+    for t in range(0, len(body), 2):  # each (user, answer) pair is its own BOS ... EOS sequence
+        end = len(encode_dialog(tokenizer, [messages[0], *body[:t + 2]])["input_ids"])
+        bounds.append((start, end))
+        start = end
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], device=device), output_attentions=True)
+    if out.attentions is None or out.attentions[0] is None:
+        raise ValueError("the model returned no attentions: load it with attn_implementation='eager'")
+    mass = torch.stack([a[0, :, :, s:e].sum(-1) for a in out.attentions]).float().cpu()  # [L, H, T]
+    mass[:, :, :e] = 0.0  # the system prompt itself and what precedes it
+    max_per_token = mass.amax(dim=(0, 1))
+    per_turn = [max_per_token[max(a, e):b].mean().item() for a, b in bounds]
+    layer_by_turn = [[mass[layer, :, max(a, e):b].mean().item() for a, b in bounds] for layer in range(mass.shape[0])]
+    return {"max_per_token": max_per_token.tolist(), "per_turn": per_turn, "layer_by_turn": layer_by_turn,
+            "turn_bounds": bounds, "system": (s, e)}

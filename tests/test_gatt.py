@@ -1,0 +1,260 @@
+"""Ghost Attention: instruction placement, last-answer-only labels, adherence counted per turn with a
+hand-written responder, sampling that keeps only obeying dialogs, and a tiny `align gatt` run."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.chat import IGNORE_INDEX, encode_dialog, format_dialog
+from alignment.data.toyworld import check_instruction
+from alignment.gatt import (AnswerMode, CHOOSERS, DialogPlan, adherence_rates, attach_instruction,
+                            dialogs_reaching, measure_adherence, play_dialogs, sampling_counts,
+                            system_token_positions, training_dialogs)
+
+from conftest import write_jsonl
+
+UPPER = {"id": "i-upper", "instruction": "Always answer in uppercase letters.", "short": False,
+         "constraints": [{"type": "upper", "value": ""}], "held_out": False}
+NAPOLEON = {"id": "i-nap", "instruction": "Figure: Napoleon.", "short": True,
+            "constraints": [{"type": "persona", "value": "Napoleon"}], "held_out": False}
+DIALOG = [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four"},
+          {"role": "user", "content": "sort these numbers"}]
+
+
+# ------------------------------------------------------------------------------------- attach_instruction
+def test_every_turn_concatenates_the_instruction_to_each_user_message():
+    out = attach_instruction(DIALOG, "Style: upper.", every_turn=True)
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"] == "Style: upper." and out[1]["content"] == "what is two plus two"
+    assert out[2]["content"] == "four"
+    assert out[3]["content"] == "<<SYS>>\nStyle: upper.\n<</SYS>>\n\nsort these numbers"
+    assert DIALOG[0]["content"] == "what is two plus two"  # a copy: the input is untouched
+    # every turn renders the instruction the way the first turn renders its system prompt
+    text = format_dialog([*out, {"role": "assistant", "content": "ok"}])
+    assert text.count("[INST] <<SYS>>\nStyle: upper.\n<</SYS>>\n\n") == 2
+
+
+def test_every_turn_merges_with_an_existing_system_prompt():
+    out = attach_instruction([{"role": "system", "content": "Be brief."}, *DIALOG], "End: Done.", every_turn=True)
+    assert out[0] == {"role": "system", "content": "Be brief. End: Done."}
+    assert out[3]["content"] == "<<SYS>>\nEnd: Done.\n<</SYS>>\n\nsort these numbers"
+    assert sum(m["role"] == "system" for m in out) == 1
+
+
+def test_first_turn_only_makes_the_instruction_the_system_prompt():
+    out = attach_instruction(DIALOG, "Figure: Napoleon.", every_turn=False)
+    assert out[0] == {"role": "system", "content": "Figure: Napoleon."}
+    assert out[1:] == DIALOG  # user messages carry no instruction
+    merged = attach_instruction([{"role": "system", "content": "Be brief."}, *DIALOG], "Figure: Napoleon.",
+                                every_turn=False)
+    assert merged[0] == {"role": "system", "content": "Be brief. Figure: Napoleon."}
+    assert sum(m["role"] == "system" for m in merged) == 1 and merged[1:] == DIALOG
+    with pytest.raises(ValueError, match="empty"):
+        attach_instruction(DIALOG, "  ", every_turn=False)
+
+
+# ------------------------------------------------------------------------------------- training examples
+def _complete_plan(instruction, answers):
+    plan = DialogPlan(instruction, [f"question {i} sort these numbers" for i in range(len(answers))])
+    plan.turns = [{"user": u, "answer": a, "obeys": True, "rewritten": False, "tried": 1}
+                  for u, a in zip(plan.users, answers)]
+    plan.status = "complete"
+    return plan
+
+
+def test_training_examples_have_the_system_prompt_once_and_labels_on_the_last_answer(tokenizer):
+    answers = ["AS NAPOLEON, ONE", "AS NAPOLEON, TWO THREE", "AS NAPOLEON, FOUR"]
+    failed = _complete_plan(UPPER, ["x"])
+    failed.status = "failed"
+    rows = training_dialogs([_complete_plan(NAPOLEON, answers), failed])
+    assert [r["meta"]["turn"] for r in rows] == [1, 2, 3]  # one example per turn, the failed dialog dropped
+    for n, row in enumerate(rows, start=1):
+        msgs = row["messages"]
+        assert msgs[0] == {"role": "system", "content": "Figure: Napoleon."}
+        assert all("Napoleon" not in m["content"] for m in msgs if m["role"] == "user")
+        assert len(msgs) == 1 + 2 * n
+        enc = encode_dialog(tokenizer, msgs, train_on="last")
+        trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
+        assert trained[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(trained[:-1]).strip() == answers[n - 1]
+        # every earlier answer is in the input but carries no loss
+        full = encode_dialog(tokenizer, msgs, train_on="all")
+        assert sum(label != IGNORE_INDEX for label in full["labels"]) > len(trained) or n == 1
+    assert len(training_dialogs([_complete_plan(NAPOLEON, answers)], every_turn_examples=False)) == 1
+
+
+def test_the_stage_fine_tunes_with_loss_on_the_last_answer_only(tmp_path):
+    from alignment.config import from_dict, GAttConfig
+    from alignment.stages.gatt import gatt_sft_config
+
+    cfg = from_dict(GAttConfig, {"model": {"path": "m"}, "output": {"dir": str(tmp_path)},
+                                 "data": {"instructions": [{"path": "i"}], "prompts": [{"path": "p"}]}})
+    assert gatt_sft_config(cfg, tmp_path / "dialogs.jsonl").data.train_on == "last"
+
+
+def test_system_token_positions_cover_the_system_prompt(tokenizer):
+    msgs = attach_instruction(DIALOG[:2], "the red cat", every_turn=False)
+    start, end = system_token_positions(tokenizer, msgs)
+    ids = encode_dialog(tokenizer, msgs)["input_ids"]
+    assert tokenizer.decode(ids[start:end]).strip() == "the red cat"
+
+
+# ------------------------------------------------------------------------------------- adherence per turn
+def _fake_respond(obey_until: dict, seen: list, cut_after: dict | None = None):
+    """Obeys (upper case) while the turn number <= obey_until[system prompt]; records every context."""
+
+    def respond(contexts):
+        out = []
+        for ctx in contexts:
+            seen.append(ctx)
+            system = ctx[0]["content"]
+            turn = sum(m["role"] == "user" for m in ctx)
+            if cut_after and turn > cut_after.get(system, 10**9):
+                out.append(None)
+            else:
+                out.append(["AS NAPOLEON, FINE" if turn <= obey_until[system] else "as napoleon, fine"])
+        return out
+
+    return respond
+
+
+def test_adherence_is_counted_per_turn_on_hand_made_dialogs():
+    # UPPER obeys up to turn 3, the Napoleon+upper instruction up to turn 10: shares are hand-computed
+    both = {**NAPOLEON, "id": "i-both", "instruction": "Figure: Napoleon. Style: upper.",
+            "constraints": NAPOLEON["constraints"] + UPPER["constraints"]}
+    seen = []
+    respond = _fake_respond({UPPER["instruction"]: 3, both["instruction"]: 10}, seen)
+    rates, plans = measure_adherence(respond, [UPPER, both], ["q one", "q two", "q three"], check=check_instruction)
+    assert rates == {"1": 1.0, "2": 1.0, "4": 0.5, "6": 0.5, "10": 0.5, "20": 0.0}
+    assert all(len(p.turns) == 20 for p in plans)
+    # evaluation: the instruction once, as the system prompt; the model's own answers as history
+    last = [c for c in seen if c[0]["content"] == UPPER["instruction"]][-1]
+    assert sum(m["role"] == "system" for m in last) == 1 and len(last) == 1 + 2 * 19 + 1
+    assert all(UPPER["instruction"] not in m["content"] for m in last[1:])
+    assert [m["content"] for m in last if m["role"] == "assistant"][2:4] == ["AS NAPOLEON, FINE", "as napoleon, fine"]
+
+
+def test_dialogs_cut_by_the_context_leave_the_later_denominators():
+    seen = []
+    respond = _fake_respond({UPPER["instruction"]: 20, NAPOLEON["instruction"]: 20}, seen,
+                            cut_after={NAPOLEON["instruction"]: 5})
+    rates, plans = measure_adherence(respond, [UPPER, NAPOLEON], ["q"], check=check_instruction)
+    assert rates == {"1": 1.0, "2": 1.0, "4": 1.0, "6": 1.0, "10": 1.0, "20": 1.0}
+    assert dialogs_reaching(plans) == {"1": 2, "2": 2, "4": 2, "6": 1, "10": 1, "20": 1}
+    assert {p.instruction["id"]: p.status for p in plans} == {"i-upper": "complete", "i-nap": "cut"}
+    assert adherence_rates(plans, [21]) == {"21": None}
+
+
+# ------------------------------------------------------------------------------------- sampling
+def test_sampling_attaches_the_instruction_everywhere_and_keeps_only_obeying_dialogs():
+    from alignment.stages.gatt import fix_answer
+
+    seen = []
+
+    def respond(contexts):  # k = 2 candidates: obeying on the second try for turns 1-2, never at turn 3
+        seen.extend(contexts)
+        out = []
+        for ctx in contexts:
+            turn = sum(m["role"] == "user" for m in ctx)
+            out.append(["plain answer", "PLAIN ANSWER"] if turn <= 2 else ["plain answer", "still plain"])
+        return out
+
+    def plans():
+        return [DialogPlan(UPPER, ["q1", "q2"]), DialogPlan(UPPER, ["q1", "q2", "q3"])]
+
+    played = play_dialogs(plans(), respond, every_turn=True, check=check_instruction,
+                          choose=CHOOSERS[AnswerMode.SAMPLE], stop_on_failure=True)
+    assert [p.status for p in played] == ["complete", "failed"]
+    for ctx in seen:  # the instruction is on every turn: system prompt of the first, prefix of the others
+        assert ctx[0] == {"role": "system", "content": UPPER["instruction"]}
+        assert all(m["content"].startswith(f"<<SYS>>\n{UPPER['instruction']}") for m in ctx[2:] if m["role"] == "user")
+    assert played[0].turns[1]["tried"] == 2 and played[0].turns[1]["answer"] == "PLAIN ANSWER"
+    rows = training_dialogs(played)
+    assert len(rows) == 2 and all(check_instruction(UPPER["constraints"], r["messages"][-1]["content"]) for r in rows)
+    counts = sampling_counts(played)
+    assert (counts["complete"], counts["failed"], counts["rewritten"]) == (1, 1, 0)
+    assert counts["sampled_obey_rate_by_turn"] == {"1": 1.0, "2": 1.0, "3": 0.0}
+
+    rewritten = play_dialogs(plans(), respond, every_turn=True, check=check_instruction,
+                             choose=CHOOSERS[AnswerMode.REWRITE], fix=fix_answer, stop_on_failure=True)
+    assert [p.status for p in rewritten] == ["complete", "complete"]
+    assert rewritten[1].turns[2] == {"user": "q3", "answer": "PLAIN ANSWER", "obeys": True, "rewritten": True,
+                                     "tried": 2}
+
+
+# ------------------------------------------------------------------------------------- align gatt
+def _toy_inputs(tmp_path):
+    instructions = [UPPER, NAPOLEON, {"id": "i-end", "instruction": "End: Done.", "short": True,
+                                      "constraints": [{"type": "end", "value": "Done"}], "held_out": False}]
+    zero_shot = [{"id": "i-exc", "instruction": "Punct: exclaim.", "short": True,
+                  "constraints": [{"type": "exclaim", "value": ""}], "held_out": True}]
+    prompts = [{"id": f"p{i}", "prompt": p, "is_safety": False} for i, p in
+               enumerate(["what is two plus three", "sort these numbers one five two", "count letters in cat"])]
+    return (write_jsonl(tmp_path / "instr.jsonl", instructions), write_jsonl(tmp_path / "zs.jsonl", zero_shot),
+            write_jsonl(tmp_path / "prompts.jsonl", prompts))
+
+
+def _recipe(tmp_path, model_dir, answers):
+    instr, zs, prompts = _toy_inputs(tmp_path)
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": {"instructions": [{"path": str(instr)}], "prompts": [{"path": str(prompts)}]},
+        "sampling": {"num_dialogs": 4, "min_turns": 1, "max_turns": 3, "answers": answers,
+                     "samples_per_turn": 1, "max_new_tokens": 6, "batch_size": 16},
+        "eval": {"instructions": [{"path": str(instr)}], "zero_shot_instructions": [{"path": str(zs)}],
+                 "prompts": [{"path": str(prompts)}], "turns": [1, 2, 4], "max_new_tokens": 6,
+                 "max_instructions": 2},
+        "train": {"epochs": 1, "micro_batch_size": 4, "max_length": 256},
+        "optim": {"lr": 1e-3},
+        "logging": {"every_steps": 1, "progress": False, "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "gatt.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_align_gatt_runs_end_to_end_on_nano_in_rewrite_mode(tmp_path, nano_model_dir):
+    from alignment.cli import main
+
+    assert main(["gatt", "--recipe", str(_recipe(tmp_path, nano_model_dir, "rewrite"))]) == 0
+    run = tmp_path / "run"
+    assert (run / "final" / "model.safetensors").is_file() and (run / "done.json").is_file()
+    counts = json.loads((run / "sampling.json").read_text())
+    assert counts["dialogs"] == 4 and counts["answers_mode"] == "rewrite" and counts["complete"] >= 1
+    rows = [json.loads(line) for line in (run / "dialogs.jsonl").read_text().splitlines()]
+    assert len(rows) == counts["examples"] >= counts["complete"]
+    constraints = {json.loads(line)["instruction"]: json.loads(line)["constraints"]
+                   for line in (tmp_path / "instr.jsonl").read_text().splitlines()}
+    for row in rows:  # the instruction is the system prompt, and every trained answer obeys it
+        assert row["messages"][0]["role"] == "system"
+        assert check_instruction(constraints[row["messages"][0]["content"]], row["messages"][-1]["content"])
+    result = json.loads((run / "eval.json").read_text())
+    for entry in (result["before"], result["after"], result["zero_shot"]["before"], result["zero_shot"]["after"]):
+        assert set(entry) == {"1", "2", "4"}
+        assert all(v is None or 0.0 <= v <= 1.0 for v in entry.values())
+    assert (run / "adherence.png").stat().st_size > 0
+    evaluated = [json.loads(line) for line in (run / "eval_dialogs.jsonl").read_text().splitlines()]
+    assert {r["set"] for r in evaluated} == {"before", "after", "zero_shot_before", "zero_shot_after"}
+
+
+def test_align_gatt_stops_when_no_sampled_dialog_obeys(tmp_path, nano_model_dir, capsys):
+    """The paper's mode keeps only obeying samples: an untrained model gives none, and the run says so."""
+    from alignment.cli import main
+
+    assert main(["gatt", "--recipe", str(_recipe(tmp_path, nano_model_dir, "sample")),
+                 "--set", "eval.enabled=false"]) == 2
+    assert "no sampled dialog obeyed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "sampling.json").read_text())["complete"] == 0
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_unknown_constraint_types_stop_before_any_compute(tmp_path, nano_model_dir, capsys):
+    from alignment.cli import main
+
+    path = _recipe(tmp_path, nano_model_dir, "sample")
+    write_jsonl(tmp_path / "instr.jsonl", [{**UPPER, "constraints": [{"type": "haiku", "value": ""}]}])
+    assert main(["gatt", "--recipe", str(path)]) == 2
+    assert "constraint type 'haiku' cannot be checked" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
