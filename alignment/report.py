@@ -74,18 +74,17 @@ def _plots(report: dict, manifest: dict) -> dict[str, str]:
         plt.close(fig)
 
     rms = report.get("reward_models", {})
-    if rms:
+    buckets = ("significantly_better", "better", "slightly_better", "negligibly_better")
+    bars = [(f"{rm_name} RM on {test_name}", [(test["by_rating"].get(b) or {}).get("accuracy") or 0.0 for b in buckets])
+            for rm_name, tests in rms.items() for test_name, test in tests.items()
+            if isinstance(test, dict) and "by_rating" in test]
+    if bars:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        width = 0.8 / max(1, sum(len(v.get("test_sets", {})) for v in rms.values()))
-        k = 0
-        for rm_name, entry in rms.items():
-            for test_name, test in entry.get("test_sets", {}).items():
-                buckets = [b for b in ("significantly_better", "better", "slightly_better", "negligibly_better")
-                           if b in test.get("accuracy_by_rating", {})]
-                xs = [i + k * width for i in range(len(buckets))]
-                ax.bar(xs, [test["accuracy_by_rating"][b] for b in buckets], width, label=f"{rm_name} RM on {test_name}")
-                k += 1
-        ax.set_xticks(range(4), ["significantly", "better", "slightly", "negligibly"])
+        width = 0.8 / len(bars)
+        for k, (label, values) in enumerate(bars):
+            ax.bar([i + k * width for i in range(len(buckets))], values, width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))],
+                      ["significantly", "better", "slightly", "negligibly"])
         ax.set(ylim=(0, 1), ylabel="accuracy", title="Reward model accuracy by rating (paper Tables 7-8)")
         ax.legend(fontsize=7)
         plots["rm_accuracy"] = _png(fig)

@@ -13,8 +13,9 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.save_pretrained(rm_dir)
     tokenizer.save_pretrained(rm_dir)
-    (tmp_path / "rm" / "eval.json").write_text(json.dumps({"test_sets": {"helpful": {"accuracy_by_rating": {
-        "significantly_better": 0.9, "better": 0.8, "slightly_better": 0.6, "negligibly_better": 0.5}}}}))
+    by_rating = {"significantly_better": {"accuracy": 0.9, "count": 10}, "better": {"accuracy": 0.8, "count": 10},
+                 "slightly_better": {"accuracy": 0.6, "count": 10}, "negligibly_better": None}
+    (tmp_path / "rm" / "eval.json").write_text(json.dumps({"helpful": {"accuracy": 0.8, "by_rating": by_rating}}))
     rs_iter = tmp_path / "rs" / "iterations"
     for v in ("v1", "v2", "v10"):
         (rs_iter / v).mkdir(parents=True)
@@ -41,7 +42,8 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
             assert 0.0 <= c[key] <= 1.0
     # the same weights answer the same prompts the same way
     assert saved["checkpoints"][0]["gold_helpfulness"] == saved["checkpoints"][1]["gold_helpfulness"]
-    assert saved["reward_models"]["helpful"]["test_sets"]["helpful"]["accuracy_by_rating"]["better"] == 0.8
+    assert saved["reward_models"]["helpful"]["helpful"]["by_rating"]["better"]["accuracy"] == 0.8
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "rlhf-v3" in page
+    assert "<h2>rm_accuracy</h2>" in page and "<h2>progress</h2>" in page
     assert "rlhf-v2" in table(report)
