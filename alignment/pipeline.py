@@ -149,6 +149,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     logs.mkdir(exist_ok=True)
 
     _ensure_toyworld(cfg, root, manifest)
+    manifest["order"] = [p["spec"].name for p in planned]
     write_json_atomic(manifest_path, manifest)
 
     t_start = time.perf_counter()

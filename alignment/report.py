@@ -19,7 +19,8 @@ def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
     iteration (rlhf-v1, rlhf-v2, ...), numbered on from earlier RLHF stages."""
     out: list[tuple[str, str]] = []
     version = 0
-    for name, entry in manifest["stages"].items():
+    for name in manifest["order"]:  # the pipeline's stage order (the stages mapping is stored sorted)
+        entry = manifest["stages"].get(name, {})
         if entry.get("status") != "done" or entry["stage"] not in POLICY_STAGES:
             continue
         root = Path(entry["dir"])
@@ -50,7 +51,8 @@ def _plots(report: dict, manifest: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     plots = {}
-    stages = [(n, e) for n, e in manifest["stages"].items() if e.get("status") == "done"]
+    stages = [(n, manifest["stages"][n]) for n in manifest["order"]
+              if manifest["stages"].get(n, {}).get("status") == "done"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, entry in stages:
         metrics = [m for m in read_metrics(entry["dir"]) if "loss" in m]
@@ -90,14 +92,28 @@ def _plots(report: dict, manifest: dict) -> dict[str, str]:
         plots["rm_accuracy"] = _png(fig)
         plt.close(fig)
 
+    if "gatt" in report:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for key, style in (("before", "o--"), ("after", "s-")):
+            turns = sorted(report["gatt"][key], key=int)
+            ax.plot([int(t) for t in turns], [report["gatt"][key][t] for t in turns], style, label=f"{key} GAtt")
+        ax.set(xlabel="dialog turn", ylabel="share obeying the system instruction", ylim=(0, 1),
+               title="GAtt: instruction kept over the dialog (paper Table 30)")
+        ax.legend(fontsize=8)
+        plots["gatt_adherence"] = _png(fig)
+        plt.close(fig)
+
     for name, entry in stages:
         if entry["stage"] == "ppo":
             metrics = read_metrics(entry["dir"])
-            keys = [k for k in ("reward/combined", "combined_reward", "kl") if metrics and k in metrics[0]]
+            keys = [k for k in ("reward_combined", "kl", "eval_gold_helpfulness", "eval_violation_rate")
+                    if any(k in m for m in metrics)]
             if keys:
                 fig, ax = plt.subplots(figsize=(7, 3.5))
                 for key in keys:
-                    ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], label=key)
+                    rows = [m for m in metrics if key in m]
+                    ax.plot([m["step"] for m in rows], [m[key] for m in rows], "o-" if key.startswith("eval") else "-",
+                            label=key)
                 ax.set(xlabel="PPO iteration", title=f"{name}: reward and KL")
                 ax.legend(fontsize=8)
                 plots[f"{name}_dynamics"] = _png(fig)
@@ -136,6 +152,12 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         "num_prompts": len(prompts),
         "sample_answers": {"prompts": [p.get("prompt", "") for p in prompts[:8]], "answers": samples},
     }
+    for name in manifest["order"]:
+        entry = manifest["stages"].get(name, {})
+        eval_path = Path(entry.get("dir", "")) / "eval.json"
+        if entry.get("stage") == "gatt" and entry.get("status") == "done" and eval_path.is_file():
+            gatt = json.loads(eval_path.read_text())
+            report["gatt"] = {"before": gatt["before"], "after": gatt["after"]}
     write_json_atomic(root / "report.json", report)
     (root / "report.html").write_text(render_html(report, _plots(report, manifest)))
     return report

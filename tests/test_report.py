@@ -22,11 +22,11 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
         (rs_iter / v / "final").symlink_to(nano_model_dir)
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "final").symlink_to(nano_model_dir)
-    manifest = {"stages": {
-        "sft": {"stage": "sft", "status": "done", "dir": str(tmp_path / "sft")},
-        "rm_helpful": {"stage": "rm", "status": "done", "dir": str(tmp_path / "rm")},
-        "rlhf": {"stage": "rejection-sampling", "status": "done", "dir": str(tmp_path / "rs")},
+    manifest = {"order": ["sft", "rm_helpful", "rlhf", "broken"], "stages": {  # stored sorted, as on disk
         "broken": {"stage": "ppo", "status": "failed", "dir": str(tmp_path / "nowhere")},
+        "rlhf": {"stage": "rejection-sampling", "status": "done", "dir": str(tmp_path / "rs")},
+        "rm_helpful": {"stage": "rm", "status": "done", "dir": str(tmp_path / "rm")},
+        "sft": {"stage": "sft", "status": "done", "dir": str(tmp_path / "sft")},
     }}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert [n for n, _ in policy_checkpoints(manifest)] == ["sft", "rlhf-v1", "rlhf-v2", "rlhf-v3"]
