@@ -107,6 +107,13 @@ class RunDir:
             return False
         return json.loads(self.done_file.read_text()).get("config_hash") == self.hash
 
+    def finished_summary(self, stage: str) -> dict | None:
+        """The saved summary when this exact config already finished here (and say so), else None."""
+        if not self.finished():
+            return None
+        print(f"[{stage}] {self.path} already holds this finished run (config {self.hash}); nothing to do")
+        return json.loads(self.done_file.read_text())
+
     def prepare(self, inputs: dict[str, str] | None = None, is_main: bool = True) -> None:
         """Check the directory can take this run, then record config, commit and inputs.
 

@@ -73,7 +73,7 @@ def resolve_mixed_precision(dist: DistributedSection) -> str:
 def deepspeed_config(path: str, train: TrainSection, optim: OptimSection, world: int, mixed: str) -> dict:
     """Read a DeepSpeed JSON and fill its "auto" values from the recipe (accelerate cannot infer them
     without a prepared DataLoader)."""
-    cfg = json.loads(Path(path).read_text())
+    ds_json = json.loads(Path(path).read_text())
     fill = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -81,13 +81,13 @@ def deepspeed_config(path: str, train: TrainSection, optim: OptimSection, world:
         "gradient_clipping": optim.grad_clip,
     }
     for key, value in fill.items():
-        if cfg.get(key, "auto") == "auto":  # reading a user's JSON file, not our config
-            cfg[key] = value
+        if ds_json.get(key, "auto") == "auto":  # a user's DeepSpeed JSON: absent means "auto"
+            ds_json[key] = value
     for key, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
-        section = cfg.setdefault(key, {"enabled": False})
+        section = ds_json.setdefault(key, {"enabled": False})
         if section.get("enabled") == "auto":
             section["enabled"] = on
-    return cfg
+    return ds_json
 
 
 def make_accelerator(dist: DistributedSection, train: TrainSection, optim: OptimSection):

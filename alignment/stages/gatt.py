@@ -254,9 +254,9 @@ def run_gatt(cfg: GAttConfig) -> dict:
     from alignment.data.io import file_sha256, load_records, write_jsonl
 
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[gatt] {run.path} already holds this finished run (config {run.hash}); nothing to do")
-        return json.loads(run.done_file.read_text())
+    done = run.finished_summary("gatt")
+    if done is not None:
+        return done
     instructions = load_sources(cfg.data.instructions, "gatt_instruction")  # every input checked first
     prompts = user_messages(load_sources(cfg.data.prompts, "rl_prompt"))
     check_constraint_types(instructions, "data.instructions")

@@ -514,9 +514,9 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     from alignment.models.tokenizer import load_tokenizer
 
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[ppo] {run.path} already holds this finished run (config {run.hash}); nothing to do")
-        return json.loads(run.done_file.read_text())
+    done = run.finished_summary("ppo")
+    if done is not None:
+        return done
     prompts = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
     eval_rows = load_sources(cfg.data.eval_prompts, "rl_prompt")[:cfg.early_stopping.max_prompts]
     if not prompts:

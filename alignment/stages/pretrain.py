@@ -3,10 +3,9 @@ from scratch on it (next-token loss on every token), so SFT starts from a langua
 Real models skip this stage: their recipes point `model.path` at Llama-2 weights."""
 from __future__ import annotations
 
-import json
 
 from alignment.config import PretrainConfig
-from alignment.data.io import load_records
+from alignment.data.sources import load_sources, source_hashes
 from alignment.runs import RunDir
 from alignment.stages.sft import is_main_process, lm_step_fn, loop_config
 from alignment.training import train
@@ -25,20 +24,16 @@ def encode_documents(tokenizer, texts: list[str], max_length: int) -> list[dict]
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    from alignment.data.io import file_sha256
     from alignment.models.tiny import build_tiny_llama
     from alignment.models.tokenizer import load_tokenizer, train_tokenizer
     from alignment.stages.sft import make_plan
 
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[pretrain] {run.path} already holds this finished run (config {run.hash}); nothing to do")
-        return json.loads(run.done_file.read_text())
-    texts = []
-    for src in cfg.data.corpus:
-        rows = load_records(src.path, "text_document")
-        texts += [r["text"] for r in rows[:src.limit]]
-    run.prepare({s.path: file_sha256(s.path) for s in cfg.data.corpus}, is_main=is_main_process())
+    done = run.finished_summary("pretrain")
+    if done is not None:
+        return done
+    texts = [r["text"] for r in load_sources(cfg.data.corpus, "text_document")]
+    run.prepare(source_hashes(cfg.data.corpus), is_main=is_main_process())
     tok_dir = run.path / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer(texts, cfg.model.vocab_size, tok_dir)

@@ -369,9 +369,9 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
         return run_sweep(cfg, rows)
     # The sweep section is a separate tool: switching it does not make this another run.
     root = RunDir(cfg.output.dir, dataclasses.replace(cfg, sweep=RSSweepSection()), overwrite=cfg.output.overwrite)
-    if root.finished():
-        print(f"[rejection-sampling] {root.path} already holds this finished run (config {root.hash}); nothing to do")
-        return json.loads(root.done_file.read_text())
+    done = root.finished_summary("rejection-sampling")
+    if done is not None:
+        return done
     old_cfg = root.path / "config.json"
     replaced = old_cfg.is_file() and json.loads(old_cfg.read_text())["hash"] != root.hash
     root.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval, *cfg.eval.prompts]), is_main=is_main_process())

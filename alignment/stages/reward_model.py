@@ -15,7 +15,6 @@ them per rating bucket (Table 28: `ablation.json`, `ablation.md`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -234,9 +233,9 @@ def run_rm(cfg: RMConfig) -> dict:
     if cfg.train.packing:
         raise ValueError("train.packing must be false for reward models: each example is a chosen/rejected pair")
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[rm] {run.path} already holds this finished run (config {run.hash}); nothing to do")
-        return json.loads(run.done_file.read_text())
+    done = run.finished_summary("rm")
+    if done is not None:
+        return done
     primary, secondary, tests = load_rm_data(cfg)
     pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
                           primary_fraction=cfg.data.mix.primary_fraction)

@@ -7,7 +7,6 @@ sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from alignment.batching import attention_inputs, build_plan, collate
@@ -118,9 +117,9 @@ def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[di
 def run_sft(cfg: SFTConfig) -> dict:
     """`align sft`: validate data, fine-tune (resuming if the run has checkpoints), evaluate, mark done."""
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[sft] {run.path} already holds this finished run (config {run.hash}); nothing to do")
-        return json.loads(run.done_file.read_text())
+    done = run.finished_summary("sft")
+    if done is not None:
+        return done
     dialogs = load_sources(cfg.data.train, "sft_dialog")  # every input is checked before any compute
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
