@@ -50,3 +50,50 @@ def test_gatt_attention_notebook_executes(kernel, nano_model_dir, monkeypatch):
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) == 2
+
+
+def _rm_eval(acc: float) -> dict:
+    by_rating = {b: {"accuracy": acc, "count": 4} for b in ("significantly_better", "better", "slightly_better")}
+    by_rating.update(negligibly_better={"accuracy": acc / 2, "count": 4}, unsure=None)
+    calibration = {"bins": [{"accuracy": acc, "confidence": 0.7, "count": 8, "low": 0.6, "high": 0.8}], "ece": 0.1}
+    return {"accuracy": acc, "by_rating": by_rating, "calibration": calibration}
+
+
+def test_reward_model_analysis_notebook_executes(kernel, tmp_path, nano_model_dir, tokenizer, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.data import toyworld
+    from alignment.data.io import write_jsonl
+
+    tests = {}
+    for kind, name in (("helpfulness", "helpful"), ("safety", "safety")):
+        tests[name] = tmp_path / f"pref_{name}_test.jsonl"
+        write_jsonl(tests[name], toyworld.preference_pairs(0, 6, kind, split="test"))
+    run = tmp_path / "demo"
+    for name, acc in (("helpful", 0.9), ("safety", 0.8)):
+        rm_dir = run / f"rm_{name}"
+        model = AutoModelForSequenceClassification.from_pretrained(nano_model_dir, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(rm_dir / "final")
+        tokenizer.save_pretrained(rm_dir / "final")
+        (rm_dir / "eval.json").write_text(json.dumps({"helpful": _rm_eval(acc), "safety": _rm_eval(acc - 0.1)}))
+        (rm_dir / "config.json").write_text(json.dumps({"hash": "x", "config": {"data": {"test": {
+            k: [{"path": str(p)}] for k, p in tests.items()}}}}))
+    monkeypatch.setenv("ALIGN_RUN_DIR", str(run))
+    monkeypatch.setenv("ALIGN_ABLATION_DIR", str(tmp_path / "no_ablation"))
+    text = outputs_text(execute(REPO / "notebooks" / "reward_model_analysis.ipynb", kernel))
+    assert "helpful test: helpful RM 90.0 vs the other RM 80.0" in text
+    assert "safety test: safety RM 70.0 vs the other RM 80.0" in text
+    assert "mean sigmoid chosen" in text and "no margin ablation" in text
+
+
+def test_ppo_dynamics_notebook_executes(kernel, tmp_path, monkeypatch):
+    rows = [{"step": 0, "eval_reward_combined": 0.5, "eval_gold_helpfulness": 0.2, "eval_violation_rate": 0.1}]
+    rows += [{"step": i, "reward_combined": 0.5 + i / 20, "reward_helpful": 0.5, "reward_safety": 0.6, "kl": i / 10,
+              "entropy": 1.0, "response_length": 12 + i} for i in range(1, 5)]
+    rows += [{"step": 4, "eval_reward_combined": 0.7, "eval_gold_helpfulness": 0.15, "eval_violation_rate": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("ALIGN_PPO_DIR", str(tmp_path))
+    text = outputs_text(execute(REPO / "notebooks" / "ppo_dynamics.ipynb", kernel))
+    assert "4 iterations, 2 held-out evaluations" in text
+    assert "iteration 4: learned reward 0.700, gold helpfulness 0.150" in text
