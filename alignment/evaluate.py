@@ -52,6 +52,11 @@ def gold_metrics(rows: list[dict], answers: list[str]) -> dict:
     return out
 
 
+def from_toyworld(rows: list[dict]) -> bool:
+    """True when every row comes from the toy world, the only place gold scorers exist."""
+    return bool(rows) and all(r.get("source") == "toyworld" for r in rows)  # `source` is an optional row field
+
+
 @torch.no_grad()
 def heldout_loss(model, examples: list[dict], pad_id: int, attn_implementation: str, batch_size: int = 16) -> float:
     """Token-mean answer NLL over encoded examples (unpacked, padded batches)."""
@@ -103,9 +108,7 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
     answers = answer_prompts(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=progress)
     del policy
-    result: dict = {}
-    if all(r.get("source") == "toyworld" for r in prompts):  # optional field of a prompt row
-        result.update(gold_metrics(prompts, answers))
+    result: dict = gold_metrics(prompts, answers) if from_toyworld(prompts) else {}
     contexts = [prompt_context(r) for r in prompts]
     sig = {}
     for name, path in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm)):

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from alignment.config import PPOConfig, TrainSection
+from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.losses import masked_mean, policy_loss, value_loss
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, masked_row_sum,
@@ -315,9 +316,7 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
         totals = acc.reduce(totals, reduction="sum")
     result = {"eval_reward_combined": totals[0].item() / max(totals[1].item(), 1.0)}
     pairs = gather_object(list(zip(mine, answers))) if acc.num_processes > 1 else list(zip(mine, answers))
-    if acc.is_main_process and rows and all(r.get("source") == "toyworld" for r in rows):  # optional field
-        from alignment.evaluate import gold_metrics
-
+    if acc.is_main_process and from_toyworld(rows):
         ordered = [a for _, a in sorted(pairs)]
         result.update({f"eval_{k}": v for k, v in gold_metrics(rows, ordered).items()})
     return result

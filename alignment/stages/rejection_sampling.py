@@ -47,6 +47,7 @@ import torch
 from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection, SFTConfig, SFTData
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
@@ -201,10 +202,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _is_toyworld(rows: list[dict]) -> bool:
-    return bool(rows) and all(r.get("source") == "toyworld" for r in rows)  # a row's optional field
-
-
 def sample_report(rows: list[dict], records: list[dict], kept: dict[str, dict], iteration: int) -> dict:
     """Mean best-of-K vs mean single-sample reward of this iteration's samples, and (toy world) the gold
     metrics of the kept answers vs of one sample per prompt (sample 0)."""
@@ -218,9 +215,7 @@ def sample_report(rows: list[dict], records: list[dict], kept: dict[str, dict], 
         "kept_from_iteration": {f"v{n}": sum(r["iteration"] == n for r in kept.values())
                                 for n in sorted({r["iteration"] for r in kept.values()})},
     }
-    if _is_toyworld(rows):
-        from alignment.evaluate import gold_metrics
-
+    if from_toyworld(rows):
         first = {r["prompt_id"]: r["text"] for r in own if r["sample_index"] == 0}
         kept_rows = [r for r in rows if r["id"] in kept]
         report["gold_kept"] = gold_metrics(kept_rows, [kept[r["id"]]["text"] for r in kept_rows])

@@ -86,7 +86,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
 
 def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[dict]) -> dict:
     """Held-out loss and gold-scored answers of the final model (and of the starting one, by option)."""
-    from alignment.evaluate import answer_prompts, gold_metrics, heldout_loss
+    from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
     from alignment.models.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -95,20 +95,19 @@ def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[di
     checkpoints = [("final", str(run.final_dir))]
     if cfg.eval.compare_base:
         checkpoints.append(("start", cfg.model.path))
+    examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
     for name, path in checkpoints:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                      attn_implementation=cfg.model.attn_implementation)
-        examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
         entry = {}
         if examples:
             entry["heldout_loss"] = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
         if prompts:
             answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, progress=cfg.logging.progress)
-            if all(r.get("source") == "toyworld" for r in prompts):  # a row's optional field
+            if from_toyworld(prompts):
                 entry.update(gold_metrics(prompts, answers))
-            entry["examples"] = [{"prompt": r["prompt"] if "prompt" in r else r["context"][-1]["content"],
-                                  "answer": a} for r, a in list(zip(prompts, answers))[:5]]
+            entry["examples"] = [{"prompt": last_user_message(r), "answer": a} for r, a in zip(prompts[:5], answers)]
         result[name] = entry
     write_json_atomic(run.path / "eval.json", result)
     return result
