@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser
 
 install: $(STAMP)
 
@@ -67,6 +67,20 @@ pipeline: install
 # The whole tiny pipeline on CPU, resumable: re-running skips what is done.
 demo: install
 	$(BIN)/align pipeline --recipe recipes/tiny/pipeline.yaml
+
+# People in the loop: talk to a checkpoint; rate pairs in the browser (then `make rm-helpful RECIPE=recipes/tiny/rm_annotated.yaml`).
+CHECKPOINT ?= runs/demo/ppo/final
+chat: install
+	$(BIN)/align chat --checkpoint $(CHECKPOINT)
+
+annotate: install
+	$(BIN)/align annotate --prompts $(or $(PROMPTS),runs/demo/data/eval_helpful.jsonl) \
+		--checkpoints $(or $(CHECKPOINTS),runs/demo/sft/final runs/demo/ppo/final) --out $(or $(OUT),runs/annotate)
+
+# Debian's Chromium for the browser test of `align annotate` (skipped, with the reason, without it).
+install-browser:
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| (sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 clean:
 	rm -rf runs

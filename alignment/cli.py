@@ -56,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.add_argument("--schema", required=True,
                        choices=["sft_dialog", "preference_pair", "rl_prompt", "gatt_instruction", "text_document"])
+    chat = sub.add_parser("chat", help="talk to a checkpoint in the Llama-2 chat format (streamed, multi-turn)")
+    chat.add_argument("--checkpoint", required=True, help="a policy checkpoint directory (a stage's final/)")
+    chat.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    ann = sub.add_parser("annotate", help="a local web app to collect preference pairs (the paper's rating scale)")
+    ann.add_argument("--prompts", required=True, help="rl_prompt file (JSONL/JSON/Parquet) of prompts to annotate")
+    ann.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
+                     help="one checkpoint (two temperatures) or two checkpoints (one answer each)")
+    ann.add_argument("--out", required=True, help="directory for items.jsonl and judgements.jsonl (resumable)")
+    ann.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    ann.add_argument("--port", type=int, default=8765)
+    ann.add_argument("--temperatures", type=float, nargs=2, default=None, metavar=("T_A", "T_B"),
+                     help="default 0.7 1.2 for one checkpoint, 0.7 0.7 for two")
+    ann.add_argument("--top-p", type=float, default=0.9)
+    ann.add_argument("--max-new-tokens", type=int, default=128)
+    ann.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -66,13 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _data(args)
+        if args.command == "chat":
+            from alignment.talk import ChatSession, repl
+
+            repl(ChatSession.from_checkpoint(args.checkpoint, system=args.system, temperature=args.temperature,
+                                             top_p=args.top_p, max_new_tokens=args.max_new_tokens))
+            return 0
+        if args.command == "annotate":
+            from alignment.annotate import run_annotate
+
+            run_annotate(args.prompts, args.checkpoints, args.out, host=args.host, port=args.port,
+                         temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                         seed=args.seed)
+            return 0
         _, target, _ = STAGES[args.command]
         from alignment.config import load_config
 
         cfg = load_config(config_class(args.command), args.recipe, args.overrides)
         _import(target)(cfg)
         return 0
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
         from alignment.data.schemas import DataValidationError
 
         kind = "data error" if isinstance(e, DataValidationError) else "error"
