@@ -392,6 +392,10 @@ class RSGenerationSection:
     top_p: float = 1.0
     batch_size: int = 64  # sequences per generate() call: the K samples of a prompt share a batch
     prompts_per_shard: int = 64  # one atomically written sample shard per chunk of prompts
+    # hf: batched KV-cache sampling (alignment.generation); vllm: a vLLM engine (needs vllm + CUDA, one
+    # process); auto: vllm where usable, else hf. Both write the same shard records.
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    vllm_gpu_memory_utilization: float = 0.5  # the share vLLM reserves; the RMs are loaded beside it
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,69 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------- vLLM backend
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and a CUDA device is present (checked without importing vLLM)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def pick_backend(requested: str, world_size: int = 1) -> str:
+    """"hf" or "vllm" for a sampling phase. "auto" takes vLLM when it is usable in a one-process run (with
+    several processes each would start its own engine on a GPU ZeRO already holds: use "hf" there)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"generation.backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "hf":
+        return "hf"
+    usable = vllm_usable()
+    if requested == "vllm":
+        if not usable:
+            raise ValueError("generation.backend=vllm needs the vllm package and a CUDA device; use auto or hf")
+        if world_size > 1:
+            raise ValueError(f"generation.backend=vllm runs in one process; this run has {world_size} (use hf)")
+        return "vllm"
+    return "vllm" if usable and world_size == 1 else "hf"
+
+
+class VLLMSampler:
+    """A vLLM engine over a checkpoint directory, answering `generate`'s calls with the same `Sample`s.
+
+    Prompts go in as token ids (our Llama-2 encoding, never vLLM's chat template) and answers are decoded
+    with our tokenizer, so shards written from either backend read the same."""
+
+    def __init__(self, path: str, dtype: str = "auto", gpu_memory_utilization: float = 0.5, max_model_len: int | None = None):
+        from vllm import LLM  # imported here: vLLM is optional
+
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len, enable_prefix_caching=True)
+
+    def generate(self, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, **_) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[tokenizer.eos_token_id],
+                                skip_special_tokens=True)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results = []
+        for i, out in enumerate(outputs):
+            per_prompt = []
+            for k, completion in enumerate(out.outputs):
+                toks = [t for t in completion.token_ids if t != tokenizer.eos_token_id]
+                per_prompt.append(Sample(i, k, toks, tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                                         completion.finish_reason == "stop"))
+            results.append(per_prompt)
+        return results
+
+
+def generate_with(sampler, tokenizer, prompts: list[list[int]], **kwargs) -> list[list[Sample]]:
+    """`generate` on an HF model, or the same call answered by a `VLLMSampler`."""
+    if isinstance(sampler, VLLMSampler):
+        return sampler.generate(tokenizer, prompts, **kwargs)
+    return generate(sampler, tokenizer, prompts, **kwargs)

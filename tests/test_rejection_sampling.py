@@ -261,3 +261,20 @@ def test_two_iterations_end_to_end(tmp_path, nano_model_dir, reward_dirs, tokeni
 def row_text(candidates: list[dict], meta: dict) -> str:
     return next(r["text"] for r in candidates
                 if (r["iteration"], r["sample_index"]) == (meta["iteration"], meta["sample_index"]))
+
+
+# ----------------------------------------------------------------------------------------- backends
+def test_backend_choice_falls_back_to_hf_and_refuses_an_impossible_vllm(monkeypatch):
+    from alignment import generation
+
+    monkeypatch.setattr(generation, "vllm_usable", lambda: False)
+    assert generation.pick_backend("auto") == "hf" and generation.pick_backend("hf") == "hf"
+    with pytest.raises(ValueError, match="needs the vllm package and a CUDA device"):
+        generation.pick_backend("vllm")
+    monkeypatch.setattr(generation, "vllm_usable", lambda: True)
+    assert generation.pick_backend("auto", world_size=1) == "vllm"
+    assert generation.pick_backend("auto", world_size=2) == "hf"
+    with pytest.raises(ValueError, match="one process"):
+        generation.pick_backend("vllm", world_size=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        generation.pick_backend("tgi")

@@ -65,11 +65,17 @@ def _device() -> torch.device:
 
 
 def load_sampler(path: str, cfg: RejectionSamplingConfig):
-    """The policy that draws samples: a plain HF causal LM (inference only) and its tokenizer."""
+    """The policy that draws samples and its tokenizer: a plain HF causal LM (inference only), or a vLLM
+    engine where `generation.backend` picks it."""
     from transformers import AutoModelForCausalLM
 
+    from alignment.generation import VLLMSampler, pick_backend
     from alignment.models.loading import resolve_dtype
     from alignment.models.tokenizer import load_tokenizer
+
+    if pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1"))) == "vllm":
+        dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
+        return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True,
                                                  attn_implementation=cfg.model.attn_implementation)
@@ -123,10 +129,10 @@ def sample_chunk(cfg, sampler, tokenizer, rms, rows: list[dict], *, iteration: i
                  temperature: float, seed: int) -> list[dict]:
     """K samples for each row of one chunk, scored: the records of one shard (prompt order, then k)."""
     from alignment.chat import encode_prompt
-    from alignment.generation import generate
+    from alignment.generation import generate_with
 
     prompts = [encode_prompt(tokenizer, prompt_context(r)) for r in rows]
-    samples = generate(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens,
+    samples = generate_with(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens,
                        num_samples=num_samples, temperature=temperature, top_p=cfg.generation.top_p,
                        batch_size=cfg.generation.batch_size, seed=seed)
     flat = [(rows[i], s) for i, per_prompt in enumerate(samples) for s in per_prompt]
@@ -360,6 +366,9 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
     _check_inputs(cfg, rows)
+    from alignment.generation import pick_backend
+
+    pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any compute
     if cfg.sweep.enabled:
         return run_sweep(cfg, rows)
     # The sweep section is a separate tool: switching it does not make this another run.
