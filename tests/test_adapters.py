@@ -182,6 +182,8 @@ def test_beavertails_pairs_safe_and_unsafe_answers_to_one_prompt():
     assert {(r["kind"], r["category"], r["rating"]) for r in rows} == {("safety", "only_chosen_safe", "unsure")}
     assert rows[2]["meta"]["harm_category"]["rejected"] == ["discrimination,stereotype,injustice",
                                                             "hate_speech,offensive_language"]
+    with pytest.raises(DataValidationError, match="train.jsonl:1: response: a pair of answers .* use pku_saferlhf"):
+        load("beavertails", UP / "PKU-SafeRLHF-v0/round0/train.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------- oasst1

@@ -44,10 +44,14 @@ def parse_transcript(transcript: str) -> list[tuple[str, str]]:
     return [(role, body.strip()) for role, body in turns]
 
 
+def _subsets(ctx: FileContext) -> list[str]:
+    return [p for p in ctx.path.resolve().parts if p in SUBSETS]
+
+
 def kind_of(ctx: FileContext, forced: str | None) -> str:
     if forced is not None:
         return forced
-    found = {SUBSETS[p] for p in ctx.path.resolve().parts if p in SUBSETS}
+    found = {SUBSETS[p] for p in _subsets(ctx)}
     if len(found) != 1:
         raise ValueError(f"{ctx.path}: cannot tell helpfulness from harmless data: the path names no HH-RLHF "
                          f"subset ({', '.join(SUBSETS)}); use source hh_rlhf_helpful or hh_rlhf_harmless")
@@ -55,7 +59,7 @@ def kind_of(ctx: FileContext, forced: str | None) -> str:
 
 
 def _subset(ctx: FileContext) -> str:
-    names = [p for p in ctx.path.parts if p in SUBSETS]
+    names = _subsets(ctx)
     return f"hh-rlhf/{names[-1]}" if names else "hh-rlhf"
 
 

@@ -18,7 +18,8 @@ Both carry the labels and the paper's category (both_safe / only_chosen_safe / b
 BeaverTails (`round0/{30k,330k}/{train,test}.jsonl.gz`) is per answer: `prompt`, `response`, `category`
 ({14 harm categories: bool}), `is_safe`. `beavertails` pairs, per prompt, each unsafe answer (rejected)
 with a safe answer to the same prompt (chosen, in turn): only_chosen_safe safety pairs, rated "unsure";
-prompts without both kinds of answer give no pair.
+prompts without both kinds of answer give no pair. Pair-format files (response_0/response_1, as in the
+preference data released with the BeaverTails paper) are PKU-SafeRLHF v0: read them with pku_saferlhf_*.
 """
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def beavertails_pairs(records: Records, ctx: FileContext) -> Converted:
             yield row_no, row
             continue
         try:
+            if "response_0" in row and "response" not in row:
+                raise BadRow("response", "a pair of answers (response_0/response_1): that is the PKU-SafeRLHF format "
+                                         "(also BeaverTails' preference release); use pku_saferlhf_safety or _helpful")
             prompt = text(need(row, "prompt", str), "prompt")
             answer = text(need(row, "response", str), "answer")
             is_safe = need(row, "is_safe", bool)
