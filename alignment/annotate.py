@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alignment.data.schemas import prompt_context, row_problems
+from alignment.data.stats import annotator_agreement
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 SLOTS = ("A", "B")
@@ -91,30 +92,6 @@ def judgement_row(item: dict, annotator: str, preferred: str, rating: str, safe:
     if problems:  # the sampled answers themselves can be unusable (e.g. empty): say so, never write it
         raise AnnotationError("; ".join(f"{f}: {r}" for f, r in problems))
     return row
-
-
-def annotator_agreement(rows: list[dict]) -> dict:
-    """How often two annotators of the same item preferred the same answer.
-
-    Rows are judgements from `align annotate` (meta.item_id, meta.annotator, meta.chosen_answer). Returns
-    the number of items with two or more annotators, the number of annotator pairs compared, and the
-    fraction of those pairs that agree (None when there are none)."""
-    by_item: dict[str, dict[str, int]] = {}
-    for row in rows:
-        meta = row.get("meta") or {}
-        if {"item_id", "annotator", "chosen_answer"} <= set(meta):
-            by_item.setdefault(meta["item_id"], {})[meta["annotator"]] = meta["chosen_answer"]
-    pairs = agree = items = 0
-    for choices in by_item.values():
-        values = list(choices.values())
-        if len(values) < 2:
-            continue
-        items += 1
-        for i in range(len(values)):
-            for j in range(i + 1, len(values)):
-                pairs += 1
-                agree += values[i] == values[j]
-    return {"items": items, "pairs": pairs, "agreement": agree / pairs if pairs else None}
 
 
 # ---------------------------------------------------------------- the append-only files
@@ -306,7 +283,8 @@ class AnnotationStore:
         with self._lock:
             mine = sum(1 for a, _ in self.done if a == annotator) if annotator else None
             return {"prompts": len(self.prompts), "judgements": len(self.judgements), "mine": mine,
-                    "annotators": sorted({a for a, _ in self.done}), **annotator_agreement(self.judgements)}
+                    "annotators": sorted({a for a, _ in self.done}),
+                    "agreement": annotator_agreement(self.judgements)}
 
 
 # ---------------------------------------------------------------- the web app

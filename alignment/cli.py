@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.add_argument("--schema", required=True,
                        choices=["sft_dialog", "preference_pair", "rl_prompt", "gatt_instruction", "text_document"])
+    stats = data_sub.add_parser(
+        "stats", help="counts per source, rating bucket and safety category, token-length percentiles",
+        description="Statistics of data files (any --source adapter) or of an RM recipe's mixed training set "
+                    "and test sets: counts per source, kind, rating bucket, safety category, token-length "
+                    "percentiles, annotator agreement where pairs carry annotator ids.")
+    stats.add_argument("paths", nargs="*", metavar="PATH", help="data files or directories")
+    stats.add_argument("--source", default="native", help="adapter of the files (default: native; see README)")
+    stats.add_argument("--split", default=None, help="split of a directory (train, test, ...)")
+    stats.add_argument("--schema", default=None, choices=["sft_dialog", "preference_pair", "rl_prompt"],
+                       help="rows to read (default: preference_pair, or the adapter's only schema)")
+    stats.add_argument("--recipe", default=None, help="an RM recipe: its training mix (after dedup) and test sets")
+    stats.add_argument("--tokenizer", default=None, help="HF tokenizer directory for token lengths (default: words)")
+    stats.add_argument("--json", default=None, metavar="OUT", help="also write the statistics as JSON")
     chat = sub.add_parser("chat", help="talk to a checkpoint in the Llama-2 chat format (streamed, multi-turn)")
     chat.add_argument("--checkpoint", required=True, help="a policy checkpoint directory (a stage's final/)")
     chat.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
@@ -124,6 +137,12 @@ def _data(args) -> int:
 
         rows = load_records(args.path, args.schema)
         print(f"{args.path}: {len(rows)} rows pass {args.schema}")
+        return 0
+    if args.data_command == "stats":
+        from alignment.data.stats import run_stats
+
+        run_stats(args.paths, source=args.source, split=args.split, schema=args.schema, recipe=args.recipe,
+                  tokenizer=args.tokenizer, json_out=args.json)
         return 0
     raise AssertionError(args.data_command)
 

@@ -114,7 +114,10 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
                 kwargs[name] = from_dict(hints[name], {}, path)
             else:
                 raise ConfigError(f"{path}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a dataclass's own check across its fields (__post_init__)
+        raise ConfigError(f"{label}: {e}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -180,11 +183,28 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class RatingThresholds:
+    """Rating buckets of a scored source (alignment.data.adapters): the smallest preference strength (score
+    gap, SHP score ratio, ...) of each bucket; a strength above 0 (SHP: above 1) but under `slightly_better`
+    is `negligibly_better`. Each source documents its scale and defaults (README, "Real data")."""
+
+    significantly_better: float
+    better: float
+    slightly_better: float
+
+    def __post_init__(self):
+        if not self.significantly_better >= self.better >= self.slightly_better > 0:
+            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better > 0; got "
+                              f"{self.significantly_better}, {self.better}, {self.slightly_better}")
+
+
+@dataclass(frozen=True)
 class DataSource:
     path: str
-    source: str = "native"  # "native" = our schemas; public-dataset adapters add names
-    split: str | None = None
+    source: str = "native"  # "native" = our schemas; public-dataset adapters add names (alignment.data.adapters)
+    split: str | None = None  # a directory's split (its train.jsonl, test-*.parquet, ...); None for a file
     limit: int | None = None  # keep the first N rows (after validation)
+    thresholds: RatingThresholds | None = None  # scored sources only; None: the source's documented defaults
 
 
 @dataclass(frozen=True)
@@ -317,6 +337,7 @@ class RMData:
     secondary: list[DataSource] = field(default_factory=list)  # pool the mix draws from (seeded)
     mix: MixSection = field(default_factory=MixSection)
     test: dict[str, list[DataSource]] = field(default_factory=dict)  # test-set name -> preference_pair sources
+    dedup_test_prompts: bool = True  # drop training pairs whose prompt (whole context) is in a test set
 
 
 @dataclass(frozen=True)

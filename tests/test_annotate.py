@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.annotate import (AnnotateSettings, AnnotationError, AnnotationStore, annotator_agreement,
+from alignment.annotate import (AnnotateSettings, AnnotationError, AnnotationStore,
                                 append_jsonl, create_app, judgement_row, repair_jsonl, safety_category,
                                 shown_order)
 from alignment.data.schemas import row_problems
@@ -62,17 +62,6 @@ def test_bad_judgements_say_which_field(bad, match):
     args = dict(annotator="x", preferred="A", rating="better", safe={"A": True, "B": True}) | bad
     with pytest.raises(AnnotationError, match=match):
         judgement_row(ITEM, args["annotator"], args["preferred"], args["rating"], args["safe"])
-
-
-def test_agreement_counts_annotator_pairs_per_item():
-    def row(item, annotator, answer):
-        return {"meta": {"item_id": item, "annotator": annotator, "chosen_answer": answer}}
-
-    rows = [row("i1", "a", 0), row("i1", "b", 0), row("i1", "c", 1),  # 3 pairs, 1 agrees
-            row("i2", "a", 1), row("i2", "b", 1),                      # 1 pair, agrees
-            row("i3", "a", 0)]                                         # alone: not counted
-    assert annotator_agreement(rows) == {"items": 2, "pairs": 4, "agreement": 0.5}
-    assert annotator_agreement(rows[-1:]) == {"items": 0, "pairs": 0, "agreement": None}
 
 
 def test_a_torn_last_line_is_cut_and_whole_lines_kept(tmp_path):
@@ -160,7 +149,9 @@ def test_restart_resumes_each_annotator_and_two_annotators_give_agreement(tmp_pa
     assert alice_next["item_id"] == store2.item_id(2) and bob_next["item_id"] == store2.item_id(1)
     assert store2.items_path.read_text().startswith(items_before)  # the same answers, never re-sampled
     stats = http2.get("/api/stats").json()
-    assert stats["items"] == 1 and stats["pairs"] == 1 and stats["agreement"] in (0.0, 1.0)
+    agreement = stats["agreement"]
+    assert agreement["items_judged_twice_or_more"] == 1 and agreement["annotator_pairs"] == 1
+    assert agreement["preference_agreement"] in (0.0, 1.0) and agreement["annotators"] == 2
     assert stats["annotators"] == ["alice", "bob"] and first["item_id"] == store2.item_id(0)
 
 

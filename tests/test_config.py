@@ -62,6 +62,6 @@ def test_every_recipe_in_the_repo_loads():
     assert recipes
     for path in recipes:
         stage = path.stem.replace("_", "-")
-        stage = {"rm-helpful": "rm", "rm-safety": "rm", "rm-ablation": "rm"}.get(stage, stage)
+        stage = "rm" if stage.startswith("rm-") else stage  # rm_helpful, rm_safety_hh_pku, rm_fixture_mix, ...
         assert stage in STAGES, f"{path}: no stage named {stage!r} (name recipe files after their stage)"
         load_config(config_class(stage), path)

@@ -51,3 +51,26 @@ def test_all_mix_concatenates_and_too_small_pools_are_refused():
         mix_rows(rows(10, "a"), rows(4, "b"), "ratio", seed=0, primary_fraction=0.0)
     with pytest.raises(ValueError):
         mix_rows(rows(1, "a"), rows(1, "b"), "half", seed=0)
+
+
+def test_prompt_key_is_the_whole_context_case_and_space_insensitive():
+    from alignment.data.mixing import prompt_key
+
+    assert prompt_key({"prompt": "What  is\n2+2?"}) == prompt_key({"prompt": "what is 2+2? "})
+    assert prompt_key({"prompt": "hi"}) == prompt_key({"context": [{"role": "user", "content": "Hi"}]})
+    two_turns = {"context": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "what is 2+2?"}]}
+    assert prompt_key(two_turns) != prompt_key({"prompt": "what is 2+2?"})
+
+
+def test_train_rows_whose_prompt_is_in_a_test_set_are_dropped():
+    from alignment.data.mixing import drop_test_prompts
+
+    train = [{"id": "a", "prompt": "Capital of France?"}, {"id": "b", "prompt": "2 + 2?"},
+             {"id": "c", "prompt": "capital of  france?"}, {"id": "d", "prompt": "Name a color."}]
+    tests = {"helpful": [{"id": "t1", "prompt": "Capital of France?"}], "safety": [{"id": "t2", "prompt": "Name a COLOR."}],
+             "other": [{"id": "t3", "prompt": "Unrelated"}]}
+    kept, report = drop_test_prompts(train, tests)
+    assert [r["id"] for r in kept] == ["b"]
+    assert report == {"removed": 3, "by_test": {"helpful": 2, "safety": 1, "other": 0}, "ids": ["a", "c", "d"]}
+    assert drop_test_prompts(train, {}) == (train, {"removed": 0, "by_test": {}, "ids": []})

@@ -53,7 +53,9 @@ def recipe(tmp_path: Path, base, train_rows, test_rows=None, name="r.yaml", **se
     test = write_jsonl(tmp_path / "test.jsonl", test_rows if test_rows is not None else train_rows[:16])
     raw = {
         "model": {"path": str(base)},
-        "data": {"primary": [{"path": str(train)}], "test": {"helpful": [{"path": str(test)}]}},
+        # the default test set is the first training pairs, so the test-prompt dedup is off here
+        "data": {"primary": [{"path": str(train)}], "test": {"helpful": [{"path": str(test)}]},
+                 "dedup_test_prompts": False},
         "margin_scale": "small",
         "train": {"epochs": 1, "micro_batch_size": 8, "max_length": 64, "packing": False},
         "optim": {"lr": 3e-3, "weight_decay": 0.0},

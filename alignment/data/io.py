@@ -1,13 +1,17 @@
 """Read rows with their row numbers, load and validate whole files, write JSONL atomically, hash inputs.
 
-Formats: `.jsonl` (row = 1-based line number, blank lines skipped but counted), `.json` (a list of objects),
+Formats: `.jsonl` (row = 1-based line number, blank lines skipped but counted), also compressed as
+`.jsonl.gz`, `.jsonl.xz` or `.jsonl.bz2` (as public data sets ship), `.json` (a list of objects),
 `.parquet`, and a directory written by `datasets.Dataset.save_to_disk` (row = 1-based index). In the
 columnar formats a null means "absent": a column that exists for some rows only is null in the others.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
+import lzma
 import json
 import os
 import secrets
@@ -18,6 +22,8 @@ from typing import Iterable, Iterator
 from alignment.data.schemas import FILE, ROW, DataValidationError, Problem, RowError, json_type, validate_records
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+# Compressed JSON Lines: suffix -> open(path, "rb") of the decompressed stream.
+COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _JSON_WHITESPACE = " \t\r\n"
 # Characters str.splitlines() breaks on that json.dumps(ensure_ascii=False) leaves raw: escaped, so that
 # one row is one line for every reader.
@@ -47,25 +53,43 @@ def load_records(path: str | os.PathLike, schema: str, max_errors: int = 10) -> 
     return validate_records(_open(Path(path)), schema, source=str(path), max_errors=max_errors)
 
 
-def _open(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+def read_rows(path: str | os.PathLike, *, json_lines: bool = False) -> Iterator[tuple[int, dict | RowError]]:
+    """(row number, row or RowError) for every row of a data file, unvalidated: the input of the adapters
+    for public data sets (alignment.data.adapters). `json_lines`: a `.json` file holds JSON Lines (SHP)."""
+    return _open(Path(path), json_lines=json_lines)
+
+
+def _open(path: Path, json_lines: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     """The reader for `path`, chosen and checked now (not on first iteration) so errors come at the call."""
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         return _read_dataset(_load_dataset_dir(path))
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    if suffix in COMPRESSED and Path(path.stem).suffix.lower() == ".jsonl":
+        return _read_jsonl(path, COMPRESSED[suffix])
+    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl if json_lines else _read_json, ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataValidationError([Problem(str(path), 0, FILE, (
-            f"unsupported file type {suffix or '(no suffix)'!r}: expected {', '.join(SUFFIXES)} "
-            "or a directory written by datasets.Dataset.save_to_disk"))])
+            f"unsupported file type {suffix or '(no suffix)'!r}: expected {', '.join(SUFFIXES)}, "
+            f"{', '.join('.jsonl' + c for c in COMPRESSED)} or a directory written by datasets.Dataset.save_to_disk"))])
     return readers[suffix](path)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+def _read_jsonl(path: Path, opener=open) -> Iterator[tuple[int, dict | RowError]]:
     # Binary lines, decoded one by one, so a bad byte is reported with its line, not as a traceback.
-    with open(path, "rb") as f:
-        for row_no, raw in enumerate(f, start=1):
+    row_no = 0
+    with opener(path, "rb") as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, lzma.LZMAError) as e:  # a corrupt or truncated compressed file
+                yield row_no + 1, RowError(ROW, f"unreadable compressed data: {e}")
+                return
+            row_no += 1
             if row_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             try:

@@ -9,13 +9,21 @@
 Every primary row is kept; secondary rows are drawn without replacement by a `random.Random(seed)`, so a
 mix is a pure function of (rows, kind, fraction, seed). A secondary pool too small for the mix asked for
 is an error, never a silently different ratio.
+
+Before mixing, `drop_test_prompts` removes training rows whose prompt is also in a test set (public data
+sets share prompts across their own splits and with each other), so RM accuracy is measured on unseen
+prompts. Prompts are compared by `prompt_key`: the whole dialog context, case-folded, whitespace collapsed.
 """
 from __future__ import annotations
 
 import enum
 import random
+import re
 from collections.abc import Callable
 from types import MappingProxyType
+
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 class MixKind(str, enum.Enum):
@@ -80,3 +88,28 @@ def count_by(rows: list[dict], key: str) -> dict[str, int]:
         value = str(row[key]) if key in row else "-"
         out[value] = out.get(value, 0) + 1
     return dict(sorted(out.items()))
+
+
+def prompt_key(row: dict) -> str:
+    """What "the same prompt" means for deduplication: every turn of the context (or the prompt) with its
+    role, case-folded, runs of whitespace made one space."""
+    turns = [("user", row["prompt"])] if "prompt" in row else [(m["role"], m["content"]) for m in row["context"]]
+    return "\n".join(f"{role}: {_WHITESPACE.sub(' ', content).strip().casefold()}" for role, content in turns)
+
+
+def drop_test_prompts(train: list[dict], tests: dict[str, list[dict]]) -> tuple[list[dict], dict]:
+    """`train` without the rows whose `prompt_key` appears in any test set, and a report of what was removed
+    (count, per test set, and the removed ids)."""
+    owner: dict[str, str] = {}
+    for name, rows in tests.items():
+        for row in rows:
+            owner.setdefault(prompt_key(row), name)
+    kept, removed, by_test = [], [], {name: 0 for name in tests}
+    for row in train:
+        name = owner.get(prompt_key(row))
+        if name is None:
+            kept.append(row)
+        else:
+            removed.append(row.get("id"))
+            by_test[name] += 1
+    return kept, {"removed": len(removed), "by_test": by_test, "ids": removed}

@@ -1,30 +1,35 @@
-"""Reading the `data` entries of a recipe: every file validated against its schema before any compute."""
+"""Reading the `data` entries of a recipe: every file validated against its schema before any compute.
+
+`source: native` (the default) reads our schemas; any other name is an adapter for a public data set
+(alignment.data.adapters.ADAPTERS), which converts the files as published.
+"""
 from __future__ import annotations
 
 from alignment.config import DataSource
+from alignment.data.adapters import ADAPTERS, load_adapted
 from alignment.data.io import file_sha256, load_records
 
-# Adapters for public datasets register here (name -> function(path, split) -> rows in our schemas).
-ADAPTERS: dict = {}
 
-
-def load_source(src: DataSource, schema: str) -> list[dict]:
-    """Rows of one source, converted to our schema by its adapter and validated (file:row errors)."""
+def load_source(src: DataSource, schema: str, report: list[dict] | None = None) -> list[dict]:
+    """Rows of one source, converted to our schema by its adapter and validated (file:row errors);
+    adapters append what each file gave and dropped to `report`."""
     if src.source == "native":
+        if src.split is not None or src.thresholds is not None:
+            raise ValueError(f"{src.path}: `split` and `thresholds` are for public-data adapters, not source native")
         rows = load_records(src.path, schema)
     elif src.source in ADAPTERS:
-        rows = ADAPTERS[src.source](src.path, src.split, schema)
+        rows = load_adapted(src, schema, report)
     else:
         known = ", ".join(["native", *sorted(ADAPTERS)])
         raise ValueError(f"data source {src.source!r} for {src.path} is unknown; known sources: {known}")
     return rows[:src.limit] if src.limit is not None else rows
 
 
-def load_sources(sources: list[DataSource], schema: str) -> list[dict]:
+def load_sources(sources: list[DataSource], schema: str, report: list[dict] | None = None) -> list[dict]:
     """All rows of several sources, in order. Every file is read and validated before returning."""
     rows: list[dict] = []
     for src in sources:
-        rows += load_source(src, schema)
+        rows += load_source(src, schema, report)
     return rows
 
 

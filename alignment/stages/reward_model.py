@@ -22,7 +22,7 @@ import torch
 
 from alignment.batching import build_plan
 from alignment.config import RMConfig
-from alignment.data.mixing import count_by, mix_rows
+from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
 from alignment.data.schemas import pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.losses import RATINGS, preference_margin, ranking_loss
@@ -225,6 +225,22 @@ def load_rm_data(cfg: RMConfig) -> tuple[list[dict], list[dict], dict[str, list[
     return primary, secondary, tests
 
 
+def mix_rm_data(cfg: RMConfig, primary: list[dict], secondary: list[dict],
+                tests: dict[str, list[dict]]) -> tuple[list[dict], dict]:
+    """The training pairs and the mix report (`mix.json`): pairs whose prompt is in a test set dropped
+    (`data.dedup_test_prompts`), then primary and secondary mixed as `data.mix` says."""
+    dedup = None
+    if cfg.data.dedup_test_prompts:  # before mixing, so the mix's ratio holds on what is trained
+        primary, dedup_primary = drop_test_prompts(primary, tests)
+        secondary, dedup_secondary = drop_test_prompts(secondary, tests)
+        dedup = {"primary": dedup_primary, "secondary": dedup_secondary}
+    pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
+                          primary_fraction=cfg.data.mix.primary_fraction)
+    mix["dedup_test_prompts"] = dedup
+    mix["by_kind"], mix["by_rating"] = count_by(pairs, "kind"), count_by(pairs, "rating")
+    return pairs, mix
+
+
 def run_rm(cfg: RMConfig) -> dict:
     """`align rm`: validate data, mix, train (resuming from checkpoints), evaluate, mark done; or, with
     `ablation.margin_scales`, one such run per margin scale and their comparison."""
@@ -237,9 +253,7 @@ def run_rm(cfg: RMConfig) -> dict:
     if done is not None:
         return done
     primary, secondary, tests = load_rm_data(cfg)
-    pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
-                          primary_fraction=cfg.data.mix.primary_fraction)
-    mix["by_kind"], mix["by_rating"] = count_by(pairs, "kind"), count_by(pairs, "rating")
+    pairs, mix = mix_rm_data(cfg, primary, secondary, tests)
     inputs = source_hashes([*cfg.data.primary, *cfg.data.secondary, *(s for v in cfg.data.test.values() for s in v)])
     summary = train_reward_model(cfg, pairs, run, inputs, mix)
     if is_main_process():
@@ -268,6 +282,10 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
         c = mix["counts"]
         print(f"[rm] {len(pairs)} pairs: {c['primary']} primary + {c['secondary_drawn']} of "
               f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; {len(plan.steps)} steps")
+        if mix["dedup_test_prompts"] is not None:
+            d = mix["dedup_test_prompts"]
+            print(f"[rm] dropped {d['primary']['removed']} primary and {d['secondary']['removed']} secondary pairs "
+                  "whose prompt is in a test set")
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
     model = load_reward_model(cfg.model, tokenizer.pad_token_id)
     step = rm_step_fn(examples, tokenizer.pad_token_id)
