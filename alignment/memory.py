@@ -65,14 +65,18 @@ _LLAMA2_NAME = re.compile(r"llama-?2-?(7|13|70)b", re.IGNORECASE)
 
 
 def shape_from_config(config: dict, name: str) -> ModelShape:
-    """A shape from the fields of a Llama `config.json`."""
-    try:
-        heads = config["num_attention_heads"]
-        return ModelShape(name, config["vocab_size"], config["hidden_size"], config["intermediate_size"],
-                          config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads,  # noqa: cfg-get (HF's optional field)
-                          config.get("max_position_embeddings", 4096), bool(config.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        raise ValueError(f"{name}: config.json has no {e.args[0]!r}; only Llama-style configs can be planned") from None
+    """A shape from the fields of a Llama `config.json` (HF leaves the GQA and tying fields out when they
+    take their defaults)."""
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in config]
+    if missing:
+        raise ValueError(f"{name}: config.json has no {', '.join(missing)}; only Llama-style configs can be planned")
+    heads = config["num_attention_heads"]
+    optional = {"num_key_value_heads": heads, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    values = {k: config[k] if config.get(k) is not None else default for k, default in optional.items()}
+    return ModelShape(name, config["vocab_size"], config["hidden_size"], config["intermediate_size"],
+                      config["num_hidden_layers"], heads, values["num_key_value_heads"],
+                      values["max_position_embeddings"], bool(values["tie_word_embeddings"]))
 
 
 def resolve_shape(path: str, default: str | None = None) -> ModelShape:

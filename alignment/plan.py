@@ -21,6 +21,7 @@ __all__ = ["estimate", "plan_stage", "suggest", "format_plan", "run_plan", "LLAM
 REPO = Path(__file__).resolve().parents[1]
 # CUDA context, NCCL buffers and allocator fragmentation: a rule of thumb, not a measurement.
 RESERVED_BYTES = 2 * GiB
+RESERVED = ("reserved: CUDA context, NCCL, allocator slack", RESERVED_BYTES)
 
 
 # ----------------------------------------------------------------------------------------- the recipe's setup
@@ -132,7 +133,7 @@ def _states(m: ModelEstimate) -> tuple[str, int]:
 
 
 def _common(setup: Setup) -> list[tuple[str, int]]:
-    items = [("reserved: CUDA context, NCCL, allocator slack", RESERVED_BYTES)]
+    items = [RESERVED]
     if setup.zero is not None:
         items.insert(0, (f"ZeRO-{setup.zero.stage} communication buckets", setup.zero.bucket_bytes))
     return items
@@ -206,7 +207,7 @@ def _plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePla
     rm_shape = resolve_shape(getattr(cfg.reward, rm_paths[0]), default)
     items.append((f"RM scoring: one layer's activations, {cfg.reward.batch_size} x {cfg.reward.max_length} tokens",
                   layer_activation_bytes(rm_shape, cfg.reward.batch_size, cfg.reward.max_length, act_bytes=setup.act_bytes)))
-    sample = Phase("sample", tuple(items + [("reserved: CUDA context, NCCL, allocator slack", RESERVED_BYTES)]))
+    sample = Phase("sample", tuple(items + [RESERVED]))
     policy, train = _finetune(cfg, setup, default)
     cpu = max(_loading(setup, [sampler, *rms], [policy]), policy.cpu_per_node)
     return StagePlan("rejection-sampling", setup, (sampler, *rms, policy), (sample, train), cpu)
@@ -221,8 +222,7 @@ def _plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
     def sampling(name: str, rows: int, seq: int) -> Phase:
         return Phase(name, ((f"sampler {sampler.shape}: weights", sampler.gpu),
                             (f"sampler KV cache: {rows} x {seq} tokens",
-                             kv_cache_bytes(shape, rows, seq, act_bytes=setup.act_bytes)),
-                            ("reserved: CUDA context, NCCL, allocator slack", RESERVED_BYTES)))
+                             kv_cache_bytes(shape, rows, seq, act_bytes=setup.act_bytes)), RESERVED))
 
     policy, train = _finetune(cfg, setup, default)
     phases = [sampling("sample", cfg.sampling.batch_size, cfg.train.max_length), train]
@@ -255,7 +255,9 @@ def _plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
     gen = states + weights(resident)
     if setup.zero is not None and setup.zero.stage == 3:
         gen.append((f"actor {actor.shape}: weights gathered for generation", 2 * actor.params))
-    gen += _generation_items(setup, actor_shape, cfg.rollout.batch_size, cfg.rollout.max_new_tokens, "actor")
+    # each process answers its share of the iteration's prompts, rollout.batch_size at a time
+    rollout_rows = min(cfg.rollout.batch_size, max(1, cfg.ppo.batch_size // setup.num_gpus))
+    gen += _generation_items(setup, actor_shape, rollout_rows, cfg.rollout.max_new_tokens, "actor")
     rm_shape = resolve_shape(r.helpful_rm, default)
     score = states + weights(resident if not r.offload else [helpful, safety])
     score.append((f"RM scoring: one layer's activations, {r.batch_size} x {r.max_length} tokens",
@@ -284,13 +286,14 @@ def plan_stage(stage: str, cfg, *, gpus_per_node: int, nodes: int = 1, prompt_to
                default_model: str | None = None) -> StagePlan:
     """Per-GPU memory of every phase of `stage` run from recipe `cfg`. A stage this planner does not know
     but whose recipe has `model` and `train` sections is planned as fine-tuning."""
+    if stage not in PLANNERS and not (hasattr(cfg, "train") and hasattr(getattr(cfg, "model", None), "lora")):
+        raise ValueError(f"no memory plan for stage {stage!r} (known: {', '.join(PLANNERS)}, and stages that "
+                         "fine-tune a model.path with the shared loop)")
     setup = make_setup(cfg, gpus_per_node, nodes, prompt_tokens)
     if stage in PLANNERS:
         return PLANNERS[stage](cfg, setup, default_model)
-    if hasattr(cfg, "model") and hasattr(cfg, "train") and hasattr(cfg.model, "lora"):
-        plan = _plan_sft(cfg, setup, default_model)
-        return replace(plan, stage=stage, notes=(f"{stage}: planned as its fine-tuning phase only",))
-    raise ValueError(f"align plan: no memory plan for stage {stage!r} (known: {', '.join(PLANNERS)})")
+    plan = _plan_sft(cfg, setup, default_model)
+    return replace(plan, stage=stage, notes=(f"{stage}: planned as its fine-tuning phase only",))
 
 
 # ----------------------------------------------------------------------------------------- what to change
@@ -312,21 +315,23 @@ def _halve(cfg, key: str, keep: str | None = None) -> list[str]:
     return out
 
 
+# stage -> its own memory settings, cheapest first
+_STAGE_CANDIDATES = {
+    "ppo": lambda cfg: [["critic.gradient_checkpointing=true"] if not cfg.critic.gradient_checkpointing else [],
+                        ["reward.offload=true"] if not cfg.reward.offload else [],
+                        _halve(cfg, "rollout.batch_size"), _halve(cfg, "reward.batch_size"),
+                        _halve(cfg, "ppo.micro_batch_size")],
+    "rejection-sampling": lambda cfg: [_halve(cfg, "generation.batch_size"), _halve(cfg, "reward.batch_size")],
+    "gatt": lambda cfg: [_halve(cfg, "sampling.batch_size"), _halve(cfg, "eval.batch_size")],
+}
+
+
 def _candidates(stage: str, cfg) -> list[list[str]]:
     """Changes in the order they cost least: memory-only settings first, the method (LoRA) last."""
     out = []
     if not cfg.model.gradient_checkpointing:
         out.append(["model.gradient_checkpointing=true"])
-    if stage == "ppo":
-        if not cfg.critic.gradient_checkpointing:
-            out.append(["critic.gradient_checkpointing=true"])
-        if not cfg.reward.offload:
-            out.append(["reward.offload=true"])
-        out += [_halve(cfg, "rollout.batch_size"), _halve(cfg, "reward.batch_size"), _halve(cfg, "ppo.micro_batch_size")]
-    if stage == "rejection-sampling":
-        out += [_halve(cfg, "generation.batch_size"), _halve(cfg, "reward.batch_size")]
-    if stage == "gatt":
-        out += [_halve(cfg, "sampling.batch_size"), _halve(cfg, "eval.batch_size")]
+    out += _STAGE_CANDIDATES[stage](cfg) if stage in _STAGE_CANDIDATES else []
     if hasattr(cfg, "train"):
         out.append(_halve(cfg, "train.micro_batch_size", keep="train.grad_accum"))
     zero = read_zero(cfg.distributed.deepspeed) if cfg.distributed.deepspeed else None

@@ -34,7 +34,7 @@ if [ "$REHEARSAL" = 0 ]; then
   NPROC=${NPROC:-$(for n in 8 4 2 1; do [ "$GPUS" -ge $n ] && echo $n && break; done)}
   PRECISION=bf16; DTYPE=bfloat16; RESULT=benchmarks/gpu_smoke.json
 else
-  NPROC=${NPROC:-2}; PRECISION=no; DTYPE=float32; RESULT=$OUT/rehearsal.json
+  NPROC=${NPROC:-2}; PRECISION="'no'"; DTYPE=float32; RESULT=$OUT/rehearsal.json  # quoted: YAML reads no as false
 fi
 DS=recipes/deepspeed/$ZERO.json
 [ -f "$DS" ] || { echo "gpu_smoke: ERROR: $DS not found (ZERO=zero2, zero3 or zero3_offload)" >&2; exit 2; }
@@ -45,8 +45,9 @@ COMMON=(--set "distributed.deepspeed=$DS" --set "distributed.mixed_precision=$PR
         --set logging.progress=false --set logging.tensorboard=false)
 echo "gpu_smoke: $NPROC process(es), $ZERO, precision $PRECISION, into $OUT"
 
-# run NAME STAGE RECIPE [--set ...]: one stage under torchrun; appends its seconds, exit code and peak
-# GPU memory (MiB, max over GPUs, nvidia-smi every 0.5 s) to $STEPS. A failed stage is recorded, not fatal.
+# [NP=n] run NAME STAGE RECIPE [--set ...]: one stage under torchrun with NP (default NPROC) processes;
+# appends its seconds, exit code and peak GPU memory (MiB, max over GPUs, nvidia-smi every 0.5 s) to
+# $STEPS. A failed stage is recorded, not fatal.
 run() {
   local name=$1 stage=$2 recipe=$3; shift 3
   local log=$OUT/$name.log mem=$OUT/$name.mem sampler="" start end code=0
@@ -55,19 +56,20 @@ run() {
     sampler=$!
   fi
   start=$(date +%s%N)
-  "$PY" -m torch.distributed.run --nproc_per_node="$NPROC" --master_addr=127.0.0.1 --master_port=$((29600 + RANDOM % 300)) \
+  "$PY" -m torch.distributed.run --nproc_per_node="${NP:-$NPROC}" --master_addr=127.0.0.1 --master_port=$((29600 + RANDOM % 300)) \
     -m alignment.cli "$stage" --recipe "$recipe" --set "output.dir=$OUT/$name" "${COMMON[@]}" "$@" > "$log" 2>&1 || code=$?
   end=$(date +%s%N)
   [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
   local peak=null
   [ -s "$mem" ] && peak=$(sort -n "$mem" | tail -1)
-  printf '{"name": "%s", "stage": "%s", "recipe": "%s", "exit": %d, "seconds": %s, "peak_gpu_mib": %s}\n' \
-    "$name" "$stage" "$recipe" "$code" "$(awk "BEGIN {print ($end - $start) / 1e9}")" "$peak" >> "$STEPS"
+  printf '{"name": "%s", "stage": "%s", "recipe": "%s", "processes": %d, "exit": %d, "seconds": %s, "peak_gpu_mib": %s}\n' \
+    "$name" "$stage" "$recipe" "${NP:-$NPROC}" "$code" "$(awk "BEGIN {print ($end - $start) / 1e9}")" "$peak" >> "$STEPS"
   if [ "$code" = 0 ]; then echo "gpu_smoke: $name done"; else echo "gpu_smoke: $name FAILED (exit $code), see $log" >&2; tail -20 "$log" >&2; fi
 }
 
 "$PY" -m alignment.cli data toyworld --out "$DATA" > "$OUT/data.log"
-run base pretrain recipes/tiny/pretrain.yaml --set "data.corpus=[{path: $DATA/pretrain.jsonl, limit: 4000}]" \
+# pretrain trains its tokenizer and plans its steps for one process (alignment/stages/pretrain.py)
+NP=1 run base pretrain recipes/tiny/pretrain.yaml --set "data.corpus=[{path: $DATA/pretrain.jsonl, limit: 4000}]" \
   --set train.max_steps=30
 run sft sft recipes/tiny/sft.yaml --set "model.path=$OUT/base/final" --set "model.dtype=$DTYPE" \
   --set "data.train=[{path: $DATA/sft_train.jsonl}]" --set "data.eval=[{path: $DATA/sft_eval.jsonl, limit: 200}]" \

@@ -282,6 +282,8 @@ def test_align_plan_prints_the_plan_and_says_whether_it_fits(capsys):
     assert _align("plan", "--recipe", str(REPO / "recipes/llama2-7b/sft.yaml"), "--gpus", "8",
                   "--gpu-memory", "lots")[0] == 2
     assert "--gpu-memory 'lots'" in capsys.readouterr().err
+    assert _align("plan", "--recipe", str(REPO / "recipes/tiny/pretrain.yaml"), "--gpus", "1")[0] == 2
+    assert "no memory plan for stage 'pretrain'" in capsys.readouterr().err
 
 
 def test_shapes_come_from_config_json_or_the_path(tmp_path):
@@ -298,3 +300,20 @@ def test_shapes_come_from_config_json_or_the_path(tmp_path):
     assert resolve_shape("my/model", "llama2-7b") == LLAMA2["llama2-7b"]
     with pytest.raises(ValueError, match="cannot tell the shape"):
         resolve_shape("my/model")
+    (tmp_path / "config.json").write_text('{"vocab_size": 2048, "d_model": 192}')
+    with pytest.raises(ValueError, match="no hidden_size, intermediate_size, num_hidden_layers, num_attention_heads"):
+        resolve_shape(str(tmp_path))
+
+
+def test_readme_plan_outputs_are_what_align_plan_prints(monkeypatch):
+    """The outputs pasted in README "Running the Llama-2 recipes" stay current."""
+    import shlex
+
+    monkeypatch.chdir(REPO)
+    blocks = re.findall(r"^```\w*\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
+    pasted = [chunk for block in blocks for chunk in re.split(r"\n(?=\$ )", block) if chunk.startswith("$ align plan")]
+    assert len(pasted) == 4
+    for chunk in pasted:
+        command, _, expected = chunk.partition("\n")
+        code, text = _align(*shlex.split(command)[2:])
+        assert text.rstrip("\n") == expected.rstrip("\n"), command
