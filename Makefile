@@ -82,5 +82,16 @@ install-browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
 		|| (sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+.PHONY: plan gpu-smoke
+
+# Per-GPU memory of a recipe on GPUS per node x NODES (see README "Running the Llama-2 recipes").
+plan: install
+	$(BIN)/align plan --recipe $(or $(RECIPE),recipes/llama2-7b/sft.yaml) --gpus $(or $(GPUS),8) --nodes $(or $(NODES),1)
+
+# Every tiny stage on CUDA in bf16 under DeepSpeed ZeRO (ZERO=zero2|zero3), vLLM where installed;
+# figures in benchmarks/gpu_smoke.json. Fails with a clear message on a machine without a CUDA device.
+gpu-smoke: install
+	PY=$(BIN)/python scripts/gpu_smoke.sh
+
 clean:
 	rm -rf runs

@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--top-p", type=float, default=0.9)
     ann.add_argument("--max-new-tokens", type=int, default=128)
     ann.add_argument("--seed", type=int, default=0)
+    plan = sub.add_parser("plan", help="per-GPU memory of a recipe's models and phases under its ZeRO settings; "
+                          "whether it fits and what to change (exit 1 when it does not fit)")
+    plan.add_argument("--recipe", required=True, help="a stage or pipeline recipe YAML")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, 80GB or 141GB (read as GiB, as GPUs are sold)")
+    plan.add_argument("--stage", choices=list(STAGES), help="the recipe's stage command (found from the recipe if left out)")
+    plan.add_argument("--model", help="shape of models whose path names no Llama-2 size and has no config.json "
+                      "(llama2-7b, llama2-13b, llama2-70b)")
+    plan.add_argument("--prompt-tokens", type=int, default=512, help="prompt length assumed for generation and PPO")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe value before planning (repeatable)")
     return parser
 
 
@@ -110,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                          temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                          seed=args.seed)
             return 0
+        if args.command == "plan":
+            from alignment.plan import run_plan
+
+            return run_plan(args)
         _, target, _ = STAGES[args.command]
         from alignment.config import load_config
 

@@ -90,13 +90,27 @@ def deepspeed_config(path: str, train: TrainSection, optim: OptimSection, world:
     return ds_json
 
 
+def deepspeed_json(dist: DistributedSection) -> str | None:
+    """The DeepSpeed JSON of a run: the recipe's `distributed.deepspeed`. An `accelerate launch` config that
+    names one (recipes/accelerate/) must name the same file, and stands in when the recipe names none."""
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if launcher == "none":
+        return dist.deepspeed
+    if dist.deepspeed and Path(dist.deepspeed).resolve() != Path(launcher).resolve():
+        raise ValueError(f"the accelerate config names DeepSpeed config {launcher} but the recipe's "
+                         f"distributed.deepspeed is {dist.deepspeed}: launch with the accelerate config of the same "
+                         f"ZeRO stage, or --set distributed.deepspeed={launcher}")
+    return dist.deepspeed or launcher
+
+
 def make_accelerator(dist: DistributedSection, train: TrainSection, optim: OptimSection):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
     mixed = resolve_mixed_precision(dist)
     plugin = None
-    if dist.deepspeed:
+    ds_json = deepspeed_json(dist)
+    if ds_json:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # accelerate initialises DeepSpeed's process group only when told so before its state exists
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -105,7 +119,7 @@ def make_accelerator(dist: DistributedSection, train: TrainSection, optim: Optim
             from accelerate import PartialState
 
             PartialState(backend="gloo")
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(dist.deepspeed, train, optim, world, mixed))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_json, train, optim, world, mixed))
     return Accelerator(gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed,
                        deepspeed_plugin=plugin)
 

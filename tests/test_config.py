@@ -1,4 +1,5 @@
 """The strict config loader: unknown keys and wrong types at any depth, in YAML and in --set."""
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,22 @@ def test_every_recipe_in_the_repo_loads():
         stage = "rm" if stage.startswith("rm-") else stage  # rm_helpful, rm_safety_hh_pku, rm_fixture_mix, ...
         assert stage in STAGES, f"{path}: no stage named {stage!r} (name recipe files after their stage)"
         load_config(config_class(stage), path)
+
+
+@pytest.mark.parametrize("size", ["7b", "13b", "70b"])
+def test_llama2_recipes_have_every_stage_and_their_pipeline_resolves(size, monkeypatch):
+    """Every stage of a Llama-2 size has its recipe; the size's pipeline resolves each stage's config (its
+    recipe plus the pipeline's overrides) through the strict loader; every DeepSpeed JSON and accelerate
+    launcher config a recipe names exists."""
+    from alignment.pipeline import PipelineConfig, plan_pipeline
+
+    monkeypatch.chdir(REPO)  # recipes name each other relative to the repository root
+    folder = REPO / "recipes" / f"llama2-{size}"
+    assert {"sft", "rm_helpful", "rm_safety", "rejection_sampling", "ppo", "gatt", "pipeline"} <= {
+        p.stem for p in folder.glob("*.yaml")}
+    planned = plan_pipeline(load_config(PipelineConfig, folder / "pipeline.yaml"))
+    assert [p["spec"].stage for p in planned] == ["sft", "rm", "rm", "rejection-sampling", "ppo", "gatt"]
+    assert all(p["spec"].processes == 8 for p in planned)
+    for path in folder.glob("*.yaml"):
+        for ref in re.findall(r"recipes/(?:deepspeed|accelerate)/[\w.]+", path.read_text()):
+            assert (REPO / ref).is_file(), f"{path.name} names {ref}, which does not exist"
