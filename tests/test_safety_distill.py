@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 import yaml
 
 from alignment.config import SafetyDistillConfig, SafetyPrepromptSection, load_config
@@ -60,11 +61,8 @@ def test_kept_rows_train_on_the_prompt_without_the_preprompt():
     assert row["meta"]["safety_gain"] == pytest.approx(0.5)
 
 
-def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, tokenizer):
-    from alignment.evaluate import load_rm_for_inference, rm_sigmoids
-
+def _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **overrides) -> SafetyDistillConfig:
     rm_dir = nano_reward_model(nano_model_dir, tokenizer, tmp_path / "safety_rm", seed=2)
-    prompts = [*toyworld.rl_prompts(0, 40)]  # helpful, borderline and adversarial: only the adversarial are used
     prompt_file = write_jsonl(tmp_path / "prompts.jsonl", prompts)
     eval_file = write_jsonl(tmp_path / "eval.jsonl", [*toyworld.eval_prompts(0, 2, "adversarial"),
                                                      *toyworld.eval_prompts(0, 2, "borderline")])
@@ -82,7 +80,15 @@ def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, token
     }
     recipe = tmp_path / "sd.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    cfg = load_config(SafetyDistillConfig, recipe)
+    return load_config(SafetyDistillConfig, recipe, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, tokenizer):
+    from alignment.evaluate import load_rm_for_inference, rm_sigmoids
+
+    prompts = [*toyworld.rl_prompts(0, 40)]  # helpful, borderline and adversarial: only the adversarial are used
+    cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts)
+    rm_dir = cfg.judge.safety_rm
     summary = run_safety_distill(cfg)
     run = tmp_path / "run"
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
@@ -109,3 +115,15 @@ def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, token
     assert {"start", "final"} <= set(summary["eval"]) and "violation_rate" in summary["eval"]["final"]
     assert summary["sampling"]["kept"] == len(kept)
     assert run_safety_distill(cfg)["sampling"]["kept"] == len(kept)  # finished: nothing is redone
+
+
+def test_nothing_kept_leaves_the_model_unchanged(tmp_path, nano_model_dir, tokenizer):
+    from safetensors.torch import load_file
+
+    prompts = toyworld.eval_prompts(0, 3, "adversarial")
+    cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **{"judge.min_gain": 1.0})  # no sigmoid gains 1
+    summary = run_safety_distill(cfg)
+    assert summary["sampling"]["kept"] == 0 and summary["fine_tuned"] is False
+    final, start = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(nano_model_dir / "model.safetensors")
+    assert final.keys() == start.keys() and all(torch.equal(final[k], start[k]) for k in start)
+    assert (tmp_path / "run" / "done.json").is_file() and "final" in summary["eval"]

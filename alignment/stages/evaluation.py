@@ -213,15 +213,20 @@ def run_eval(cfg: EvalConfig) -> dict:
     run.prepare(source_hashes(_inputs(cfg)))
     root = run.path
 
-    against = [parse_checkpoint(cfg.against)] if cfg.against else []
-    results = [Results(root, name, path) for name, path in checkpoints + against]
-    for r in results:
+    results = [Results(root, name, path) for name, path in checkpoints]
+    reference = None
+    if cfg.against:  # a reference that is one of the checkpoints is not evaluated twice
+        name, path = parse_checkpoint(cfg.against)
+        same = [r for r in results if Path(r.path).resolve() == Path(path).resolve()]
+        reference = same[0] if same else Results(root, name, path)
+    todo = results + ([reference] if reference is not None and reference not in results else [])
+    for r in todo:
         answer_all(cfg, r, rows)
-    score_all(cfg, results, rows)
+    score_all(cfg, todo, rows)
 
     j = cfg.judges
-    entries = []
-    for r in results:
+    entries = {}
+    for r in todo:
         records = judge_answers(rows, r.state["answers"], kinds, rm_scores=r.state["scores"],
                                 refusal_markers=j.refusal_markers, safety_threshold=j.safety_threshold)
         write_jsonl(root / "answers" / f"{r.name}.jsonl",
@@ -229,14 +234,16 @@ def run_eval(cfg: EvalConfig) -> dict:
         entry = {"name": r.name, "path": r.path, **summarize(records, j.safety_threshold)}
         if "gatt" in r.state:
             entry["gatt"] = r.state["gatt"]
-        entries.append((entry, records))
-    reference = entries[len(checkpoints)] if against else None
+        entries[r.name] = (entry, records)
     if reference is not None:
-        for entry, records in entries[:len(checkpoints)]:
-            entry["win_rates"] = compare(records, reference[1], j.tie_margin)
-    result = {"checkpoints": [e for e, _ in entries[:len(checkpoints)]],
-              "against": reference[0] if reference else None,
-              "prompts": {k: kinds.count(k) for k in KINDS}, "gold": "gold_helpfulness" in entries[0][1][0],
+        for r in results:
+            entries[r.name][0]["win_rates"] = compare(entries[r.name][1], entries[reference.name][1], j.tie_margin)
+    against = None
+    if reference is not None:  # under its own name, without the win rates it has as a checkpoint
+        against = {k: v for k, v in entries[reference.name][0].items() if k != "win_rates"}
+        against["name"] = parse_checkpoint(cfg.against)[0]
+    result = {"checkpoints": [entries[r.name][0] for r in results], "against": against,
+              "prompts": {k: kinds.count(k) for k in KINDS}, "gold": "gold_helpfulness" in records[0],
               "judges": {name: getattr(j, name) for name in RM_JUDGES}}
     write_json_atomic(root / "eval.json", result)
     plot_all(result, root)
@@ -271,6 +278,13 @@ def format_table(result: dict) -> str:
                 cells.append("-" if w is None or w["n"] == 0 else
                              f"{w['win']:.2f}/{w['tie']:.2f}/{w['loss']:.2f} ({w['win_rate']:.2f})")
             lines.append(e["name"].ljust(width) + "".join(c.rjust(24) for c in cells))
+    for key in ("instructions", "zero_shot"):
+        rows = [(e["name"], e["gatt"][key]) for e in entries if key in e.get("gatt", {})]
+        if rows:
+            turns = sorted(rows[0][1], key=int)
+            lines.append(f"GAtt: share of answers keeping the system instruction ({key.replace('_', '-')}), by turn")
+            lines.append("checkpoint".ljust(width) + "".join(f"t={t}".rjust(8) for t in turns))
+            lines += [name.ljust(width) + "".join(_cell(rates[t]).rjust(8) for t in turns) for name, rates in rows]
     return "\n".join(lines)
 
 
@@ -302,7 +316,8 @@ def plot_all(result: dict, root: Path) -> None:
         for ax, panel in zip(axes[0], panels):
             if panel == "rates":
                 labels, values = zip(*_rates(entry))
-                ax.barh(labels, values, color="tab:blue")
+                bars = ax.barh(labels, values, color="tab:blue")
+                ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
                 ax.set(xlim=(0, 1), title=f"{entry['name']}: rates and mean scores")
                 ax.invert_yaxis()
             elif panel == "wins":
@@ -318,10 +333,12 @@ def plot_all(result: dict, root: Path) -> None:
             else:
                 for key, style in (("instructions", "o-"), ("zero_shot", "s--")):
                     rates = entry["gatt"].get(key, {})
-                    points = [(int(t), v) for t, v in rates.items() if v is not None]
+                    points = sorted((int(t), v) for t, v in rates.items() if v is not None)
                     if points:
                         ax.plot(*zip(*points), style, label=key.replace("_", " "))
                 ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="dialog turn", title="GAtt: instruction kept")
+                ticks = sorted({int(t) for rates in entry["gatt"].values() for t in rates})
+                ax.set_xticks(ticks, [str(t) for t in ticks])
                 ax.legend(fontsize=7)
         fig.tight_layout()
         _save(fig, root / "plots" / f"{entry['name']}.png")
@@ -329,9 +346,9 @@ def plot_all(result: dict, root: Path) -> None:
     entries = result["checkpoints"]
     names = [e["name"] for e in entries]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 3), 3.8))
-    for key, label in TABLE:
+    for (key, label), marker in zip(TABLE, "osv^<>Dp"):  # distinct markers: equal series stay visible
         if any(key in e for e in entries):
-            ax.plot(names, [e.get(key) for e in entries], "o-", label=label)
+            ax.plot(names, [e.get(key) for e in entries], f"{marker}-", label=label, alpha=0.85)
     ax.set(ylim=(0, 1), title="Metrics per checkpoint")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, root / "progress.png")

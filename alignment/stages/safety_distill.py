@@ -15,7 +15,8 @@
    original's by more than `judge.min_gain` (`keep_improved`).
 4. Fine-tuning: the kept answers, on the prompts without the preprompt, with the SFT loss on the answer
    (`stages.sft.fine_tune`); the held-out loss and (toy world) the gold metrics before and after
-   (`eval.prompts`, `eval.compare_base`), as SFT does.
+   (`eval.prompts`, `eval.compare_base`), as SFT does. Where no answer is kept (an already safe model),
+   nothing is trained and final/ is a copy of the starting model.
 
 Layout of `output.dir` (besides the RunDir files and the fine-tune's checkpoints):
 
@@ -28,7 +29,9 @@ Layout of `output.dir` (besides the RunDir files and the fine-tune's checkpoints
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -218,12 +221,12 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     while not summary_path.is_file():  # other processes meet the main one on its files
         time.sleep(2.0)
     dialogs = load_records(kept_path, "sft_dialog")
-    if not dialogs:
-        raise ValueError(f"[safety-distill] no preprompted answer scored above the original (see {samples_path}); "
-                         "try other preprompts or answer templates, or a lower judge.min_gain")
     sft_cfg = distill_sft_config(cfg, kept_path)
-    summary = fine_tune(sft_cfg, dialogs, run, {**inputs, str(kept_path): file_sha256(kept_path)},
-                        desc="safety-distill")
+    if dialogs:
+        summary = fine_tune(sft_cfg, dialogs, run, {**inputs, str(kept_path): file_sha256(kept_path)},
+                            desc="safety-distill")
+    else:  # the preprompt improves no answer: the model is already as safe as it makes it
+        summary = keep_unchanged(cfg, run, samples_path)
     summary["sampling"] = json.loads(summary_path.read_text())
     if is_main_process():
         summary["eval"] = evaluate_policy(sft_cfg, run, eval_dialogs, eval_prompts)
@@ -231,6 +234,24 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
         print_eval_table("safety-distill", summary["eval"], ("heldout_loss", "gold_helpfulness", "violation_rate",
                                                              "helpful_refusal_rate", "borderline_refusal_rate"))
     return summary
+
+
+def keep_unchanged(cfg: SafetyDistillConfig, run: RunDir, samples_path: Path) -> dict:
+    """No answer to train on: final/ is a copy of the starting model, so later stages and reports read on."""
+    from alignment.runs import commit_dir
+
+    source = Path(cfg.model.path)
+    if not source.is_dir():
+        raise ValueError(f"[safety-distill] no preprompted answer scored above the original (see {samples_path}) "
+                         f"and model.path {source} is not a local directory to copy as final/")
+    print(f"[safety-distill] no preprompted answer scored above the original (see {samples_path}); "
+          f"final/ is the starting model unchanged")
+    if is_main_process() and not (run.final_dir / "config.json").is_file():
+        tmp = run.path / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("COMPLETE"))
+        commit_dir(tmp, run.final_dir)
+    return {"examples": 0, "fine_tuned": False}
 
 
 def print_sampling(counts: dict) -> None:
