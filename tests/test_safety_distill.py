@@ -115,6 +115,11 @@ def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, token
     assert {"start", "final"} <= set(summary["eval"]) and "violation_rate" in summary["eval"]["final"]
     assert summary["sampling"]["kept"] == len(kept)
     assert run_safety_distill(cfg)["sampling"]["kept"] == len(kept)  # finished: nothing is redone
+    # killed after sampling: a re-run samples nothing again and trains from the saved answers
+    stamp = (run / "samples.jsonl").stat().st_mtime_ns
+    (run / "done.json").unlink()
+    again = run_safety_distill(cfg)
+    assert (run / "samples.jsonl").stat().st_mtime_ns == stamp and again["sampling"]["kept"] == len(kept)
 
 
 def test_nothing_kept_leaves_the_model_unchanged(tmp_path, nano_model_dir, tokenizer):
@@ -124,6 +129,7 @@ def test_nothing_kept_leaves_the_model_unchanged(tmp_path, nano_model_dir, token
     cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **{"judge.min_gain": 1.0})  # no sigmoid gains 1
     summary = run_safety_distill(cfg)
     assert summary["sampling"]["kept"] == 0 and summary["fine_tuned"] is False
-    final, start = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(nano_model_dir / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    start = load_file(nano_model_dir / "model.safetensors")
     assert final.keys() == start.keys() and all(torch.equal(final[k], start[k]) for k in start)
     assert (tmp_path / "run" / "done.json").is_file() and "final" in summary["eval"]

@@ -132,10 +132,11 @@ def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
     del rm
     kept = keep_improved(scores["original"], scores["distilled"], j.min_gain)
     kept = [k and bool(d.strip()) for k, d in zip(kept, answers["distilled"])]  # an empty answer teaches nothing
+    columns = zip(rows, categories, preprompts, answers["original"], answers["distilled"], scores["original"],
+                  scores["distilled"], kept)
     samples = [{"id": row["id"], "category": c, "preprompt": p, "original": o, "distilled": d,
                 "original_safety": so, "distilled_safety": sd, "kept": k}
-               for row, c, p, o, d, so, sd, k in zip(rows, categories, preprompts, answers["original"],
-                                                     answers["distilled"], scores["original"], scores["distilled"], kept)]
+               for row, c, p, o, d, so, sd, k in columns]
     if rows and all(r.get("source") == "toyworld" for r in rows):
         from alignment.data import toyworld
 
@@ -210,15 +211,17 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     run.prepare(inputs, is_main=is_main_process())
 
     summary_path, samples_path, kept_path = (run.path / n for n in ("distill.json", "samples.jsonl", "kept.jsonl"))
-    reuse = summary_path.is_file() and json.loads(summary_path.read_text()).get("config_hash") == run.hash
-    if is_main_process() and not reuse:
+    def sampled() -> bool:  # by this config: a file left by another config is redone, never read
+        return summary_path.is_file() and json.loads(summary_path.read_text()).get("config_hash") == run.hash
+
+    if is_main_process() and not sampled():
         samples = sample_answers(cfg, rows)
         write_jsonl(samples_path, samples)
         write_jsonl(kept_path, distilled_dialogs(rows, samples))
         counts = {**sampling_summary(samples), "config_hash": run.hash}
         write_json_atomic(summary_path, counts)  # last: marks the sampling finished
         print_sampling(counts)
-    while not summary_path.is_file():  # other processes meet the main one on its files
+    while not sampled():  # other processes meet the main one on its files
         time.sleep(2.0)
     dialogs = load_records(kept_path, "sft_dialog")
     sft_cfg = distill_sft_config(cfg, kept_path)
