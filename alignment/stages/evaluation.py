@@ -131,7 +131,7 @@ class Results:
         write_json_atomic(self.file, self.state)
 
 
-def answer_all(cfg: EvalConfig, results: Results, rows: list[dict]) -> None:
+def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: list[str]) -> None:
     """The checkpoint's answers to every prompt (and its adherence by turn), unless already saved."""
     from alignment.evaluate import answer_prompts
     from alignment.stages.gatt import load_policy
@@ -149,16 +149,16 @@ def answer_all(cfg: EvalConfig, results: Results, rows: list[dict]) -> None:
         del model
         results.save()
     if _gatt_wanted(cfg) and "gatt" not in results.state:
-        results.state["gatt"] = gatt_adherence(cfg, results.path, rows)
+        results.state["gatt"] = gatt_adherence(cfg, results.path, gatt_users)
         results.save()
 
 
-def gatt_adherence(cfg: EvalConfig, path: str, rows: list[dict]) -> dict:
-    """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (the sets given)."""
-    from alignment.stages.gatt import adherence_by_turn, check_constraint_types, user_messages
+def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
+    """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (the sets given),
+    the dialogs' user turns drawn from `users`."""
+    from alignment.stages.gatt import adherence_by_turn, check_constraint_types
 
     e = cfg.gatt
-    users = user_messages(load_sources(e.prompts, "rl_prompt")) if e.prompts else [last_user_message(r) for r in rows]
     out = {}
     for key, sources in (("instructions", e.instructions), ("zero_shot", e.zero_shot_instructions)):
         instructions = load_sources(sources, "gatt_instruction")[:e.max_instructions]
@@ -220,8 +220,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         same = [r for r in results if Path(r.path).resolve() == Path(path).resolve()]
         reference = same[0] if same else Results(root, name, path)
     todo = results + ([reference] if reference is not None and reference not in results else [])
+    # GAtt dialogs: user turns from gatt.prompts, else from the helpful prompts
+    gatt_users = ([last_user_message(r) for r in load_sources(cfg.gatt.prompts, "rl_prompt")] if cfg.gatt.prompts
+                  else [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
     for r in todo:
-        answer_all(cfg, r, rows)
+        answer_all(cfg, r, rows, gatt_users)
     score_all(cfg, todo, rows)
 
     j = cfg.judges
