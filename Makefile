@@ -61,6 +61,15 @@ ppo: install
 gatt: install
 	$(BIN)/align gatt --recipe $(or $(RECIPE),recipes/tiny/gatt.yaml)
 
+.PHONY: safety-distill eval
+safety-distill: install
+	$(BIN)/align safety-distill --recipe $(or $(RECIPE),recipes/tiny/safety_distill.yaml)
+
+# make eval CHECKPOINT=runs/demo/sft/final AGAINST=runs/demo/base/final (or the recipe's checkpoints)
+eval: install
+	$(BIN)/align eval --recipe $(or $(RECIPE),recipes/tiny/eval.yaml) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		$(if $(AGAINST),--against $(AGAINST))
+
 pipeline: install
 	$(BIN)/align pipeline --recipe $(or $(RECIPE),recipes/tiny/pipeline.yaml)
 

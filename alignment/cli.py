@@ -19,6 +19,12 @@ STAGES = {
     "gatt": ("GAttConfig", "alignment.stages.gatt:run_gatt",
              "Ghost Attention: multi-turn dialogs sampled with the instruction on every turn, fine-tuned with it "
              "as first-turn system prompt"),
+    "safety-distill": ("SafetyDistillConfig", "alignment.stages.safety_distill:run_safety_distill",
+                       "safety context distillation: answers with a safety preprompt, kept where the safety RM "
+                       "improves, fine-tuned without it"),
+    "eval": ("EvalConfig", "alignment.stages.evaluation:run_eval",
+             "evaluate policy checkpoints: gold and RM metrics, violations, false refusals, win rates, GAtt "
+             "adherence; eval.json, table, plots"),
     "pipeline": ("alignment.pipeline:PipelineConfig", "alignment.pipeline:run_pipeline",
                  "the whole recipe as one resumable run (stages, lineage manifest, report)"),
 }
@@ -47,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set optim.lr=1e-5 (repeatable)")
+        if name == "eval":
+            p.add_argument("--checkpoint", dest="checkpoints", action="append", default=[], metavar="[NAME=]DIR",
+                           help="a policy checkpoint to evaluate (repeatable; replaces the recipe's list)")
+            p.add_argument("--against", metavar="[NAME=]DIR", help="the checkpoint win rates are measured against")
     data = sub.add_parser("data", help="make and inspect data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="<data-command>")
     toy = data_sub.add_parser("toyworld", help="write the toy world's data files (schema-valid JSONL)")
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         _, target, _ = STAGES[args.command]
         from alignment.config import load_config
 
-        cfg = load_config(config_class(args.command), args.recipe, args.overrides)
+        cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
         _import(target)(cfg)
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
@@ -138,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         kind = "data error" if isinstance(e, DataValidationError) else "error"
         print(f"align {args.command}: {kind}: {e}", file=sys.stderr)
         return 2
+
+
+def _eval_overrides(args) -> list[str]:
+    """`align eval --checkpoint/--against` as recipe overrides (JSON-quoted: paths may hold YAML characters)."""
+    import json
+
+    out = []
+    if args.command == "eval" and args.checkpoints:
+        out.append(f"checkpoints={json.dumps(args.checkpoints)}")
+    if args.command == "eval" and args.against:
+        out.append(f"against={json.dumps(args.against)}")
+    return out
 
 
 def _data(args) -> int:

@@ -58,3 +58,19 @@ def nano_model_dir(tmp_path_factory, tokenizer) -> Path:
     build_tiny_llama(tokenizer, "nano", seed=0).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def nano_reward_model(nano_model_dir: Path, tokenizer, out: Path, seed: int, std: float = 0.5) -> Path:
+    """A saved nano reward model (seq-cls, one label) whose random score head gives sigmoid scores spread
+    around 0.5 (not saturated), so comparisons of two answers' scores are decided by real margins."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(nano_model_dir, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, std)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -14,7 +14,7 @@ from alignment.data.toyworld.text import words
 SMALL = {"pretrain": 300, "sft_train": 200, "sft_eval": 60, "pref_helpful_train": 200,
          "pref_helpful_test": 80, "pref_safety_train": 200, "pref_safety_test": 80, "rl_prompts": 100,
          "eval_helpful": 60, "eval_adversarial": 60, "eval_borderline": 60, "gatt_instructions": 40,
-         "gatt_heldout_instructions": 20}
+         "gatt_heldout_instructions": 20, "sft_train_lax": 200}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_write_toyworld_files_manifest_and_sizes(world):
     expected = {"pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "pref_helpful_train.jsonl",
                 "pref_helpful_test.jsonl", "pref_safety_train.jsonl", "pref_safety_test.jsonl",
                 "rl_prompts.jsonl", "eval_helpful.jsonl", "eval_adversarial.jsonl", "eval_borderline.jsonl",
-                "gatt_instructions.jsonl", "gatt_heldout_instructions.jsonl", "manifest.json"}
+                "gatt_instructions.jsonl", "gatt_heldout_instructions.jsonl", "sft_train_lax.jsonl", "manifest.json"}
     assert {p.rsplit("/", 1)[1] for p in world.values()} == expected
     manifest = json.load(open(world["manifest"]))
     import hashlib
@@ -311,7 +311,7 @@ def test_no_held_out_prompt_reaches_a_training_file(world):
                 assert T.prompt_split(m["content"]) == "test"
     test_keys = {T.parse_prompt(p)[1] for p in test_prompts}
     train_prompts = []
-    for r in _rows(world["sft_train"]):
+    for r in _rows(world["sft_train"]) + _rows(world["sft_train_lax"]):
         train_prompts += [m["content"] for m in r["messages"] if m["role"] == "user"]
     for name in ("pref_helpful_train", "pref_safety_train", "rl_prompts"):
         train_prompts += [r["prompt"] for r in _rows(world[name])]
@@ -366,7 +366,7 @@ def test_safety_pairs_categories_and_no_unsafe_chosen_over_safe():
 def test_row_shapes(world):
     for r in _rows(world["pretrain"]):
         assert set(r) == {"text"} and r["text"] and "[INST]" not in r["text"]
-    for name in ("sft_train", "sft_eval"):
+    for name in ("sft_train", "sft_eval", "sft_train_lax"):
         for r in _rows(world[name]):
             assert set(r) == {"id", "messages", "source"} and r["source"] == "toyworld"
             roles = [m["role"] for m in r["messages"]]
@@ -424,6 +424,16 @@ def test_sft_demonstrations_are_good_but_imperfect_and_multi_turn_has_no_system(
     assert 0.1 < multi / len(rows) < 0.3 and 0.15 < system / len(rows) < 0.35
 
 
+def test_lax_demonstrations_answer_most_adversarial_prompts_unsafely():
+    def unsafe_share(rows):
+        pairs = [(u["content"], a["content"]) for r in rows for u, a in zip(r["messages"], r["messages"][1:])
+                 if u["role"] == "user" and T.prompt_kind(u["content"]) == "adversarial"]
+        return sum(not T.gold_safety(u, a) for u, a in pairs) / len(pairs)
+
+    assert 0.52 < unsafe_share(T.sft_dialogs(0, 1000, unsafe_share=0.6)) < 0.68
+    assert unsafe_share(T.sft_dialogs(0, 1000)) < 0.22  # the default set is unchanged by the option
+
+
 def test_eval_prompts_are_distinct_and_held_out():
     for kind in T.KINDS:
         rows = T.eval_prompts(0, 150, kind)
@@ -437,6 +447,7 @@ def test_files_validate_against_the_project_schemas(world):
     pytest.importorskip("jsonschema")
     io = pytest.importorskip("alignment.data.io")
     schema = {"pretrain": "text_document", "sft_train": "sft_dialog", "sft_eval": "sft_dialog",
+              "sft_train_lax": "sft_dialog",
               "rl_prompts": "rl_prompt", "eval_helpful": "rl_prompt", "eval_adversarial": "rl_prompt",
               "eval_borderline": "rl_prompt", "gatt_instructions": "gatt_instruction",
               "gatt_heldout_instructions": "gatt_instruction"}

@@ -131,10 +131,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     return summary
 
 
-def print_eval_table(stage: str, result: dict) -> None:
-    keys = ["heldout_loss", "gold_helpfulness", "violation_rate", "false_refusal_rate"]
+def print_eval_table(stage: str, result: dict, keys: tuple[str, ...] = ("heldout_loss", "gold_helpfulness",
+                                                                       "violation_rate", "false_refusal_rate")) -> None:
+    widths = [max(20, len(k) + 2) for k in keys]
     print(f"[{stage}] evaluation")
-    print("  " + "checkpoint".ljust(12) + "".join(k.rjust(20) for k in keys))
+    print("  " + "checkpoint".ljust(12) + "".join(k.rjust(w) for k, w in zip(keys, widths)))
     for name, entry in result.items():
-        cells = "".join((f"{entry[k]:.4f}" if k in entry else "-").rjust(20) for k in keys)
+        cells = "".join((f"{entry[k]:.4f}" if k in entry else "-").rjust(w) for k, w in zip(keys, widths))
         print("  " + name.ljust(12) + cells)

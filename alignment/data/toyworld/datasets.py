@@ -36,12 +36,16 @@ DEFAULT_SIZES = {
     "pref_safety_train": 3000, "pref_safety_test": 600,
     "rl_prompts": 500, "eval_helpful": 200, "eval_adversarial": 200, "eval_borderline": 200,
     "gatt_instructions": 200, "gatt_heldout_instructions": 50,
+    "sft_train_lax": 3000,
 }
 
 # SFT demonstrations: ~20% mediocre answers, ~15% of adversarial prompts answered unsafely.
 _SFT_QUALITY = {"helpful": {"best": 0.45, "good": 0.35, "mediocre": 0.2},
                 "borderline": {"best": 0.45, "good": 0.35, "mediocre": 0.2},
                 "adversarial": {"best": 0.5, "good": 0.35, "unsafe": 0.15}}
+# A lax annotator pool (sft_train_lax.jsonl): dialogs drawn the same way, but this share of the adversarial prompts
+# answered unsafely. An SFT model trained on it still violates, so safety stages have something to fix.
+LAX_UNSAFE_SHARE = 0.6
 _SFT_MULTI_TURN = 0.2
 _SFT_SYSTEM = 0.3  # share of single-turn dialogs with a GAtt instruction as system prompt
 
@@ -53,10 +57,17 @@ def rating_for_gap(gap: float, rng) -> str:
     return next(r for lo, r in RATING_THRESHOLDS if gap >= lo)
 
 
-def sft_dialogs(seed: int, n: int, split: str = "train") -> list:
+def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | None = None) -> list:
     """`n` SFT dialogs: mostly single-turn, 20% with 2-4 turns; some single-turn ones carry a GAtt
-    instruction as system prompt that the answer obeys; multi-turn dialogs carry none."""
+    instruction as system prompt that the answer obeys; multi-turn dialogs carry none. `unsafe_share`
+    replaces the share of adversarial prompts answered unsafely (default 15%); the safe answers keep
+    their best/good proportions."""
     rng = rng_for(seed, "sft", split)
+    mix = dict(_SFT_QUALITY)
+    if unsafe_share is not None:
+        safe = _SFT_QUALITY["adversarial"]
+        scale = (1.0 - unsafe_share) / (safe["best"] + safe["good"])
+        mix["adversarial"] = {"best": safe["best"] * scale, "good": safe["good"] * scale, "unsafe": unsafe_share}
     rows = []
     for i in range(n):
         multi = rng.random() < _SFT_MULTI_TURN
@@ -69,7 +80,7 @@ def sft_dialogs(seed: int, n: int, split: str = "train") -> list:
         for _ in range(rng.randint(2, 4) if multi else 1):
             kind = pick(rng, PROMPT_MIX)
             prompt = sample_prompt(rng, kind, split)
-            answer = sample_answer(rng, prompt, pick(rng, _SFT_QUALITY[kind]))
+            answer = sample_answer(rng, prompt, pick(rng, mix[kind]))
             if constraints:
                 answer = apply_instruction(constraints, answer)
             messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -216,8 +227,9 @@ FILES = {
     "eval_adversarial": "eval_adversarial.jsonl", "eval_borderline": "eval_borderline.jsonl",
     "gatt_instructions": "gatt_instructions.jsonl",
     "gatt_heldout_instructions": "gatt_heldout_instructions.jsonl",
+    "sft_train_lax": "sft_train_lax.jsonl",
 }
-TRAIN_FILES = ("pretrain", "sft_train", "pref_helpful_train", "pref_safety_train", "rl_prompts")
+TRAIN_FILES = ("pretrain", "sft_train", "pref_helpful_train", "pref_safety_train", "rl_prompts", "sft_train_lax")
 
 
 def _build(name, seed, n):
@@ -225,6 +237,8 @@ def _build(name, seed, n):
         return [{"text": t} for t in pretrain_corpus(seed, n)]
     if name in ("sft_train", "sft_eval"):
         return sft_dialogs(seed, n, "train" if name == "sft_train" else "test")
+    if name == "sft_train_lax":
+        return sft_dialogs(seed, n, "train", unsafe_share=LAX_UNSAFE_SHARE)
     if name.startswith("pref_"):
         _, kind, split = name.split("_")
         return preference_pairs(seed, n, "helpfulness" if kind == "helpful" else "safety", split)
