@@ -230,3 +230,20 @@ def test_the_reference_is_a_directory_or_one_of_the_checkpoints_by_name(tmp_path
     assert ref(f"chatgpt={tmp_path / 'other'}") == ("chatgpt", str(tmp_path / "other"))
     with pytest.raises(ValueError, match="a checkpoint's with another directory"):
         ref(f"sft={tmp_path / 'other'}")
+
+
+def test_pipeline_checkpoints_are_read_under_the_pipeline_directory(tmp_path, nano_model_dir):
+    from alignment.config import EvalConfig, from_dict
+    from alignment.stages.evaluation import checkpoint_list
+
+    run = tmp_path / "moved_run"
+    for rel in ("sft/final", "rlhf/iterations/v1/final", "safety/final"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).symlink_to(nano_model_dir)
+    stages = {n: {"stage": s, "status": "done", "dir": f"runs/demo/{n}"}  # relative to where the pipeline ran
+              for n, s in (("sft", "sft"), ("rlhf", "rejection-sampling"), ("safety", "safety-distill"))}
+    (run / "manifest.json").write_text(json.dumps({"order": ["sft", "rlhf", "safety"], "stages": stages}))
+    cfg = from_dict(EvalConfig, {"output": {"dir": "x"}, "pipeline": str(run), "against": "sft",
+                                 "checkpoints": [f"extra={nano_model_dir}"]})
+    assert checkpoint_list(cfg) == [("sft", str(run / "sft/final")), ("rlhf-v1", str(run / "rlhf/iterations/v1/final")),
+                                    ("safety", str(run / "safety/final")), ("extra", str(nano_model_dir))]

@@ -61,7 +61,14 @@ def checkpoint_list(cfg: EvalConfig) -> list[tuple[str, str]]:
         manifest = Path(cfg.pipeline) / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"pipeline: {manifest} not found (a pipeline run directory holds one)")
-        out += policy_checkpoints(json.loads(manifest.read_text()))
+        data = json.loads(manifest.read_text())
+        # stage dirs are recorded as the pipeline named them (<output.dir>/<stage>, maybe relative to where it
+        # ran): they are read under `pipeline` itself
+        roots = {Path(e["dir"]).parent for e in data["stages"].values()}
+        if len(roots) == 1:
+            for entry in data["stages"].values():
+                entry["dir"] = str(Path(cfg.pipeline) / Path(entry["dir"]).name)
+        out += policy_checkpoints(data)
     out += [parse_checkpoint(c) for c in cfg.checkpoints]
     if not out:
         raise ValueError("no checkpoint to evaluate: give --checkpoint DIR (repeatable) or pipeline: RUN_DIR")
@@ -236,8 +243,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         reference = same[0] if same else Results(root, against_name, path)
     todo = results + ([reference] if reference is not None and reference not in results else [])
     # GAtt dialogs: user turns from gatt.prompts, else from the helpful prompts
-    gatt_users = ([last_user_message(r) for r in load_sources(cfg.gatt.prompts, "rl_prompt")] if cfg.gatt.prompts
-                  else [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
+    gatt_users = ([last_user_message(r) for r in load_sources(cfg.gatt.prompts, "rl_prompt")]
+                  if cfg.gatt.prompts and _gatt_wanted(cfg) else
+                  [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
     for r in todo:
         answer_all(cfg, r, rows, gatt_users)
     score_all(cfg, todo, rows)
