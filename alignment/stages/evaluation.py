@@ -399,8 +399,8 @@ def plot_win_rates(result: dict, path: Path) -> None:
                   for e in result["checkpoints"] if x in e["win_rates"] and y in e["win_rates"]
                   and e["win_rates"][x]["n"] and e["win_rates"][y]["n"]]
         ax.plot([p[1] for p in points], [p[2] for p in points], "o-", color="tab:blue")
-        for name, px, py in points:
-            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (name, px, py) in enumerate(points):  # staggered: checkpoints often share a point
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
         ax.axhline(50, color="gray", ls="--", lw=0.8)
         ax.axvline(50, color="gray", ls="--", lw=0.8)
         ax.set(xlim=(0, 100), ylim=(0, 100), xlabel=f"helpfulness win rate % ({x})",
