@@ -212,3 +212,38 @@ def test_a_row_listed_under_the_wrong_kind_stops_with_file_and_row(tmp_path, eva
     with pytest.raises(ValueError, match=r"adversarial\.jsonl:1: kind: the row says 'adversarial'"):
         run_eval(cfg)
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+def test_the_reference_is_a_directory_or_one_of_the_checkpoints_by_name(tmp_path):
+    from alignment.config import EvalConfig, from_dict
+    from alignment.stages.evaluation import against_checkpoint, parse_checkpoint
+
+    assert parse_checkpoint("runs/demo/sft/final") == ("sft", "runs/demo/sft/final")
+    assert parse_checkpoint("v2=runs/demo/rlhf/iterations/v2/final") == ("v2", "runs/demo/rlhf/iterations/v2/final")
+    checkpoints = [("sft", str(tmp_path / "sft" / "final")), ("rlhf-v1", str(tmp_path / "v1"))]
+
+    def ref(against):
+        return against_checkpoint(from_dict(EvalConfig, {"output": {"dir": "x"}, "against": against}), checkpoints)
+
+    assert ref("sft") == ("sft", str(tmp_path / "sft" / "final"))  # by name
+    assert ref(str(tmp_path / "sft" / "final")) == ("sft", str(tmp_path / "sft" / "final"))  # the same directory
+    assert ref(f"chatgpt={tmp_path / 'other'}") == ("chatgpt", str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="a checkpoint's with another directory"):
+        ref(f"sft={tmp_path / 'other'}")
+
+
+def test_pipeline_checkpoints_are_read_under_the_pipeline_directory(tmp_path, nano_model_dir):
+    from alignment.config import EvalConfig, from_dict
+    from alignment.stages.evaluation import checkpoint_list
+
+    run = tmp_path / "moved_run"
+    for rel in ("sft/final", "rlhf/iterations/v1/final", "safety/final"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).symlink_to(nano_model_dir)
+    stages = {n: {"stage": s, "status": "done", "dir": f"runs/demo/{n}"}  # relative to where the pipeline ran
+              for n, s in (("sft", "sft"), ("rlhf", "rejection-sampling"), ("safety", "safety-distill"))}
+    (run / "manifest.json").write_text(json.dumps({"order": ["sft", "rlhf", "safety"], "stages": stages}))
+    cfg = from_dict(EvalConfig, {"output": {"dir": "x"}, "pipeline": str(run), "against": "sft",
+                                 "checkpoints": [f"extra={nano_model_dir}"]})
+    assert checkpoint_list(cfg) == [("sft", str(run / "sft/final")), ("rlhf-v1", str(run / "rlhf/iterations/v1/final")),
+                                    ("safety", str(run / "safety/final")), ("extra", str(nano_model_dir))]

@@ -4,7 +4,8 @@
     align eval --recipe recipes/tiny/eval.yaml --checkpoint runs/demo/sft/final --against runs/demo/base/final
 
 Checkpoints come from `checkpoints` ("DIR" or "NAME=DIR"; `--checkpoint` on the command line, repeatable)
-after those of a pipeline run (`pipeline: runs/demo`, in pipeline order: sft, rlhf-v1, ...). Prompt files
+after those of a pipeline run (`pipeline: runs/demo`, in pipeline order: sft, rlhf-v1, ...); `against`
+is "DIR", "NAME=DIR" or the name of one of them (`--against sft`). Prompt files
 are listed by kind (`prompts.helpful`, `.adversarial`, `.borderline`); where the rows are not the toy
 world's (real-format files), only the RM judges and the refusal markers apply. Metrics: see
 `alignment.evaluate.summarize` and `compare`.
@@ -60,19 +61,40 @@ def checkpoint_list(cfg: EvalConfig) -> list[tuple[str, str]]:
         manifest = Path(cfg.pipeline) / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"pipeline: {manifest} not found (a pipeline run directory holds one)")
-        out += policy_checkpoints(json.loads(manifest.read_text()))
+        data = json.loads(manifest.read_text())
+        # stage dirs are recorded as the pipeline named them (<output.dir>/<stage>, maybe relative to where it
+        # ran): they are read under `pipeline` itself
+        roots = {Path(e["dir"]).parent for e in data["stages"].values()}
+        if len(roots) == 1:
+            for entry in data["stages"].values():
+                entry["dir"] = str(Path(cfg.pipeline) / Path(entry["dir"]).name)
+        out += policy_checkpoints(data)
     out += [parse_checkpoint(c) for c in cfg.checkpoints]
     if not out:
         raise ValueError("no checkpoint to evaluate: give --checkpoint DIR (repeatable) or pipeline: RUN_DIR")
     names = [n for n, _ in out]
-    against = parse_checkpoint(cfg.against)[0] if cfg.against else None
     for name in names:
-        if names.count(name) > 1 or name == against:
+        if names.count(name) > 1:
             raise ValueError(f"checkpoint name {name!r} is used twice; name them with NAME=DIR")
-    for _, path in out + ([parse_checkpoint(cfg.against)] if cfg.against else []):
+    reference = against_checkpoint(cfg, out)
+    for _, path in out + ([reference] if reference else []):
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint {path}: no model there (config.json missing)")
     return out
+
+
+def against_checkpoint(cfg: EvalConfig, checkpoints: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """(name, dir) of the reference: "NAME=DIR", "DIR", or the name of one of the checkpoints. A name it
+    shares with a checkpoint must be that checkpoint."""
+    if not cfg.against:
+        return None
+    by_name = dict(checkpoints)
+    if "=" not in cfg.against and cfg.against in by_name and not Path(cfg.against).is_dir():
+        return cfg.against, by_name[cfg.against]
+    name, path = parse_checkpoint(cfg.against)
+    if name in by_name and Path(by_name[name]).resolve() != Path(path).resolve():
+        raise ValueError(f"against: the name {name!r} is a checkpoint's with another directory; use NAME=DIR")
+    return name, path
 
 
 def load_prompt_sets(cfg: EvalConfig) -> tuple[list[dict], list[str]]:
@@ -214,15 +236,16 @@ def run_eval(cfg: EvalConfig) -> dict:
     root = run.path
 
     results = [Results(root, name, path) for name, path in checkpoints]
-    reference = None
+    reference, against_name = None, None
     if cfg.against:  # a reference that is one of the checkpoints is not evaluated twice
-        name, path = parse_checkpoint(cfg.against)
+        against_name, path = against_checkpoint(cfg, checkpoints)
         same = [r for r in results if Path(r.path).resolve() == Path(path).resolve()]
-        reference = same[0] if same else Results(root, name, path)
+        reference = same[0] if same else Results(root, against_name, path)
     todo = results + ([reference] if reference is not None and reference not in results else [])
     # GAtt dialogs: user turns from gatt.prompts, else from the helpful prompts
-    gatt_users = ([last_user_message(r) for r in load_sources(cfg.gatt.prompts, "rl_prompt")] if cfg.gatt.prompts
-                  else [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
+    gatt_users = ([last_user_message(r) for r in load_sources(cfg.gatt.prompts, "rl_prompt")]
+                  if cfg.gatt.prompts and _gatt_wanted(cfg) else
+                  [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
     for r in todo:
         answer_all(cfg, r, rows, gatt_users)
     score_all(cfg, todo, rows)
@@ -244,7 +267,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     against = None
     if reference is not None:  # under its own name, without the win rates it has as a checkpoint
         against = {k: v for k, v in entries[reference.name][0].items() if k != "win_rates"}
-        against["name"] = parse_checkpoint(cfg.against)[0]
+        against["name"] = against_name
     result = {"checkpoints": [entries[r.name][0] for r in results], "against": against,
               "prompts": {k: kinds.count(k) for k in KINDS}, "gold": "gold_helpfulness" in records[0],
               "judges": {name: getattr(j, name) for name in RM_JUDGES}}
@@ -265,7 +288,7 @@ def format_table(result: dict) -> str:
     """The metrics of every checkpoint (and the reference), then the win rates against the reference."""
     entries = result["checkpoints"] + ([result["against"]] if result["against"] else [])
     cols = [(k, h) for k, h in TABLE if any(k in e for e in entries)]
-    width = max(12, *(len(e["name"]) + 2 for e in entries))
+    width = max(12, *(len(e["name"]) + 8 for e in entries))  # room for " (ref)"
     lines = ["checkpoint".ljust(width) + "".join(h.rjust(14) for _, h in cols)]
     for e in entries:
         label = e["name"] + (" (ref)" if e is result["against"] else "")
@@ -376,8 +399,8 @@ def plot_win_rates(result: dict, path: Path) -> None:
                   for e in result["checkpoints"] if x in e["win_rates"] and y in e["win_rates"]
                   and e["win_rates"][x]["n"] and e["win_rates"][y]["n"]]
         ax.plot([p[1] for p in points], [p[2] for p in points], "o-", color="tab:blue")
-        for name, px, py in points:
-            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (name, px, py) in enumerate(points):  # staggered: checkpoints often share a point
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
         ax.axhline(50, color="gray", ls="--", lw=0.8)
         ax.axvline(50, color="gray", ls="--", lw=0.8)
         ax.set(xlim=(0, 100), ylim=(0, 100), xlabel=f"helpfulness win rate % ({x})",

@@ -51,7 +51,9 @@ def prompt_category(row: dict, category_field: str = "risk_category") -> str | N
     meta = row["meta"] if "meta" in row else {}  # optional row field
     if category_field in meta:
         return str(meta[category_field])
-    if row.get("source") == "toyworld":
+    from alignment.evaluate import from_toyworld
+
+    if from_toyworld([row]):
         from alignment.data import toyworld
 
         info = toyworld.prompt_info(prompt_context(row)[-1]["content"])
@@ -109,7 +111,7 @@ def check_preprompts(section: SafetyPrepromptSection) -> None:
 
 def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
     """Original and preprompted answers of `model.path`, scored by the safety RM; one record per row."""
-    from alignment.evaluate import answer_contexts, load_rm_for_inference, rm_sigmoids
+    from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids
     from alignment.stages.gatt import load_policy
 
     rng = random.Random(f"safety-distill|{cfg.seed}")
@@ -137,7 +139,7 @@ def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
     samples = [{"id": row["id"], "category": c, "preprompt": p, "original": o, "distilled": d,
                 "original_safety": so, "distilled_safety": sd, "kept": k}
                for row, c, p, o, d, so, sd, k in columns]
-    if rows and all(r.get("source") == "toyworld" for r in rows):
+    if from_toyworld(rows):
         from alignment.data import toyworld
 
         for row, s in zip(rows, samples):
@@ -158,7 +160,7 @@ def sampling_summary(samples: list[dict]) -> dict:
            "mean_safety_original": mean([s["original_safety"] for s in samples]),
            "mean_safety_distilled": mean([s["distilled_safety"] for s in samples]),
            "mean_safety_gain_kept": mean([s["distilled_safety"] - s["original_safety"] for s in kept]),
-           "templated": sum(s["category"] is not None for s in samples)}
+           "with_category": sum(s["category"] is not None for s in samples)}
     if samples and "original_gold_safe" in samples[0]:
         out["violation_rate_original"] = mean([not s["original_gold_safe"] for s in samples])
         out["violation_rate_distilled"] = mean([not s["distilled_gold_safe"] for s in samples])
