@@ -34,3 +34,19 @@ def test_bad_recipe_and_bad_data_are_one_line_errors(tmp_path, capsys):
     assert main(["data", "validate", str(bad), "--schema", "sft_dialog"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:1: messages" in err and "bad.jsonl:2:" in err
+
+
+def test_a_run_directory_holding_another_config_is_a_one_line_error(tmp_path, capsys, nano_model_dir):
+    from conftest import make_dialogs, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_dialogs(4))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"hash": "0123456789abcdef", "config": {}}')  # another run's config
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{path: {nano_model_dir}}}\ndata: {{train: [{{path: {data}}}]}}\n"
+                      f"output: {{dir: {out}}}\n")
+    assert main(["sft", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("align sft: error:") and "Traceback" not in err
+    assert (out / "config.json").read_text().startswith('{"hash": "0123456789abcdef"')  # nothing overwritten
