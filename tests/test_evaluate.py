@@ -174,11 +174,11 @@ def test_align_eval_writes_metrics_win_rates_and_plots(tmp_path, eval_world, nan
     again = json.loads((out / "eval.json").read_text())
     assert [c["name"] for c in again["checkpoints"]] == ["a", "c"] and again["against"] is None
     assert again["checkpoints"][1]["violation_rate"] == b["violation_rate"]  # same weights as b
-    # other judge settings are another evaluation: refused unless output.overwrite
-    from alignment.runs import RunDirError
-
-    with pytest.raises(RunDirError, match="another config"):
-        main(["eval", "--recipe", str(recipe), "--checkpoint", str(nano_model_dir), "--set", "judges.tie_margin=0.1"])
+    # other judge settings are another evaluation: refused (one line, exit 2) unless output.overwrite
+    capsys.readouterr()
+    assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(nano_model_dir),
+                 "--set", "judges.tie_margin=0.1"]) == 2
+    assert "holds a run with another config" in capsys.readouterr().err
 
 
 def test_align_eval_on_real_format_prompts_uses_the_rm_judges_only(tmp_path, eval_world, nano_model_dir):
