@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from alignment.data.schemas import FILE, ROW, DataValidationError, Problem, RowError, json_type, validate_records
+from alignment.faults import fault_point
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 _JSON_WHITESPACE = " \t\r\n"
@@ -184,6 +185,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             os.fsync(f.fileno())
         if path.exists():
             shutil.copymode(path, tmp)
+        fault_point("io.jsonl_written")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from typing import Sequence
 from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.faults import fault_point
 from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching,
                             measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
 from alignment.runs import RunDir, write_json_atomic
@@ -276,6 +277,7 @@ def run_gatt(cfg: GAttConfig) -> dict:
               f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
               f"k={cfg.sampling.samples_per_turn})")
         plans = sample_dialogs(cfg, instructions, prompts)
+        fault_point("gatt.sampled")
         rows = training_dialogs(plans, cfg.sampling.every_turn_examples)
         write_jsonl(run.path / "samples.jsonl", [p.to_row() for p in plans])
         write_jsonl(dialogs_path, rows)
