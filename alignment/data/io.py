@@ -80,9 +80,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowError]]:
             yield row_no, _parse_object(text)
 
 
+def _reject_constant(name: str):
+    # Python reads NaN/Infinity, but they are not JSON: other readers (and our writer) refuse them.
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
 def _parse_object(text: str) -> dict | RowError:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         return RowError(ROW, f"invalid JSON: {e.msg} at column {e.colno}")
     except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit, absurd nesting
@@ -101,7 +106,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         yield 0, RowError(FILE, f"not valid UTF-8: byte 0x{raw[e.start]:02x} on line {line}")
         return
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         yield 0, RowError(FILE, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         return
