@@ -22,35 +22,28 @@ TRACE_ENV = "ALIGN_FAULT_TRACE"
 AT_ENV = "ALIGN_FAULT_AT"
 RECORD = 64  # bytes per trace record: a site name padded with spaces, then a newline
 
-_state: dict = {"pid": None, "trace": None, "at": 0}
-
-
-def _load() -> None:
-    # Read per process (a forked child re-reads), so one parent can run many differently-faulted children.
-    _state.update(pid=os.getpid(), trace=os.environ.get(TRACE_ENV) or None, at=int(os.environ.get(AT_ENV) or 0))
-
 
 def fault_point(site: str) -> None:
     """Record `site` in the trace and die here if this is the chosen hit (see the module docstring)."""
-    if _state["pid"] != os.getpid():
-        _load()
-    if _state["trace"] is None:
+    trace = os.environ.get(TRACE_ENV)
+    if not trace:
         return
     record = (site[:RECORD - 1].ljust(RECORD - 1) + "\n").encode()
-    fd = os.open(_state["trace"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, record)
         hits = os.fstat(fd).st_size // RECORD
     finally:
         os.close(fd)
-    if hits == _state["at"]:
+    if hits == int(os.environ.get(AT_ENV) or 0):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_trace(path: str | os.PathLike) -> list[str]:
     """The sites of a trace file, in the order they were passed."""
     try:
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return []
     return [data[i:i + RECORD].decode().rstrip() for i in range(0, len(data) - RECORD + 1, RECORD)]

@@ -446,7 +446,9 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         acc.load_state(str(latest))
         state = json.loads((latest / "state.json").read_text())
         acc.print(f"[ppo] resuming from {latest} (iteration {state['iteration']}/{cfg.ppo.iterations})")
-    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=state["iteration"])
+    # a fresh start drops everything a killed run logged, its step-0 evaluation included
+    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process,
+                     resume_step=state["iteration"] if latest is not None else -1)
     es = cfg.early_stopping
     evaluate = es.every_iterations > 0 and bool(eval_rows)
 

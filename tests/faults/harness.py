@@ -327,6 +327,16 @@ def _kill_plan(rng: random.Random, ref: Reference, first: bool) -> dict:
     return {"kill_at": rng.randint(1, len(ref.trace))}  # the resumed run's trace is shorter; may not be reached
 
 
+def _new_stage_output(out: Path, seen: dict[Path, int]) -> str:
+    """What stage processes wrote to their own logs (a pipeline's `logs/*.log`) since the last call."""
+    text = []
+    for log in sorted(out.glob("logs/*.log")):
+        data = log.read_bytes()
+        text.append(data[seen.get(log, 0):].decode(errors="replace"))
+        seen[log] = len(data)
+    return "".join(text)
+
+
 def run_trial(stage: str, argv_for, ref: Reference, work: Path, trial: int, seed: int, report: StageReport,
               log=print) -> None:
     rng = random.Random(f"{seed}/{stage}/{trial}")
@@ -339,17 +349,23 @@ def run_trial(stage: str, argv_for, ref: Reference, work: Path, trial: int, seed
     damage_kind = rng.choice(DAMAGES) if rng.random() < 0.35 else None
     pending: Path | None = None  # a damaged checkpoint a later attempt must name
     detected = False
-    bad_seen: set[str] = set()
+    bad_seen: set[str] = set()  # torn or damaged checkpoints: never to be loaded
+    damaged_by_us: set[str] = set()
+    stage_logs: dict[Path, int] = {}
     report.trials += 1
     for attempt in range(1, MAX_ATTEMPTS + 1):
         plan = _kill_plan(rng, ref, kills == 0) if kills < want_kills else {}
         if attempt > 1 and kills == 0:  # a timer fired after the run had finished: start over, killed at a site
             shutil.rmtree(out, ignore_errors=True)
             plan = _site_hit(rng, ref.trace)
+        for d in list(bad_seen):  # a damaged checkpoint the run has since written again is a new one
+            if Path(d).is_dir() and torn(Path(d)) is None:
+                bad_seen.discard(d), damaged_by_us.discard(d)
+        unloadable = set(bad_seen)
         res = run_forked(argv, tdir / f"attempt-{attempt}.log", tdir / f"attempt-{attempt}.trace", **plan)
-        text = res.log_text()
+        text = res.log_text() + _new_stage_output(out, stage_logs)
         for m in re.finditer(r"resuming from (\S+)", text):
-            if m.group(1) in bad_seen:
+            if m.group(1) in unloadable:
                 report.torn_loaded += 1
                 report.failures.append(f"trial {trial}: loaded the damaged or torn checkpoint {m.group(1)}")
         if pending is not None and f"checkpoint {pending} is damaged" in text:
@@ -360,7 +376,7 @@ def run_trial(stage: str, argv_for, ref: Reference, work: Path, trial: int, seed
             report.kills_by_phase[phase_of(site) if site != "timer" else "timer"] += 1
             notes.append(f"killed at {site} after {res.seconds:.1f}s")
             for d in committed_dirs(out):
-                why = torn(d)
+                why = None if str(d) in damaged_by_us else torn(d)
                 if why:
                     report.torn_visible += 1
                     bad_seen.add(str(d))
@@ -371,6 +387,7 @@ def run_trial(stage: str, argv_for, ref: Reference, work: Path, trial: int, seed
                 if ckpt is not None:
                     pending = ckpt
                     bad_seen.add(str(ckpt))
+                    damaged_by_us.add(str(ckpt))
                     report.damaged += 1
             continue
         if res.rc != 0:
