@@ -1,8 +1,8 @@
 """Fault-injection points: the places where the fault harness (`tests/faults/`) may SIGKILL a stage.
 
-Stages call `fault_point("checkpoint.saved")` and the like at every place a kill matters (inside training
+Stages call `fault_point("checkpoint.state_saved")` and the like at every place a kill matters (inside training
 steps, between the phases of writing a checkpoint, between sampling a chunk and writing its shard, ...).
-Without the environment variables below a call costs one comparison and does nothing.
+Without the environment variables below a call costs one environment lookup and does nothing.
 
     ALIGN_FAULT_TRACE=FILE   every site passed appends one fixed-width record to FILE (all processes of a
                              run append to the same file, so a record's position is a global hit count)

@@ -21,6 +21,7 @@ that reorders, a bad disk, a hand edit), says so and falls back to the previous 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -283,6 +284,21 @@ def checkpoint_bytes(model) -> int:
     """Estimated size of one training checkpoint of `model` (weights, optimizer state)."""
     weights, trainable = model_bytes(model)
     return weights + OPTIMIZER_BYTES_PER_PARAM * trainable
+
+
+def saved_model_size(path: str | Path) -> tuple[int, int] | None:
+    """(bytes of weights, number of parameters) of a saved HF model directory, read from its safetensors
+    headers without loading a weight; None when there are none to read (a hub id, `.bin` weights)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    params = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return sum(f.stat().st_size for f in files), params
 
 
 def check_disk_space(path: str | Path, need: int, what: str) -> None:

@@ -22,8 +22,8 @@ from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
 from alignment.faults import fault_point
-from alignment.runs import (GIB, MetricsLog, RunDir, check_disk_space, checkpoint_bytes, commit_dir, model_bytes,
-                            write_json_atomic)
+from alignment.runs import (GIB, OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
+                            commit_dir, model_bytes, saved_model_size, write_json_atomic)
 
 
 # Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
@@ -48,6 +48,18 @@ def check_loss(loss: torch.Tensor, where: str, run: RunDir, examples=None, what:
     values = loss.detach().float().flatten()
     raise NonFiniteLossError(f"{where}{batch}: {what} is {values[~torch.isfinite(values)][0].item()}; stopped "
                              f"before the update; the last good checkpoint is {latest or 'none: the run would start over'}")
+
+
+def check_disk_before_sampling(run: RunDir, model_path: str, output, desc: str) -> None:
+    """For stages that sample before they train (rejection sampling, GAtt): stop before the sampling when
+    the disk cannot hold the fine-tune of the saved model at `model_path` (sizes from its files)."""
+    size = saved_model_size(model_path)
+    if size is None:
+        return
+    weights, params = size
+    need = weights + (weights + OPTIMIZER_BYTES_PER_PARAM * params if output.save_every_steps else 0)
+    check_disk_space(run.path, need, f"[{desc}] the fine-tune of {params / 1e6:.1f}M parameters "
+                                     f"({weights / GIB:.2f} GiB of weights), its checkpoint and final model")
 
 
 def check_disk_for_run(run: RunDir, model, saves_checkpoints: bool, desc: str, saved_bytes: int | None = None) -> None:

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from alignment.faults import AT_ENV, TRACE_ENV, read_trace
 from alignment.runs import commit_dir
 

@@ -14,7 +14,7 @@ import torch
 
 from alignment.config import RejectionSamplingConfig, SFTConfig, load_config
 from alignment.rewards import RewardRangeError, check_reward_range
-from alignment.runs import DiskSpaceError, checkpoint_bytes, read_metrics, verify_dir
+from alignment.runs import DiskSpaceError, checkpoint_bytes, read_metrics, saved_model_size, verify_dir
 from alignment.stages.sft import encode_dialogs, make_plan, run_sft
 from alignment.training import NonFiniteLossError
 
@@ -163,6 +163,22 @@ def test_a_disk_too_small_for_a_checkpoint_stops_before_any_work(tmp_path, nano_
     assert (run / "done.json").is_file()
 
 
+def test_rejection_sampling_checks_the_disk_before_it_samples(tmp_path, nano_model_dir, tokenizer, monkeypatch):
+    from test_rejection_sampling import _reward_model, make_prompts
+    from test_rejection_sampling import recipe as rs_recipe
+
+    from alignment.stages.rejection_sampling import run_rejection_sampling
+
+    rms = {name: str(_reward_model(nano_model_dir, tokenizer, tmp_path / name, seed)) for seed, name in
+           enumerate(("helpful", "safety"), start=1)}
+    path = rs_recipe(tmp_path, nano_model_dir, rms, make_prompts(4), output={"save_every_steps": 1})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=200_000))
+    with pytest.raises(DiskSpaceError, match=r"\[rs-v1\] the fine-tune of 0\.\d+M parameters"):
+        run_rejection_sampling(load_config(RejectionSamplingConfig, path))
+    assert not (tmp_path / "run" / "iterations" / "v1" / "samples").exists()
+
+
 def test_the_checkpoint_estimate_bounds_a_real_checkpoint(tmp_path, nano_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -173,6 +189,10 @@ def test_the_checkpoint_estimate_bounds_a_real_checkpoint(tmp_path, nano_model_d
     actual = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     estimate = checkpoint_bytes(AutoModelForCausalLM.from_pretrained(nano_model_dir))
     assert actual <= estimate <= 2 * actual, (actual, estimate)
+    weights, params = saved_model_size(nano_model_dir)  # from the file headers, no weight loaded
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+    assert params == sum(p.numel() for p in model.parameters())  # tied embeddings are stored once
+    assert weights == (Path(nano_model_dir) / "model.safetensors").stat().st_size
 
 
 NO_NETWORK = r"""

@@ -49,6 +49,7 @@ from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Re
                             measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune, is_main_process
+from alignment.training import check_disk_before_sampling
 
 EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "final"),
              ("zero_shot_before", "zero_shot_instructions", "start"),
@@ -271,6 +272,8 @@ def run_gatt(cfg: GAttConfig) -> dict:
 
     counts_path, dialogs_path = run.path / "sampling.json", run.path / "dialogs.jsonl"
     reuse = counts_path.is_file() and json.loads(counts_path.read_text()).get("config_hash") == run.hash
+    if not reuse:
+        check_disk_before_sampling(run, cfg.model.path, cfg.output, "gatt")
     if is_main_process() and not reuse:
         mode = cfg.sampling.answers
         print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"

@@ -53,6 +53,7 @@ from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
 from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
+from alignment.training import check_disk_before_sampling
 
 STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after this many shards are written
 POLL_SECONDS = 2.0
@@ -298,6 +299,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
 
     store = ShardStore(it_dir / "samples")
     if not store.done():
+        check_disk_before_sampling(run, start, cfg.output, f"rs-v{iteration}")
         if is_main_process():
             store.check_meta({"sampled_by": sampler, "num_samples": spec.num_samples,
                               "temperature": spec.temperature, "seed": cfg.seed,

@@ -243,8 +243,9 @@ def damage(out: Path, kind: str, rng: random.Random) -> tuple[str, Path | None]:
                 victim.unlink()
             return f"{kind} {victim.relative_to(out)}", ckpt
         kind = "torn-log"
-    if kind == "torn-log":
-        logs = [p for p in out.rglob("metrics.jsonl") if not (p.parent / "done.json").exists()]
+    if kind == "torn-log":  # every unfinished run's log, as if killed in the middle of writing a line
+        logs = [c.parent / "metrics.jsonl" for c in out.rglob("config.json")
+                if (c.parent / "run.json").exists() and not (c.parent / "done.json").exists()]
         for log in logs:
             with open(log, "a") as f:
                 f.write('{"loss": 1.23, "ste')
@@ -368,7 +369,8 @@ def run_trial(stage: str, argv_for, ref: Reference, work: Path, trial: int, seed
             detected = True
         if res.killed:
             kills += 1
-            site = res.trace[-1] if ("kill_at" in plan and res.trace) else "timer"
+            # the kill_at-th record is where it died (a pipeline goes on to record its stage's failure)
+            site = res.trace[plan["kill_at"] - 1] if len(res.trace) >= plan.get("kill_at", 10 ** 9) else "timer"
             report.kills_by_phase[phase_of(site) if site != "timer" else "timer"] += 1
             notes.append(f"killed at {site} after {res.seconds:.1f}s")
             for d in committed_dirs(out):
