@@ -253,7 +253,11 @@ class RunDir:
 
     def prune_checkpoints(self, keep_last: int) -> None:
         for old in self.checkpoints()[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            # hidden first (atomic), then deleted: a kill mid-delete never leaves a half-deleted step-N
+            hidden = old.with_name(f".{old.name}.old{os.getpid()}")
+            os.replace(old, hidden)
+            fault_point("checkpoint.pruning")
+            shutil.rmtree(hidden, ignore_errors=True)
         for pattern in (".tmp-*", f".{CKPT_PREFIX}*.old*"):  # leftovers of killed writes
             for tmp in self.checkpoints_dir.glob(pattern) if self.checkpoints_dir.is_dir() else []:
                 shutil.rmtree(tmp, ignore_errors=True)

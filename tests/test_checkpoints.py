@@ -75,6 +75,18 @@ def test_resume_skips_damaged_checkpoints_down_to_none(tmp_path):
     assert said[-1] == "[resume] no intact checkpoint left: starting from the beginning"
 
 
+def test_pruning_hides_a_checkpoint_before_deleting_it(tmp_path):
+    from alignment.config import OutputSection
+
+    run = RunDir(tmp_path, OutputSection(dir=str(tmp_path)))
+    steps = [_committed(tmp_path, f"step-{s:08d}") for s in (1, 2, 3)]
+    killed_prune = tmp_path / "checkpoints" / ".step-00000000.old123"  # what a prune killed mid-delete leaves
+    (killed_prune / "sub").mkdir(parents=True)
+    run.prune_checkpoints(keep_last=2)
+    assert sorted((tmp_path / "checkpoints").iterdir()) == steps[1:]
+    assert run.resume_checkpoint() == steps[2]
+
+
 def _cli(path, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(path)],

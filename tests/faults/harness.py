@@ -89,6 +89,7 @@ def run_forked(argv: list[str], log: Path, trace: Path, *, kill_at: int = 0, kil
             os.setpgrp()
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 1), os.dup2(fd, 2)
+            sys.stdout.reconfigure(line_buffering=True)  # what a killed run printed is in its log
             os.environ[TRACE_ENV] = str(trace)
             os.environ[AT_ENV] = str(kill_at)
             from alignment.cli import main

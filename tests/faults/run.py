@@ -18,9 +18,10 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 # Before torch is imported: one thread per process (forked children must not inherit an OpenMP pool),
-# nothing online, and the stage processes a pipeline spawns import this checkout.
+# nothing online, unbuffered output (a killed process's log keeps what it printed), and the stage
+# processes a pipeline spawns import this checkout.
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                  TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 sys.path[:0] = [str(TESTS), str(REPO)]
 
