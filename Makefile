@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Seeded SIGKILL trials for every stage (TRIALS per stage), resumed and compared with an uninterrupted run;
+# the table goes to runs/faults/summary.md (see README "Reliability").
+test-faults: install
+	OMP_NUM_THREADS=1 $(BIN)/python tests/faults/run.py --trials $(or $(TRIALS),20) --work runs/faults
 
 data: install
 	$(BIN)/align data toyworld --out $(or $(OUT),runs/data/toyworld)

@@ -149,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         kind = "data error" if isinstance(e, DataValidationError) else "error"
         print(f"align {args.command}: {kind}: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, RuntimeError) as e:  # numeric guards (NaN/inf, KL), run directory, disk space
+        from alignment.runs import RunDirError
+
+        if not isinstance(e, (FloatingPointError, RunDirError)):
+            raise
+        print(f"align {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 def _eval_overrides(args) -> list[str]:

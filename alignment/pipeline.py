@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import ConfigError, config_hash, load_config
+from alignment.faults import fault_point
 from alignment.runs import write_json_atomic
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
@@ -173,10 +174,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                          "upstream": p["upstream"], "config_hash": p["config_hash"],
                                          "dir": str(run_dir)}
         write_json_atomic(manifest_path, manifest)
+        fault_point("pipeline.stage_started")
         t0 = time.perf_counter()
         with open(logs / f"{spec.name}.log", "a") as log:
             result = subprocess.run(_command(spec, p["overrides"]), stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - t0
+        fault_point("pipeline.stage_ended")
         if result.returncode != 0:
             manifest["stages"][spec.name]["status"] = "failed"
             write_json_atomic(manifest_path, manifest)

@@ -12,6 +12,22 @@ import torch
 from alignment.losses import masked_whiten
 
 SAFETY_THRESHOLD = 0.15  # 3.2.3: precision 0.89, recall 0.55 on unsafe responses (Meta Safety test set)
+# A raw (pre-sigmoid) RM score beyond this is a broken reward model: sigmoid saturates near |x| = 17 in fp32.
+MAX_ABS_REWARD = 1e4
+
+
+class RewardRangeError(FloatingPointError):
+    """A reward model gave a NaN, infinite or absurdly large score; nothing is trained on or written from it."""
+
+
+def check_reward_range(raw: torch.Tensor, describe=str, max_abs: float = MAX_ABS_REWARD) -> None:
+    """RewardRangeError naming the first bad rows (`describe(i)` says what row i is) unless every raw
+    score ``[N]`` is finite and within ``[-max_abs, max_abs]``."""
+    bad = (~torch.isfinite(raw) | (raw.abs() > max_abs)).nonzero().flatten().tolist()
+    if bad:
+        shown = "; ".join(f"row {i} ({describe(i)}): {raw[i].item()}" for i in bad[:3])
+        raise RewardRangeError(f"{len(bad)} of {len(raw)} reward scores are NaN, infinite or beyond +-{max_abs:g}: "
+                               f"{shown}{' ...' if len(bad) > 3 else ''}")
 
 
 def combine(

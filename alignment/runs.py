@@ -11,11 +11,17 @@ Layout of a run directory:
     done.json          written last: the stage finished; its config hash says with which config
 
 A run directory that holds a finished run with another config is never overwritten unless asked; a run
-that holds checkpoints with the same config resumes from the newest complete one.
+that holds checkpoints with the same config resumes from the newest intact one.
+
+Every directory made visible by `commit_dir` (checkpoints, `final/`) carries `MANIFEST.json`: the size and
+SHA-256 of each of its files, written before the directory is renamed into place. Resume checks the
+newest checkpoint against it and, when a file is missing, short or changed (a torn write on a filesystem
+that reorders, a bad disk, a hand edit), says so and falls back to the previous intact checkpoint.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import config_hash, to_dict
+from alignment.faults import fault_point
 
 CKPT_PREFIX = "step-"
 COMPLETE_MARK = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (another config finished there, ...)."""
+
+
+class DiskSpaceError(RunDirError):
+    """The output disk cannot hold what the run will write; raised before any work starts."""
 
 
 def git_commit() -> str | None:
@@ -51,6 +63,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("io.json_written")
     os.replace(tmp, path)
 
 
@@ -73,18 +86,76 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _tree_files(path: Path) -> list[str]:
+    """Relative paths of every file under `path` except the manifest and the completion mark."""
+    out = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), path)
+            if rel not in (MANIFEST, COMPLETE_MARK):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path: Path) -> dict:
+    """MANIFEST.json: size and SHA-256 of every file of the directory (read back from disk)."""
+    from alignment.data.io import file_sha256
+
+    files = {rel: {"size": os.path.getsize(path / rel), "sha256": file_sha256(path / rel)}
+             for rel in _tree_files(path)}
+    manifest = {"format": 1, "files": files}
+    write_json_atomic(path / MANIFEST, manifest)
+    return manifest
+
+
+def verify_dir(path: Path) -> list[str]:
+    """What is wrong with a committed directory against its manifest ([] when intact; sizes first, so a
+    short file is named without hashing everything)."""
+    from alignment.data.io import file_sha256
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return [f"{MANIFEST} is missing"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"]
+    problems = []
+    for rel, want in files.items():
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{rel}: missing")
+        elif file.stat().st_size != want["size"]:
+            problems.append(f"{rel}: {file.stat().st_size} bytes, the manifest says {want['size']}")
+    for rel in sorted(set(_tree_files(path)) - set(files)):
+        problems.append(f"{rel}: not in the manifest")
+    if problems:
+        return problems
+    for rel, want in files.items():
+        got = file_sha256(path / rel)
+        if got != want["sha256"]:
+            problems.append(f"{rel}: SHA-256 {got[:12]}... differs from the manifest's {want['sha256'][:12]}...")
+    return problems
+
+
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Make a fully written directory visible under its final name: fsync, mark complete, rename."""
+    """Make a fully written directory visible under its final name: manifest, mark complete, fsync, rename."""
+    fault_point("commit.files_written")
+    write_manifest(tmp)
     (tmp / COMPLETE_MARK).write_text(str(time.time()))
     _fsync_tree(tmp)
+    fault_point("commit.synced")
     if final.exists():
         old = final.with_name(f".{final.name}.old{os.getpid()}")
         os.replace(final, old)
+        fault_point("commit.swapping")
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
+    fault_point("commit.renamed")
 
 
 class RunDir:
@@ -160,18 +231,89 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def resume_checkpoint(self, log=print) -> Path | None:
+        """The newest checkpoint that matches its manifest; each damaged newer one is named with what is
+        wrong and skipped (never loaded). None when there is none: the run starts from the beginning."""
+        skipped = []
+        for ckpt in reversed(self.checkpoints()):
+            problems = verify_dir(ckpt)
+            if not problems:
+                if skipped:
+                    log(f"[resume] using {ckpt.name}, the newest intact checkpoint")
+                return ckpt
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            log(f"[resume] checkpoint {ckpt} is damaged and will not be loaded: {shown}")
+            skipped.append(ckpt)
+        if skipped:
+            log("[resume] no intact checkpoint left: starting from the beginning")
+        return None
+
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints_dir / f"{CKPT_PREFIX}{step:08d}"
 
     def prune_checkpoints(self, keep_last: int) -> None:
         for old in self.checkpoints()[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for tmp in self.checkpoints_dir.glob(".tmp-*") if self.checkpoints_dir.is_dir() else []:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # hidden first (atomic), then deleted: a kill mid-delete never leaves a half-deleted step-N
+            hidden = old.with_name(f".{old.name}.old{os.getpid()}")
+            os.replace(old, hidden)
+            fault_point("checkpoint.pruning")
+            shutil.rmtree(hidden, ignore_errors=True)
+        for pattern in (".tmp-*", f".{CKPT_PREFIX}*.old*"):  # leftovers of killed writes
+            for tmp in self.checkpoints_dir.glob(pattern) if self.checkpoints_dir.is_dir() else []:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @property
     def final_dir(self) -> Path:
         return self.path / "final"
+
+
+# ----------------------------------------------------------------------------------------- disk space
+GIB = 1024 ** 3
+# Bytes per trainable parameter a checkpoint adds beyond the weights: AdamW's two moments, and fp32
+# master weights under mixed precision / ZeRO (an upper bound for plain fp32 training, which needs 8).
+OPTIMIZER_BYTES_PER_PARAM = 12
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of all weights, number of trainable parameters); ZeRO-3-partitioned weights count in full."""
+    weights, trainable = 0, 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        weights += n * p.element_size()
+        trainable += n if p.requires_grad else 0
+    return weights, trainable
+
+
+def checkpoint_bytes(model) -> int:
+    """Estimated size of one training checkpoint of `model` (weights, optimizer state)."""
+    weights, trainable = model_bytes(model)
+    return weights + OPTIMIZER_BYTES_PER_PARAM * trainable
+
+
+def saved_model_size(path: str | Path) -> tuple[int, int] | None:
+    """(bytes of weights, number of parameters) of a saved HF model directory, read from its safetensors
+    headers without loading a weight; None when there are none to read (a hub id, `.bin` weights)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    params = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return sum(f.stat().st_size for f in files), params
+
+
+def check_disk_space(path: str | Path, need: int, what: str) -> None:
+    """DiskSpaceError when the filesystem holding `path` has less than `need` bytes free."""
+    probe = Path(path).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise DiskSpaceError(f"not enough disk space in {path}: {what} needs about {need / GIB:.2f} GiB, "
+                             f"{free / GIB:.2f} GiB are free; free some space or choose another output.dir")
 
 
 class MetricsLog:
@@ -184,9 +326,12 @@ class MetricsLog:
         if not enabled:
             return
         if self.file.is_file():  # a resumed run drops records past its checkpoint, so none is logged twice
-            keep = [line for line in self.file.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.file.write_text("".join(line + "\n" for line in keep))
+            from alignment.data.io import write_jsonl
+
+            records, torn = _parse_lines(self.file.read_bytes())
+            if torn:
+                print(f"[resume] {self.file}: dropped {torn} torn line(s) left by a killed run")
+            write_jsonl(self.file, [r for r in records if r.get("step", 0) <= resume_step])
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -209,11 +354,25 @@ class MetricsLog:
             self.tb.close()
 
 
+def _parse_lines(data: bytes) -> tuple[list[dict], int]:
+    """Records of an append-only JSONL log and the number of unreadable lines (a kill mid-write leaves
+    at most the last one torn)."""
+    records, torn = [], 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            torn += 1
+    return records, torn
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path.read_bytes())[0]
 
 
 def library_versions() -> dict[str, str]:

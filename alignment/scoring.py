@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from alignment.chat import encode_dialog
+from alignment.rewards import check_reward_range
 
 
 def encode_for_reward(tokenizer, context: list[dict], answer: str, max_length: int) -> list[int]:
@@ -55,4 +56,9 @@ def reward_scores(model, tokenizer, contexts: list[list[dict]], answers: list[st
         scores[idx] = last_token_scores(model, ids.to(device), mask.to(device)).float().cpu()
     if was_training:
         model.train()
+    check_reward_range(scores, lambda i: f"prompt {_preview(contexts[i][-1]['content'])}, answer {_preview(answers[i])}")
     return scores
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch
 from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
-from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
+from alignment.faults import fault_point
+from alignment.runs import (GIB, OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
+                            commit_dir, model_bytes, saved_model_size, write_json_atomic)
 
 
 # Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
@@ -29,6 +32,45 @@ _STOP_AFTER_STEP = int(os.environ.get("ALIGN_STOP_AFTER_STEP", "0"))
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+def check_loss(loss: torch.Tensor, where: str, run: RunDir, examples=None, what: str = "loss") -> None:
+    """NonFiniteLossError, before the update, when `loss` (or another `what`) is NaN or infinite. `where`
+    names the stage and step; `examples` (the micro-batch's example indices) name the batch."""
+    if loss is None or bool(torch.isfinite(torch.as_tensor(loss).detach()).all()):
+        return
+    loss = torch.as_tensor(loss)
+    batch = ""
+    if examples is not None:
+        flat = sorted(i for row in examples for i in (row if isinstance(row, (list, tuple)) else [row]))
+        batch = f" (examples {flat[:20]}{' ...' if len(flat) > 20 else ''})"
+    latest = run.latest_checkpoint()
+    values = loss.detach().float().flatten()
+    raise NonFiniteLossError(f"{where}{batch}: {what} is {values[~torch.isfinite(values)][0].item()}; stopped "
+                             f"before the update; the last good checkpoint is {latest or 'none: the run would start over'}")
+
+
+def check_disk_before_sampling(run: RunDir, model_path: str, output, desc: str) -> None:
+    """For stages that sample before they train (rejection sampling, GAtt): stop before the sampling when
+    the disk cannot hold the fine-tune of the saved model at `model_path` (sizes from its files)."""
+    size = saved_model_size(model_path)
+    if size is None:
+        return
+    weights, params = size
+    need = weights + (weights + OPTIMIZER_BYTES_PER_PARAM * params if output.save_every_steps else 0)
+    check_disk_space(run.path, need, f"[{desc}] the fine-tune of {params / 1e6:.1f}M parameters "
+                                     f"({weights / GIB:.2f} GiB of weights), its checkpoint and final model")
+
+
+def check_disk_for_run(run: RunDir, model, saves_checkpoints: bool, desc: str, saved_bytes: int | None = None) -> None:
+    """Stop before any work when the output disk cannot hold one checkpoint of `model` and the models the
+    run saves (`saved_bytes`; default: `model`'s weights once, the final model)."""
+    weights, trainable = model_bytes(model)
+    saved = weights if saved_bytes is None else saved_bytes
+    need = saved + (checkpoint_bytes(model) if saves_checkpoints else 0)
+    what = (f"one checkpoint ({trainable / 1e6:.1f}M trainable parameters, {weights / GIB:.2f} GiB of weights) and "
+            f"the saved models" if saves_checkpoints else f"the saved models ({saved / GIB:.2f} GiB)")
+    check_disk_space(run.path, need, f"[{desc}] {what}")
 
 
 @dataclass(frozen=True)
@@ -151,19 +193,20 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
     """
     from tqdm.auto import tqdm
 
+    total = len(plan.steps)
+    check_disk_for_run(run, model, bool(cfg.output.save_every_steps) and cfg.output.save_every_steps < total, desc)
     accelerator = make_accelerator(cfg.distributed, cfg.train, cfg.optim)
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    total = len(plan.steps)
     engine = accelerator.distributed_type.name.lower()
     if accelerator.state.deepspeed_plugin is not None:
         engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     accelerator.print(f"[{desc}] {total} steps on {world} process(es), {engine}, {accelerator.mixed_precision} precision")
 
     start = 0
-    latest = run.latest_checkpoint()
+    latest = run.resume_checkpoint(accelerator.print)
     if latest is not None:
         accelerator.load_state(str(latest))
         start = json.loads((latest / "state.json").read_text())["step"]
@@ -181,12 +224,16 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
             group["lr"] = lr
         scale = plan.items[step] / (cfg.train.grad_accum * world)
         sums: dict[str, torch.Tensor] = {}
-        for rows in plan.micro_batches(step, rank, world):
+        for i, rows in enumerate(plan.micro_batches(step, rank, world)):
             with accelerator.accumulate(model):
                 loss, metrics = step_fn(model, rows, scale)
+                # before backward: under DeepSpeed the update happens inside backward
+                check_loss(loss, f"[{desc}] step {step + 1}/{total}, micro-batch {i}", run, rows)
                 accelerator.backward(loss)
+                fault_point("train.backward")
                 if accelerator.sync_gradients and accelerator.distributed_type.name != "DEEPSPEED":
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    check_loss(norm, f"[{desc}] step {step + 1}/{total}", run, what="the gradient norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in metrics.items():
@@ -194,6 +241,7 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
         items_done += plan.items[step]
         bar.update(1)
         done = step + 1
+        fault_point("train.step")
         if done % cfg.logging.every_steps == 0 or done == total:
             last = _reduce_metrics(accelerator, sums, plan.items[step])
             if not math.isfinite(last["loss"]):
@@ -250,10 +298,12 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int, state: 
     tmp = final.with_name(f".tmp-{final.name}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    fault_point("checkpoint.state_saved")
     if accelerator.is_main_process:
         write_json_atomic(tmp / "state.json", {"step": step, **(state or {})})
         commit_dir(tmp, final)
@@ -272,7 +322,8 @@ def save_final(accelerator, model, tokenizer, run: RunDir, merge_lora: bool = Tr
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tmp = run.path / ".tmp-final"
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
+        tmp.mkdir(parents=True)
         if hasattr(unwrapped, "merge_and_unload") and merge_lora:
             unwrapped.load_state_dict(state_dict)
             unwrapped.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)

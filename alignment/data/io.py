@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from alignment.data.schemas import FILE, ROW, DataValidationError, Problem, RowError, json_type, validate_records
+from alignment.faults import fault_point
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Compressed JSON Lines: suffix -> open(path, "rb") of the decompressed stream.
@@ -103,9 +104,14 @@ def _read_jsonl(path: Path, opener=open) -> Iterator[tuple[int, dict | RowError]
             yield row_no, _parse_object(text)
 
 
+def _reject_constant(name: str):
+    # Python reads NaN/Infinity, but they are not JSON: other readers (and our writer) refuse them.
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
 def _parse_object(text: str) -> dict | RowError:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         return RowError(ROW, f"invalid JSON: {e.msg} at column {e.colno}")
     except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit, absurd nesting
@@ -124,7 +130,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         yield 0, RowError(FILE, f"not valid UTF-8: byte 0x{raw[e.start]:02x} on line {line}")
         return
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         yield 0, RowError(FILE, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         return
@@ -208,6 +214,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             os.fsync(f.fileno())
         if path.exists():
             shutil.copymode(path, tmp)
+        fault_point("io.jsonl_written")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -207,6 +207,9 @@ def row_problems(row, schema: str) -> list[tuple[str, str]]:
         return [(row.field, row.reason)]
     if not isinstance(row, dict):
         return [(ROW, f"expected a JSON object, got {json_type(row)}")]
+    bad_text = _surrogate_problems(row)
+    if bad_text:
+        return bad_text
     errors = sorted(_validator(schema).iter_errors(row), key=lambda e: _path_key(e.absolute_path))
     found = list(dict.fromkeys(fr for e in errors for fr in _describe(e)))
     if found:
@@ -217,6 +220,37 @@ def row_problems(row, schema: str) -> list[tuple[str, str]]:
         found = _check_roles(row["context"], "context", final="user")
     if schema == "preference_pair":
         found += _check_safety_labels(row)
+    return found
+
+
+def _surrogate_problems(row: dict) -> list[tuple[str, str]]:
+    """Strings JSON can carry but Unicode cannot (a lone surrogate written as an escape such as \\ud800):
+    a tokenizer would fail on them deep inside training."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+        return []
+    except UnicodeEncodeError:
+        pass
+    except (TypeError, ValueError):  # not JSON data at all: the schema check reports it
+        return []
+    found = []
+
+    def walk(value, path):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                found.append((_field(path) or ROW, f"not valid Unicode: lone surrogate U+{ord(value[e.start]):04X} "
+                                                   f"at character {e.start + 1}"))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k, path)
+                walk(v, [*path, k])
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, [*path, i])
+
+    walk(row, [])
     return found
 
 

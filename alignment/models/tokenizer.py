@@ -6,6 +6,7 @@ are ordinary text, as in Llama 2; only BOS/EOS/PAD/UNK are special tokens.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,7 +37,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         padding_side="right", clean_up_tokenization_spaces=False,
     )
-    hf.save_pretrained(str(out_dir))
+    # written whole or not at all: a run killed mid-save must not find a tokenizer with half its files
+    from alignment.runs import commit_dir
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(str(tmp))
+    commit_dir(tmp, out_dir)
     return hf
 
 

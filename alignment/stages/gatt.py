@@ -44,10 +44,12 @@ from typing import Sequence
 from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.faults import fault_point
 from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching,
                             measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune, is_main_process
+from alignment.training import check_disk_before_sampling
 
 EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "final"),
              ("zero_shot_before", "zero_shot_instructions", "start"),
@@ -270,12 +272,15 @@ def run_gatt(cfg: GAttConfig) -> dict:
 
     counts_path, dialogs_path = run.path / "sampling.json", run.path / "dialogs.jsonl"
     reuse = counts_path.is_file() and json.loads(counts_path.read_text()).get("config_hash") == run.hash
+    if not reuse:
+        check_disk_before_sampling(run, cfg.model.path, cfg.output, "gatt")
     if is_main_process() and not reuse:
         mode = cfg.sampling.answers
         print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"
               f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
               f"k={cfg.sampling.samples_per_turn})")
         plans = sample_dialogs(cfg, instructions, prompts)
+        fault_point("gatt.sampled")
         rows = training_dialogs(plans, cfg.sampling.every_turn_examples)
         write_jsonl(run.path / "samples.jsonl", [p.to_row() for p in plans])
         write_jsonl(dialogs_path, rows)

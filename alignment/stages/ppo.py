@@ -42,8 +42,9 @@ from alignment.losses import masked_mean, policy_loss, value_loss
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, masked_row_sum,
                                model_inputs, policy_outputs, response_logprobs)
-from alignment.runs import MetricsLog, RunDir, commit_dir, write_json_atomic
-from alignment.training import NonFiniteLossError, save_checkpoint
+from alignment.faults import fault_point
+from alignment.runs import MetricsLog, RunDir, commit_dir, model_bytes, write_json_atomic
+from alignment.training import NonFiniteLossError, check_disk_for_run, check_loss, save_checkpoint
 
 
 class KLBlowUpError(FloatingPointError):
@@ -236,7 +237,7 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
     return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1}
 
 
-def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
+def train_on_rollout(ctx, batch: dict, iteration: int, run: RunDir) -> dict:
     """`ppo.epochs` passes over shuffled mini-batches; one optimizer step per mini-batch."""
     cfg, acc = ctx.cfg, ctx.accelerator
     rows = batch["input_ids"].size(0)
@@ -246,7 +247,7 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
     sums: dict[str, float] = {}
     count = 0
     ctx.policy.train()
-    for _ in range(cfg.ppo.epochs):
+    for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(rows, generator=generator).to(acc.device)
         for m0 in range(0, rows, per_mini):
             for u0 in range(m0, m0 + per_mini, micro):
@@ -259,9 +260,14 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
                                                  clip=cfg.ppo.clip)
                     vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask,
                                                 clip=cfg.ppo.value_clip)
-                    acc.backward(pg + cfg.ppo.vf_coef * vf)
+                    loss = pg + cfg.ppo.vf_coef * vf
+                    where = f"[ppo] iteration {iteration + 1}, epoch {epoch}, mini-batch {m0 // per_mini}"
+                    check_loss(loss, where, run, order[u0:u0 + micro].tolist())
+                    acc.backward(loss)
+                    fault_point("ppo.backward")
                     if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
-                        acc.clip_grad_norm_(ctx.policy.parameters(), cfg.optim.grad_clip)
+                        norm = acc.clip_grad_norm_(ctx.policy.parameters(), cfg.optim.grad_clip)
+                        check_loss(norm, where, run, what="the gradient norm")
                     ctx.optimizer.step()
                     ctx.optimizer.zero_grad(set_to_none=True)
                 metrics = {"policy_loss": pg_metrics["loss"], "value_loss": vf_metrics["loss"],
@@ -356,6 +362,7 @@ def finish(ctx, run: RunDir) -> None:
     if acc.is_main_process:
         critic = acc.unwrap_model(ctx.policy).critic
         tmp = run.path / ".tmp-critic"
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
         critic.save_pretrained(str(tmp), state_dict={k[len("critic."):]: v for k, v in state.items()
                                                      if k.startswith("critic.")}, safe_serialization=True)
         commit_dir(tmp, run.path / "critic")
@@ -417,8 +424,12 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     torch.manual_seed(cfg.seed)
     for m in (models.actor, models.critic):
         disable_dropout(m)
+    actor_critic = ActorCritic(models.actor, models.critic)
+    saves = bool(cfg.output.save_every_steps) and cfg.output.save_every_steps < cfg.ppo.iterations
+    actor_bytes, critic_bytes = model_bytes(models.actor)[0], model_bytes(models.critic)[0]
+    check_disk_for_run(run, actor_critic, saves, "ppo", saved_bytes=2 * actor_bytes + critic_bytes)  # best, final, critic
     optimizer = make_ppo_optimizer(models, cfg)
-    policy, optimizer = acc.prepare(ActorCritic(models.actor, models.critic), optimizer)
+    policy, optimizer = acc.prepare(actor_critic, optimizer)
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
     ctx = _Context(cfg, acc, policy, optimizer, models, tokenizer, FrozenPlacement(frozen_models, acc.device,
                                                                                     cfg.reward.offload))
@@ -430,12 +441,14 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
 
     state = {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0, "stopped": None,
              "evaluations": []}
-    latest = run.latest_checkpoint()
+    latest = run.resume_checkpoint(acc.print)
     if latest is not None:
         acc.load_state(str(latest))
         state = json.loads((latest / "state.json").read_text())
         acc.print(f"[ppo] resuming from {latest} (iteration {state['iteration']}/{cfg.ppo.iterations})")
-    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process, resume_step=state["iteration"])
+    # a fresh start drops everything a killed run logged, its step-0 evaluation included
+    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process,
+                     resume_step=state["iteration"] if latest is not None else -1)
     es = cfg.early_stopping
     evaluate = es.every_iterations > 0 and bool(eval_rows)
 
@@ -467,10 +480,11 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         per_process = cfg.ppo.batch_size // acc.num_processes
         mine = indices[acc.process_index * per_process:(acc.process_index + 1) * per_process]
         batch, rollout_stats, timings = rollout(ctx, [prompts[i] for i in mine], iteration)
+        fault_point("ppo.rollout")
         stats = _reduce_mean(acc, rollout_stats)
         _check_finite(done, stats, run, cfg.ppo.max_kl)  # before any update from a bad batch
         t1 = time.perf_counter()
-        stats.update(_reduce_mean(acc, train_on_rollout(ctx, batch, iteration)))
+        stats.update(_reduce_mean(acc, train_on_rollout(ctx, batch, iteration, run)))
         _check_finite(done, stats, run, None)
         elapsed = time.perf_counter() - t0
         stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size / elapsed,
@@ -478,6 +492,7 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         if evaluate and done % es.every_iterations == 0:
             stats.update(do_eval(done))
         state["iteration"] = done
+        fault_point("ppo.iteration")
         if done % cfg.logging.every_steps == 0 or done == cfg.ppo.iterations or state["stopped"]:
             log.log(stats)
         bar.update(1)

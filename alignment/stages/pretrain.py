@@ -15,7 +15,9 @@ def encode_documents(tokenizer, texts: list[str], max_length: int) -> list[dict]
     """BOS + text + EOS, cut into pieces of at most `max_length`; every token but BOS is a target."""
     examples = []
     for text in texts:
-        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        # split_special_tokens: a document that contains "</s>" gets those characters, not an EOS id
+        body = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
         for start in range(0, len(ids), max_length):
             piece = ids[start:start + max_length]
             if len(piece) > 1:

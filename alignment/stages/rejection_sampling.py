@@ -48,10 +48,12 @@ from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import from_toyworld, gold_metrics
+from alignment.faults import fault_point
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
 from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
+from alignment.training import check_disk_before_sampling
 
 STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after this many shards are written
 POLL_SECONDS = 2.0
@@ -136,6 +138,7 @@ def sample_chunk(cfg, sampler, tokenizer, rms, rows: list[dict], *, iteration: i
                        num_samples=num_samples, temperature=temperature, top_p=cfg.generation.top_p,
                        batch_size=cfg.generation.batch_size, seed=seed)
     flat = [(rows[i], s) for i, per_prompt in enumerate(samples) for s in per_prompt]
+    fault_point("sampling.generated")
     scores = score_answers(cfg, rms, [r for r, _ in flat], [s.text for _, s in flat])
     records = []
     for j, (row, s) in enumerate(flat):
@@ -179,7 +182,9 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
             records = sample_chunk(cfg, sampler, tokenizer, rms, chunks[index], iteration=iteration,
                                    num_samples=spec.num_samples, temperature=spec.temperature,
                                    seed=chunk_seed(cfg.seed, iteration, index))
+            fault_point("sampling.scored")
             store.write_shard(index, records)
+            fault_point("sampling.shard_written")
             samples += len(records)
             tokens += sum(r["token_count"] for r in records)
             bar.update(1)
@@ -300,6 +305,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
 
     store = ShardStore(it_dir / "samples")
     if not store.done():
+        check_disk_before_sampling(run, start, cfg.output, f"rs-v{iteration}")
         if is_main_process():
             store.check_meta({"sampled_by": sampler, "num_samples": spec.num_samples,
                               "temperature": spec.temperature, "seed": cfg.seed,
