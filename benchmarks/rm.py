@@ -1,0 +1,80 @@
+"""Reward-model throughput: our RM step vs TRL's `RewardTrainer`, on the same pairs per step.
+
+Both sides get the toy world's helpfulness pairs encoded once by `alignment.scoring.encode_for_reward`
+(the Llama-2 dialog with the answer closed by EOS), each pair's margin from
+`alignment.losses.preference_margin` (the paper's margin loss; TRL reads a "margin" column), the same
+pairs in each optimizer step and the same AdamW. Both score chosen and rejected answers in one forward
+pass. Throughput counts pairs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.measure import StepClock
+from benchmarks.sft import logged_losses, loop_config, trl_common_args
+from benchmarks.spec import BenchSpec, step_groups
+from benchmarks.world import World
+
+MARGIN_SCALE = "small"
+
+
+def encoded_pairs(world: World, spec: BenchSpec, tokenizer) -> tuple[list[dict], list[list[int]]]:
+    from alignment.stages.reward_model import encode_pairs
+
+    examples = encode_pairs(tokenizer, world.preference_pairs(), spec.rm.max_length, MARGIN_SCALE)
+    return examples, step_groups(len(examples), spec.rm.batch, spec.rm.steps, spec.seed)
+
+
+def load_rm(world: World, spec: BenchSpec, pad_id: int):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(world.reward_model(spec.size), num_labels=1,
+                                                               local_files_only=True, attn_implementation="sdpa")
+    model.config.pad_token_id = pad_id
+    return model
+
+
+def real_tokens(examples: list[dict], groups: list[list[int]]) -> list[int]:
+    return [sum(len(examples[i]["chosen"]) + len(examples[i]["rejected"]) for i in g) for g in groups]
+
+
+def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+    from alignment.batching import StepPlan
+    from alignment.models.tokenizer import load_tokenizer
+    from alignment.runs import RunDir
+    from alignment.stages.reward_model import rm_step_fn
+    from alignment.training import train
+
+    tokenizer = load_tokenizer(world.reward_model(spec.size))
+    examples, groups = encoded_pairs(world, spec, tokenizer)
+    plan = StepPlan(steps=[[[[i] for i in g]] for g in groups], items=[len(g) for g in groups])
+    model = load_rm(world, spec, tokenizer.pad_token_id)
+    cfg = loop_config(spec, out_dir)
+    run = RunDir(out_dir, cfg, overwrite=True)
+    run.prepare({}, is_main=True)
+    with StepClock() as clock:
+        train(model=model, tokenizer=tokenizer, plan=plan, step_fn=rm_step_fn(examples, tokenizer.pad_token_id),
+              cfg=cfg, run=run, desc="bench-rm", unit="pairs")
+    return {**clock.timed([len(g) for g in groups]), "losses": logged_losses(out_dir / "metrics.jsonl"),
+            "real_tokens": sum(real_tokens(examples, groups))}
+
+
+def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(world.reward_model(spec.size))
+    examples, groups = encoded_pairs(world, spec, tokenizer)
+    dataset = Dataset.from_list([{"chosen_ids": examples[i]["chosen"], "rejected_ids": examples[i]["rejected"],
+                                  "margin": examples[i]["margin"]} for g in groups for i in g])
+    args = RewardConfig(output_dir=str(out_dir), **trl_common_args(spec, spec.rm.batch, spec.rm.steps),
+                        max_length=spec.rm.max_length)
+    trainer = RewardTrainer(model=load_rm(world, spec, tokenizer.pad_token_id), args=args, train_dataset=dataset,
+                            processing_class=tokenizer)
+    with StepClock() as clock:
+        trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {**clock.timed([len(g) for g in groups]), "losses": losses,
+            "real_tokens": sum(real_tokens(examples, groups))}
