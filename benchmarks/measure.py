@@ -73,13 +73,20 @@ class StepClock:
     def timed(self, items_per_step: list[float]) -> dict:
         """Throughput over steps 1..N-1: their items over their summed time (resume after step k-1 to the
         end of step k). `items_per_step[k]` is what step k processed (tokens, pairs, samples)."""
-        if len(self.ends) != len(items_per_step):
-            raise RuntimeError(f"saw {len(self.ends)} optimizer steps, expected {len(items_per_step)}")
-        if len(self.ends) < 2:
+        steps = len(items_per_step)
+        if steps < 2:
             raise RuntimeError("at least two optimizer steps are needed: the first one is warm-up")
-        step_seconds = [end - resume for resume, end in zip(self.resumes, self.ends[1:])]
+        if not self.ends or len(self.ends) % steps:
+            raise RuntimeError(f"saw {len(self.ends)} AdamW steps for {steps} optimizer steps")
+        calls = len(self.ends) // steps  # DeepSpeed's ZeRO optimizer steps the AdamW once per parameter group
+        ends, resumes = self.ends[calls - 1::calls], self.resumes[calls - 1::calls]
+        step_seconds = [end - resume for resume, end in zip(resumes, ends[1:])]
         seconds, items = sum(step_seconds), sum(items_per_step[1:])
         return {"throughput": items / seconds, "seconds": seconds, "items": items, "step_seconds": step_seconds}
+
+    def waits(self) -> list[float]:
+        """Seconds spent waiting for the turn after each optimizer step (0 when running alone)."""
+        return [resume - end for end, resume in zip(self.ends, self.resumes)]
 
 
 def peak_rss_mb() -> float:

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("impl", choices=["ours", "trl"])
     parser.add_argument("--size", default="bench")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", default="runs/bench")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)

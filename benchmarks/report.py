@@ -8,6 +8,10 @@ TARGETS = {"sft": 1.5, "rm": 1.5, "rl": 2.0}
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
 def results_table(results: dict) -> str:
     lines = ["| stage | unit | ours | TRL | ours / TRL | target | peak MiB ours | peak MiB TRL | same losses |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -19,7 +23,7 @@ def results_table(results: dict) -> str:
         check = e["loss_check"]
         losses = ("n/a (PPO vs RLOO)" if check["agree"] is None else
                   f"yes (max rel. diff {check['max_rel_diff']:.1e})" if check["agree"] else "NO")
-        lines.append(f"| {stage} ({e['peer']}) | {e['unit']} | {e['ours']:.1f} | {e['trl']:.1f} | "
+        lines.append(f"| {stage} ({e['peer']}) | {e['unit']} | {_num(e['ours'])} | {_num(e['trl'])} | "
                      f"**{e['ratio']:.2f}** | {target} ({met}) | {e['ours_peak_mem_mb']:.0f} | "
                      f"{e['trl_peak_mem_mb']:.0f} | {losses} |")
     return "\n".join(lines)
@@ -31,7 +35,17 @@ def split_line(results: dict) -> str:
     split = results["rl"]["ours_split_seconds"]
     total = sum(split.values()) or 1.0
     parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in split.items())
-    return f"Our RL iteration: {parts} (generation; RM scoring + reference/actor/critic passes; update)."
+    return f"Where our RL iteration's time goes: {parts}."
+
+
+def padding_line(results: dict) -> str:
+    parts = []
+    for stage in ("sft", "rm"):
+        padded = results.get(stage, {}).get("padded_tokens", {})
+        if {"ours", "trl"} <= set(padded):
+            parts.append(f"{stage} ours {padded['ours']} vs TRL {padded['trl']}")
+    return ("Tokens in the forward passes, padding included (same real tokens on both sides): " + "; ".join(parts)
+            + ".") if parts else ""
 
 
 def scaling_table(results: dict) -> str:
@@ -60,8 +74,9 @@ def markdown(results: dict) -> str:
             f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; commit {v['git_commit']}; "
             f"{results['seconds']:.0f}s in all.")
     parts = [head, "", results_table(results)]
-    if split_line(results):
-        parts += ["", split_line(results)]
+    for line in (padding_line(results), split_line(results)):
+        if line:
+            parts += ["", line]
     if scaling_table(results):
         parts += ["", "Scaling (our SFT step, same dialogs per step; ZeRO on gloo, CPU):", "", scaling_table(results)]
     return "\n".join(parts)

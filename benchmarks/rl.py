@@ -49,10 +49,15 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     with StepClock() as clock:
         run_ppo(ppo_config(world, spec, out_dir))
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[1:]  # iteration 0 is warm-up
-    split = {k: sum(r[f"time_{k}"] for r in timed) for k in ("generation", "scoring", "training")}
+    timed = list(zip(rows, clock.waits()))[1:]  # iteration 0 is warm-up
+    split = {  # our loop's own timers; the update's time holds the lock-step wait after its optimizer step
+        "generation": sum(r["time_generation"] for r, _ in timed),
+        "reward models": sum(r["time_reward_models"] for r, _ in timed),
+        "reference, old policy and values": sum(r["time_scoring"] - r["time_reward_models"] for r, _ in timed),
+        "update": sum(r["time_training"] - wait for r, wait in timed),
+    }
     return {**clock.timed([spec.rl.batch] * spec.rl.steps), "split_seconds": split,
-            "new_tokens": sum(r["response_length"] * spec.rl.batch for r in timed),
+            "new_tokens": sum(r["response_length"] * spec.rl.batch for r, _ in timed),
             "losses": [r["policy_loss"] for r in rows]}
 
 

@@ -3,8 +3,9 @@
 Both sides get the toy world's helpfulness pairs encoded once by `alignment.scoring.encode_for_reward`
 (the Llama-2 dialog with the answer closed by EOS), each pair's margin from
 `alignment.losses.preference_margin` (the paper's margin loss; TRL reads a "margin" column), the same
-pairs in each optimizer step and the same AdamW. Both score chosen and rejected answers in one forward
-pass. Throughput counts pairs.
+pairs in each optimizer step and the same AdamW. Both score a step's chosen and rejected answers in one
+forward pass: ours packs them padding-free (`alignment.scoring.packed_scores`), TRL right-pads them to the
+longest. Throughput counts pairs.
 """
 from __future__ import annotations
 
@@ -38,6 +39,22 @@ def real_tokens(examples: list[dict], groups: list[list[int]]) -> list[int]:
     return [sum(len(examples[i]["chosen"]) + len(examples[i]["rejected"]) for i in g) for g in groups]
 
 
+def forward_tokens(examples: list[dict], groups: list[list[int]], max_length: int | None) -> int:
+    """Tokens the forwards hold, padding included: packed rows (ours, `max_length` given) or 2N rows
+    right-padded to the longest answer (TRL's collator)."""
+    from alignment.batching import pack_balanced
+
+    total = 0
+    for g in groups:
+        lengths = [len(examples[i][k]) for k in ("chosen", "rejected") for i in g]
+        if max_length is None:
+            total += len(lengths) * max(lengths)
+        else:
+            rows = pack_balanced(lengths, list(range(len(lengths))), max(max_length, max(lengths)))
+            total += len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+    return total
+
+
 def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     from alignment.batching import StepPlan
     from alignment.models.tokenizer import load_tokenizer
@@ -53,10 +70,12 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     run = RunDir(out_dir, cfg, overwrite=True)
     run.prepare({}, is_main=True)
     with StepClock() as clock:
-        train(model=model, tokenizer=tokenizer, plan=plan, step_fn=rm_step_fn(examples, tokenizer.pad_token_id),
+        train(model=model, tokenizer=tokenizer, plan=plan,
+              step_fn=rm_step_fn(examples, tokenizer.pad_token_id, spec.rm.max_length, "sdpa"),
               cfg=cfg, run=run, desc="bench-rm", unit="pairs")
     return {**clock.timed([len(g) for g in groups]), "losses": logged_losses(out_dir / "metrics.jsonl"),
-            "real_tokens": sum(real_tokens(examples, groups))}
+            "real_tokens": sum(real_tokens(examples, groups)),
+            "padded_tokens": forward_tokens(examples, groups, spec.rm.max_length)}
 
 
 def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
@@ -77,4 +96,4 @@ def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {**clock.timed([len(g) for g in groups]), "losses": losses,
-            "real_tokens": sum(real_tokens(examples, groups))}
+            "real_tokens": sum(real_tokens(examples, groups)), "padded_tokens": forward_tokens(examples, groups, None)}

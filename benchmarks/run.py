@@ -1,6 +1,6 @@
 """`make bench`: ours vs TRL on SFT, reward-model and RL steps, side by side, then the scaling table.
 
-    python -m benchmarks.run [--stages sft,rm,rl] [--repeats 1] [--threads 2] [--size bench] [--quick]
+    python -m benchmarks.run [--stages sft,rm,rl] [--repeats 1] [--threads 1] [--size bench] [--quick]
 
 Builds the benchmark world (`benchmarks.world`), runs each stage's two sides in lock step in their own
 processes (`benchmarks.lockstep`), checks that both sides' per-step losses agree (same batches, same
@@ -38,7 +38,8 @@ def quick_spec(threads: int) -> BenchSpec:
 def child_env(spec: BenchSpec) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", ACCELERATE_LOG_LEVEL="error")
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", ACCELERATE_LOG_LEVEL="error",
+               CUDA_VISIBLE_DEVICES="")  # CPU rows only: both sides on the same device (see benchmarks/README.md)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -120,16 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="sft,rm,rl")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     parser.add_argument("--size", default="bench")
     parser.add_argument("--quick", action="store_true", help="nano model, two steps (the smoke test)")
     parser.add_argument("--root", default=str(REPO / "runs" / "bench"))
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--scaling", default="tiny,small,bench", help="model sizes of the scaling table ('' skips it)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README tables")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL with its default gradient checkpointing (slower, less memory; ours stays without)")
     args = parser.parse_args(argv)
 
     spec = quick_spec(args.threads) if args.quick else BenchSpec(size=args.size, threads=args.threads)
+    spec = dataclasses.replace(spec, trl_gradient_checkpointing=args.trl_gradient_checkpointing)
     stages = [s for s in args.stages.split(",") if s]
     root = Path(args.root)
     started = time.perf_counter()

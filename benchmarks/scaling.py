@@ -3,8 +3,8 @@ DeepSpeed ZeRO-2 and ZeRO-3 (gloo on CPU), on the same dialogs per step.
 
 Each configuration is one launch that trains every size in turn (`python -m benchmarks.scaling` as a
 worker, under `torch.distributed.run` for 2 processes). A step's packed rows are split between the
-processes, so every configuration does the same work per step; the cores are shared out the same way
-(2 processes x 1 thread on a 2-thread budget).
+processes, so every configuration does the same work per step. Every process has one thread: a process
+stands for one device, as with one GPU per process.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ def scaling_table(sizes: list[str], root: Path, spec, env: dict) -> list[dict]:
     rows = []
     for name, (nproc, zero) in CONFIGS.items():
         out = root / "results" / f"scaling-{nproc}-{zero or 'none'}.json"
-        threads = max(1, spec.threads // nproc)
         worker = ["-m", "benchmarks.scaling", "--sizes", ",".join(sizes), "--root", str(root), "--out", str(out),
-                  "--batch", str(spec.sft.batch), "--seed", str(spec.seed), "--threads", str(threads)]
+                  "--batch", str(spec.sft.batch), "--seed", str(spec.seed), "--threads", "1"]
         if zero:
             worker += ["--deepspeed", str(REPO / "recipes" / "deepspeed" / f"{zero}.json")]
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -46,7 +45,7 @@ def scaling_table(sizes: list[str], root: Path, spec, env: dict) -> list[dict]:
         else:
             cmd = [sys.executable, *worker]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                              env={**env, "OMP_NUM_THREADS": str(threads)}, timeout=1800)
+                              env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, timeout=1800)
         if proc.returncode != 0:
             print(f"[bench] scaling {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
             measured = {}
@@ -128,8 +127,18 @@ def worker(argv: list[str] | None = None) -> None:
                   cfg=cfg, run=run, desc=f"scaling-{size}")
         timed = clock.timed([1] * len(plan.steps))["step_seconds"]
         results[size] = {"step_seconds": statistics.median(timed), "all_step_seconds": timed, "params_m": params}
+        _forget_accelerator()
     if rank == 0:
         Path(args.out).write_text(json.dumps(results))
+
+
+def _forget_accelerator() -> None:
+    """Let the next size build its own Accelerator (accelerate keeps one DeepSpeed plugin per process);
+    the process group stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 if __name__ == "__main__":

@@ -111,11 +111,13 @@ def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
 
 
 def trl_common_args(spec: BenchSpec, batch: int, steps: int) -> dict:
-    """TrainingArguments every TRL run shares: the spec's optimizer and steps, fp32, no gradient
-    checkpointing (as ours), the batches in our order, no checkpoints, no reporting; the rest TRL's defaults."""
+    """TrainingArguments every TRL run shares: the spec's optimizer and steps, fp32, gradient checkpointing
+    as the spec says (off, as ours, unless asked), the batches in our order, no checkpoints, no reporting;
+    the rest TRL's defaults."""
     return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
                 learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=spec.weight_decay,
                 adam_beta1=spec.betas[0], adam_beta2=spec.betas[1], adam_epsilon=spec.eps, max_grad_norm=spec.grad_clip,
-                bf16=False, fp16=False, gradient_checkpointing=False, train_sampling_strategy="sequential",
+                bf16=False, fp16=False, gradient_checkpointing=spec.trl_gradient_checkpointing,
+                train_sampling_strategy="sequential",
                 logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
                 dataloader_num_workers=0, seed=spec.seed)

@@ -31,12 +31,14 @@ class RLSpec(StageSpec):
 class BenchSpec:
     size: str = "bench"  # alignment.models.tiny.SIZES
     seed: int = 0
-    threads: int = 2  # torch threads in every measurement process
+    threads: int = 1  # torch threads per measurement process (1: robust to other load on a shared machine)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # TRL's own default is True; False (as ours) compares the same memory-saving choices on both sides
+    trl_gradient_checkpointing: bool = False
     sft: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rm: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rl: RLSpec = field(default_factory=lambda: RLSpec(steps=3, batch=16))
