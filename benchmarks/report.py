@@ -69,7 +69,8 @@ def scaling_table(results: dict) -> str:
 
 def markdown(results: dict) -> str:
     m, v = results["machine"], results["versions"]
-    head = (f"CPU: {m['cpu']}, {m['cores']} cores, {m['threads_per_process']} threads per process "
+    threads = m["threads_per_process"]
+    head = (f"CPU: {m['cpu']}, {m['cores']} cores, {threads} thread{'s' if threads != 1 else ''} per process "
             f"(load average {m['load_avg_1min_at_start']:.1f} at start); torch {v['torch']}, transformers "
             f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; commit {v['git_commit']}; "
             f"{results['seconds']:.0f}s in all.")
@@ -78,7 +79,8 @@ def markdown(results: dict) -> str:
         if line:
             parts += ["", line]
     if scaling_table(results):
-        parts += ["", "Scaling (our SFT step, same dialogs per step; ZeRO on gloo, CPU):", "", scaling_table(results)]
+        parts += ["", "Scaling: seconds per step of our SFT on the same 16 dialogs per step, one thread per process "
+                  "(DeepSpeed ZeRO on gloo, CPU):", "", scaling_table(results)]
     return "\n".join(parts)
 
 

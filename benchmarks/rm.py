@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.measure import StepClock
-from benchmarks.sft import logged_losses, loop_config, trl_common_args
+from benchmarks.sft import train_ours, trl_common_args
 from benchmarks.spec import BenchSpec, step_groups
 from benchmarks.world import World
 
@@ -58,23 +58,15 @@ def forward_tokens(examples: list[dict], groups: list[list[int]], max_length: in
 def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     from alignment.batching import StepPlan
     from alignment.models.tokenizer import load_tokenizer
-    from alignment.runs import RunDir
     from alignment.stages.reward_model import rm_step_fn
-    from alignment.training import train
 
     tokenizer = load_tokenizer(world.reward_model(spec.size))
     examples, groups = encoded_pairs(world, spec, tokenizer)
     plan = StepPlan(steps=[[[[i] for i in g]] for g in groups], items=[len(g) for g in groups])
-    model = load_rm(world, spec, tokenizer.pad_token_id)
-    cfg = loop_config(spec, out_dir)
-    run = RunDir(out_dir, cfg, overwrite=True)
-    run.prepare({}, is_main=True)
-    with StepClock() as clock:
-        train(model=model, tokenizer=tokenizer, plan=plan,
-              step_fn=rm_step_fn(examples, tokenizer.pad_token_id, spec.rm.max_length, "sdpa"),
-              cfg=cfg, run=run, desc="bench-rm", unit="pairs")
-    return {**clock.timed([len(g) for g in groups]), "losses": logged_losses(out_dir / "metrics.jsonl"),
-            "real_tokens": sum(real_tokens(examples, groups)),
+    step_fn = rm_step_fn(examples, tokenizer.pad_token_id, spec.rm.max_length, "sdpa")
+    clock, losses = train_ours(spec, tokenizer, out_dir, load_rm(world, spec, tokenizer.pad_token_id), step_fn, plan,
+                               "bench-rm", unit="pairs")
+    return {**clock.timed([len(g) for g in groups]), "losses": losses, "real_tokens": sum(real_tokens(examples, groups)),
             "padded_tokens": forward_tokens(examples, groups, spec.rm.max_length)}
 
 

@@ -43,18 +43,16 @@ def loop_config(spec: BenchSpec, out_dir: Path):
         output=OutputSection(dir=str(out_dir), overwrite=True), seed=spec.seed)
 
 
-def train_ours(world: World, spec: BenchSpec, out_dir: Path, model, step_fn_for, plan, desc: str):
-    """Run our training loop on `plan` with `step_fn_for(tokenizer)`; per-step losses from its metrics log."""
-    from alignment.models.tokenizer import load_tokenizer
+def train_ours(spec: BenchSpec, tokenizer, out_dir: Path, model, step_fn, plan, desc: str, unit: str = "tok"):
+    """Our shared training loop on `plan` under a StepClock; returns the clock and the per-step losses."""
     from alignment.runs import RunDir
     from alignment.training import train
 
-    tokenizer = load_tokenizer(world.policy(spec.size))
     cfg = loop_config(spec, out_dir)
     run = RunDir(out_dir, cfg, overwrite=True)
     run.prepare({}, is_main=True)
     with StepClock() as clock:
-        train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step_fn_for(tokenizer), cfg=cfg, run=run, desc=desc)
+        train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step_fn, cfg=cfg, run=run, desc=desc, unit=unit)
     return clock, logged_losses(out_dir / "metrics.jsonl")
 
 
@@ -78,8 +76,8 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
                     items=[sum(sum(t != -100 for t in examples[i]["labels"]) for i in g) for g in groups])
     model = AutoModelForCausalLM.from_pretrained(world.policy(spec.size), local_files_only=True,
                                                  attn_implementation="sdpa")
-    clock, losses = train_ours(world, spec, out_dir, model,
-                               lambda tok: lm_step_fn(examples, tok.pad_token_id, "sdpa"), plan, "bench-sft")
+    clock, losses = train_ours(spec, tokenizer, out_dir, model, lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
+                               plan, "bench-sft")
     rows = sum(len(s[0]) for s in plan.steps)
     width = sum(len(s[0]) * max(sum(lengths[i] for i in r) for r in s[0]) for s in plan.steps)
     return {**clock.timed(real_tokens(examples, groups)), "losses": losses,
