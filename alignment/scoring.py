@@ -57,19 +57,19 @@ def _scalar_head_outputs(model):
         handle.remove()
 
 
-def packed_scores(model, sequences: list[list[int]], pad_id: int, max_length: int | None = None,
-                  attn_implementation: str = "sdpa") -> torch.Tensor:
+def packed_scores(model, sequences: list[list[int]], pad_id: int, attn_implementation: str = "sdpa") -> torch.Tensor:
     """Scalar rewards [N] of `sequences` from ONE forward over rows packed padding-free.
 
-    The sequences are packed evenly into rows of at most `max_length` tokens (default: the longest
-    sequence) with a block-diagonal causal mask and positions restarting at 0 for each sequence
-    (`alignment.batching`), so every score equals the one the sequence gets alone; each is read at its
-    last token (the EOS of the answer), as `last_token_scores` reads it on right-padded rows.
+    The sequences are packed evenly into rows no longer than the longest of them (so the forward never
+    holds more tokens, nor attends over longer rows, than right padding would), with a block-diagonal
+    causal mask and positions restarting at 0 for each sequence (`alignment.batching`): every score equals
+    the one the sequence gets alone. Each is read at its last token (the EOS of the answer), as
+    `last_token_scores` reads it on right-padded rows.
     """
     from alignment.batching import attention_inputs, collate, pack_balanced
 
     lengths = [len(s) for s in sequences]
-    rows = pack_balanced(lengths, list(range(len(sequences))), max(max_length or 0, max(lengths)))
+    rows = pack_balanced(lengths, list(range(len(sequences))), max(lengths))
     batch = collate([{"input_ids": s} for s in sequences], rows, pad_id, keys=("input_ids",))
     row_of, end_of = torch.empty(len(sequences), dtype=torch.long), torch.empty(len(sequences), dtype=torch.long)
     for r, row in enumerate(rows):

@@ -39,19 +39,19 @@ def real_tokens(examples: list[dict], groups: list[list[int]]) -> list[int]:
     return [sum(len(examples[i]["chosen"]) + len(examples[i]["rejected"]) for i in g) for g in groups]
 
 
-def forward_tokens(examples: list[dict], groups: list[list[int]], max_length: int | None) -> int:
-    """Tokens the forwards hold, padding included: packed rows (ours, `max_length` given) or 2N rows
-    right-padded to the longest answer (TRL's collator)."""
+def forward_tokens(examples: list[dict], groups: list[list[int]], packed: bool) -> int:
+    """Tokens the forwards hold, padding included: packed rows (ours) or 2N rows right-padded to the
+    longest answer (TRL's collator)."""
     from alignment.batching import pack_balanced
 
     total = 0
     for g in groups:
         lengths = [len(examples[i][k]) for k in ("chosen", "rejected") for i in g]
-        if max_length is None:
-            total += len(lengths) * max(lengths)
-        else:
-            rows = pack_balanced(lengths, list(range(len(lengths))), max(max_length, max(lengths)))
+        if packed:
+            rows = pack_balanced(lengths, list(range(len(lengths))), max(lengths))
             total += len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        else:
+            total += len(lengths) * max(lengths)
     return total
 
 
@@ -63,11 +63,11 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     tokenizer = load_tokenizer(world.reward_model(spec.size))
     examples, groups = encoded_pairs(world, spec, tokenizer)
     plan = StepPlan(steps=[[[[i] for i in g]] for g in groups], items=[len(g) for g in groups])
-    step_fn = rm_step_fn(examples, tokenizer.pad_token_id, spec.rm.max_length, "sdpa")
+    step_fn = rm_step_fn(examples, tokenizer.pad_token_id, "sdpa")
     clock, losses = train_ours(spec, tokenizer, out_dir, load_rm(world, spec, tokenizer.pad_token_id), step_fn, plan,
                                "bench-rm", unit="pairs")
     return {**clock.timed([len(g) for g in groups]), "losses": losses, "real_tokens": sum(real_tokens(examples, groups)),
-            "padded_tokens": forward_tokens(examples, groups, spec.rm.max_length)}
+            "padded_tokens": forward_tokens(examples, groups, packed=True)}
 
 
 def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
@@ -88,4 +88,4 @@ def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {**clock.timed([len(g) for g in groups]), "losses": losses,
-            "real_tokens": sum(real_tokens(examples, groups)), "padded_tokens": forward_tokens(examples, groups, None)}
+            "real_tokens": sum(real_tokens(examples, groups)), "padded_tokens": forward_tokens(examples, groups, packed=False)}

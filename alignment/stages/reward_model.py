@@ -62,22 +62,22 @@ def make_plan(cfg: RMConfig, examples: list[dict], world: int):
 
 
 # ----------------------------------------------------------------------------------------- the step
-def score_pairs(model, examples: list[dict], indices: list[int], pad_id: int, max_length: int | None = None,
+def score_pairs(model, examples: list[dict], indices: list[int], pad_id: int,
                 attn_implementation: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) scores of pairs `indices` from ONE forward over their 2N sequences,
-    packed padding-free into rows of at most `max_length` tokens (`alignment.scoring.packed_scores`)."""
+    """(chosen [N], rejected [N]) scores of pairs `indices` from ONE forward over their 2N answers, packed
+    padding-free into rows no longer than the longest (`alignment.scoring.packed_scores`)."""
     n = len(indices)
     seqs = [examples[i]["chosen"] for i in indices] + [examples[i]["rejected"] for i in indices]
-    scores = packed_scores(model, seqs, pad_id, max_length, attn_implementation).float()
+    scores = packed_scores(model, seqs, pad_id, attn_implementation).float()
     return scores[:n], scores[n:]
 
 
-def rm_step_fn(examples: list[dict], pad_id: int, max_length: int | None = None, attn_implementation: str = "sdpa"):
+def rm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str = "sdpa"):
     """The RM micro-step: ranking loss of the micro-batch's pairs, summed, over the step's share of pairs."""
 
     def step(model, rows, scale):
         indices = [i for row in rows for i in row]
-        chosen, rejected = score_pairs(model, examples, indices, pad_id, max_length, attn_implementation)
+        chosen, rejected = score_pairs(model, examples, indices, pad_id, attn_implementation)
         margin = torch.tensor([examples[i]["margin"] for i in indices], device=chosen.device)
         loss, metrics = ranking_loss(chosen, rejected, margin)
         n = len(indices)
@@ -271,7 +271,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
               f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; {len(plan.steps)} steps")
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
     model = load_reward_model(cfg.model, tokenizer.pad_token_id)
-    step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.train.max_length, cfg.model.attn_implementation)
+    step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=f"rm[{cfg.margin_scale}]", unit="pairs")
     summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale)
