@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults
+.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -90,6 +90,14 @@ chat: install
 annotate: install
 	$(BIN)/align annotate --prompts $(or $(PROMPTS),runs/demo/data/eval_helpful.jsonl) \
 		--checkpoints $(or $(CHECKPOINTS),runs/demo/sft/final runs/demo/ppo/final) --out $(or $(OUT),runs/annotate)
+
+# Ours vs TRL on the same model, data and machine: benchmarks/results.json and the README tables (CPU, ~10 min).
+bench: install
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# Where the time goes: torch.profiler tables of each side into benchmarks/profiles/ (STAGE=sft|rm|rl).
+bench-profile: install
+	for impl in ours trl; do $(BIN)/python -m benchmarks.profile $(or $(STAGE),sft) $$impl; done
 
 # Debian's Chromium for the browser test of `align annotate` (skipped, with the reason, without it).
 install-browser:

@@ -32,6 +32,27 @@ def pack(lengths: list[int], order: list[int], max_length: int) -> list[list[int
     return rows
 
 
+def pack_balanced(lengths: list[int], order: list[int], max_length: int, min_rows: int = 1) -> list[list[int]]:
+    """A fixed set of examples in the fewest rows of at most `max_length` tokens (at least `min_rows`, e.g.
+    one per process), filled evenly: longest first, each onto the least filled row. The rows of a
+    micro-batch are padded to the longest, so even rows leave almost no padding where `pack`'s first fit
+    would leave a short last row."""
+    by_length = sorted(order, key=lambda i: -lengths[i])
+    count = max(min(min_rows, len(by_length)), len(pack(lengths, by_length, max_length)))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        load = [0] * count
+        for i in by_length:
+            r = min(range(count), key=load.__getitem__)
+            if load[r] + lengths[i] > max_length:
+                break
+            rows[r].append(i)
+            load[r] += lengths[i]
+        else:
+            return rows
+        count += 1  # the least filled row had no room: one more row
+
+
 def group_by_length(lengths: list[int], order: list[int], group_size: int, rng: random.Random,
                     window: int = 64) -> list[list[int]]:
     """Groups of `group_size` examples of similar lengths (little padding): sort within windows of the

@@ -6,6 +6,8 @@ label). Encoding lives here only, so the RM is trained and used on exactly the s
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from alignment.chat import encode_dialog
@@ -38,6 +40,49 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         return logits[:, 0]
     last = attention_mask.sum(dim=1) - 1
     return logits[torch.arange(logits.shape[0], device=logits.device), last, 0]
+
+
+@contextlib.contextmanager
+def _scalar_head_outputs(model):
+    """Capture the scalar head's output at every position (``[B, T, 1]``) during a forward of a
+    sequence-classification model, which itself returns only the value at each row's last non-pad token.
+    The head is the outermost module named "score" (also through peft, DeepSpeed and DDP wrappers)."""
+    head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no scalar head named 'score'")
+    captured: dict[str, torch.Tensor] = {}
+    handle = head.register_forward_hook(lambda _m, _i, out: captured.__setitem__("scores", out))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def packed_scores(model, sequences: list[list[int]], pad_id: int, attn_implementation: str = "sdpa") -> torch.Tensor:
+    """Scalar rewards [N] of `sequences` from ONE forward over rows packed padding-free.
+
+    The sequences are packed evenly into rows no longer than the longest of them (so the forward never
+    holds more tokens, nor attends over longer rows, than right padding would), with a block-diagonal
+    causal mask and positions restarting at 0 for each sequence (`alignment.batching`): every score equals
+    the one the sequence gets alone. Each is read at its last token (the EOS of the answer), as
+    `last_token_scores` reads it on right-padded rows.
+    """
+    from alignment.batching import attention_inputs, collate, pack_balanced
+
+    lengths = [len(s) for s in sequences]
+    rows = pack_balanced(lengths, list(range(len(sequences))), max(lengths))
+    batch = collate([{"input_ids": s} for s in sequences], rows, pad_id, keys=("input_ids",))
+    row_of, end_of = torch.empty(len(sequences), dtype=torch.long), torch.empty(len(sequences), dtype=torch.long)
+    for r, row in enumerate(rows):
+        end = 0
+        for i in row:
+            end += lengths[i]
+            row_of[i], end_of[i] = r, end - 1
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) for k, v in batch.items()}
+    with _scalar_head_outputs(model) as captured:
+        model(**attention_inputs(batch, attn_implementation, param.dtype))
+    return captured["scores"][row_of.to(param.device), end_of.to(param.device), 0]
 
 
 @torch.no_grad()

@@ -167,14 +167,21 @@ def make_accelerator(dist: DistributedSection, train: TrainSection, optim: Optim
 
 
 def make_optimizer(model, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and norms (fused on CUDA)."""
+    """AdamW with no weight decay on biases and norms, fused (one kernel for all parameters; on CUDA and,
+    since torch 2.4, on CPU) where the parameters' device has it."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cuda", "cpu"} and (devices != {"cpu"} or _fused_adamw_on_cpu())
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+
+
+def _fused_adamw_on_cpu() -> bool:
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 4)
 
 
 # ----------------------------------------------------------------------------------------- the loop

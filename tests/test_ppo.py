@@ -20,7 +20,7 @@ from conftest import WORDS, write_jsonl
 from test_distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("time_generation", "time_scoring", "time_training", "samples_per_s")
+TIMING = ("time_generation", "time_scoring", "time_reward_models", "time_training", "samples_per_s")
 
 
 # ----------------------------------------------------------------------------------------- the reward pipeline

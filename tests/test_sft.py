@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from alignment.batching import attention_inputs, collate
+from alignment.batching import attention_inputs, collate, pack, pack_balanced
 from alignment.config import SFTConfig, load_config
 from alignment.runs import read_metrics
 from alignment.stages.sft import encode_dialogs, run_sft
@@ -67,6 +67,24 @@ def test_packed_rows_give_the_unpacked_loss(tokenizer, nano_model_dir):
         lu, mu = sft_loss(model(**attention_inputs(unpacked, impl)).logits, unpacked["labels"])
         assert int(mp["num_tokens"]) == int(mu["num_tokens"])
         assert lp.item() == pytest.approx(lu.item(), abs=1e-5), impl
+
+
+def test_balanced_packing_places_every_example_once_within_the_row_length():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 30))]
+        order = rng.sample(range(len(lengths)), len(lengths))
+        min_rows = rng.randint(1, 3)
+        rows = pack_balanced(lengths, order, 64, min_rows=min_rows)
+        assert sorted(i for row in rows for i in row) == sorted(order)
+        assert all(row and sum(lengths[i] for i in row) <= 64 for row in rows)
+        assert len(rows) >= min(min_rows, len(order))
+    # a step's dialogs: first fit leaves a short last row that the micro-batch pads to full width
+    lengths = [170, 120, 80, 80, 60, 60, 50, 40, 40, 30, 30, 20]
+    width = lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows)  # noqa: E731
+    assert width(pack_balanced(lengths, list(range(12)), 256)) < width(pack(lengths, list(range(12)), 256))
 
 
 def test_hand_computed_loss_on_two_examples(tokenizer, nano_model_dir):

@@ -200,6 +200,7 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
         kw = {"batch_size": cfg.reward.batch_size, "max_length": cfg.reward.max_length}
         helpful_raw = reward_scores(models.helpful_rm, tok, contexts, texts, **kw)
         safety_raw = reward_scores(models.safety_rm, tok, contexts, texts, **kw)
+    t2 = time.perf_counter()
     old_logprobs, ref_logprobs, values, entropy = [], [], [], []
     micro = cfg.ppo.micro_batch_size
     with torch.no_grad(), ctx.frozen.active(*([models.reference] if models.reference is not None else [])):
@@ -234,7 +235,9 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
         "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
         "value_mean": masked_mean(values, mask), "explained_variance": explained_variance(values, returns, mask),
     }
-    return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1}
+    # time_scoring: reward models, then the reference, old-policy and value passes (time_reward_models: the RMs)
+    return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1,
+                              "time_reward_models": t2 - t1}
 
 
 def train_on_rollout(ctx, batch: dict, iteration: int, run: RunDir) -> dict:

@@ -2,7 +2,7 @@
 
 A scalar-head `AutoModelForSequenceClassification` starts from the SFT checkpoint. Every pair is encoded
 with `alignment.scoring.encode_for_reward` (the one RM encoding rejection sampling and PPO use too); a
-micro-batch scores its chosen rows and its rejected rows in one right-padded forward pass, and
+micro-batch scores its chosen and its rejected answers in one forward pass, packed padding-free, and
 `alignment.losses.ranking_loss` with per-pair margins `preference_margin(rating, margin_scale)` gives the
 loss. The shared loop (`alignment.training.train`) does ZeRO, resume, checkpoints and logging; one plan
 item is one pair, so a step's loss is the mean over its pairs.
@@ -27,7 +27,7 @@ from alignment.data.schemas import pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.losses import RATINGS, preference_margin, ranking_loss
 from alignment.runs import RunDir, write_json_atomic
-from alignment.scoring import encode_for_reward, last_token_scores, pad_right
+from alignment.scoring import encode_for_reward, packed_scores
 from alignment.training import LoopConfig, train
 
 SCHEMA = "preference_pair"
@@ -53,7 +53,8 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int, margin_scale: st
 
 
 def make_plan(cfg: RMConfig, examples: list[dict], world: int):
-    """Length-grouped micro-batches of pairs (never packed); a pair's length is its longer answer."""
+    """Length-grouped micro-batches of pairs (the plan never packs pairs into rows; `score_pairs` packs a
+    micro-batch's answers for its forward); a pair's length is its longer answer."""
     lengths = [max(len(e["chosen"]), len(e["rejected"])) for e in examples]
     return build_plan(lengths, [1] * len(examples), seed=cfg.seed, epochs=cfg.train.epochs,
                       micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
@@ -61,22 +62,22 @@ def make_plan(cfg: RMConfig, examples: list[dict], world: int):
 
 
 # ----------------------------------------------------------------------------------------- the step
-def score_pairs(model, examples: list[dict], indices: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) scores of pairs `indices` from ONE forward over 2N right-padded rows."""
+def score_pairs(model, examples: list[dict], indices: list[int], pad_id: int,
+                attn_implementation: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) scores of pairs `indices` from ONE forward over their 2N answers, packed
+    padding-free into rows no longer than the longest (`alignment.scoring.packed_scores`)."""
     n = len(indices)
     seqs = [examples[i]["chosen"] for i in indices] + [examples[i]["rejected"] for i in indices]
-    ids, mask = pad_right(seqs, pad_id)
-    device = next(model.parameters()).device
-    scores = last_token_scores(model, ids.to(device), mask.to(device)).float()
+    scores = packed_scores(model, seqs, pad_id, attn_implementation).float()
     return scores[:n], scores[n:]
 
 
-def rm_step_fn(examples: list[dict], pad_id: int):
+def rm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str = "sdpa"):
     """The RM micro-step: ranking loss of the micro-batch's pairs, summed, over the step's share of pairs."""
 
     def step(model, rows, scale):
         indices = [i for row in rows for i in row]
-        chosen, rejected = score_pairs(model, examples, indices, pad_id)
+        chosen, rejected = score_pairs(model, examples, indices, pad_id, attn_implementation)
         margin = torch.tensor([examples[i]["margin"] for i in indices], device=chosen.device)
         loss, metrics = ranking_loss(chosen, rejected, margin)
         n = len(indices)
@@ -288,7 +289,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
                   "whose prompt is in a test set")
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
     model = load_reward_model(cfg.model, tokenizer.pad_token_id)
-    step = rm_step_fn(examples, tokenizer.pad_token_id)
+    step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=f"rm[{cfg.margin_scale}]", unit="pairs")
     summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale)

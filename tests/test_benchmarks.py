@@ -1,0 +1,106 @@
+"""The benchmark harness (benchmarks/): the lock-step referee, and `python -m benchmarks.run --quick` end to
+end on a nano model (two steps per stage; timings are not checked, only that everything is measured and
+that our and TRL's losses agree on the same batches)."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+STEPPER = textwrap.dedent("""
+    import json, sys, time, torch
+    from benchmarks.measure import StepClock
+    out, steps, fail_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p])
+    spans = []
+    with StepClock() as clock:
+        for k in range(steps):
+            if k == fail_at:
+                sys.exit(3)
+            start = time.monotonic()
+            time.sleep(0.05)
+            spans.append((start, time.monotonic()))
+            p.grad = torch.ones(1)
+            opt.step()
+    json.dump({"spans": spans, "timed": clock.timed([1] * steps)}, open(out, "w"))
+""")
+
+
+def _stepper(tmp_path, name, steps=4, fail_at=-1):
+    script = tmp_path / "stepper.py"
+    script.write_text(STEPPER)
+    return [sys.executable, str(script), str(tmp_path / f"{name}.json"), str(steps), str(fail_at)]
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_lock_step_sides_never_run_a_timed_step_at_the_same_time(tmp_path):
+    from benchmarks.lockstep import side_by_side
+
+    side_by_side({"a": _stepper(tmp_path, "a"), "b": _stepper(tmp_path, "b")}, 4, _env(), tmp_path / "logs")
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    for s in a["spans"][1:]:  # step 0 is warm-up, run together
+        for t in b["spans"][1:]:
+            assert s[1] <= t[0] or t[1] <= s[0], (s, t)
+    for side in (a, b):
+        assert len(side["timed"]["step_seconds"]) == 3
+        assert all(0.04 < x < 5 for x in side["timed"]["step_seconds"])  # the waits are not counted
+
+
+def test_a_failing_side_is_reported_with_its_log(tmp_path):
+    from benchmarks.lockstep import SideFailed, side_by_side
+
+    with pytest.raises(SideFailed, match="b exited with 3"):
+        side_by_side({"a": _stepper(tmp_path, "a"), "b": _stepper(tmp_path, "b", fail_at=2)}, 4, _env(),
+                     tmp_path / "logs")
+    assert (tmp_path / "a.json").is_file()  # the other side ran to its end
+
+
+def _readme(path: Path) -> Path:
+    from benchmarks.report import END, START
+
+    path.write_text(f"# title\n\n{START}\nstale table\n{END}\n\nafter\n")
+    return path
+
+
+@pytest.mark.parametrize("scaling", ["", pytest.param("nano", marks=pytest.mark.slow)])
+def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
+    from benchmarks.report import update_readmes
+
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--root", str(tmp_path / "bench"),
+                           "--out", str(out), "--scaling", scaling, "--no-readme"],
+                          capture_output=True, text=True, cwd=REPO, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"cpu", "cores", "threads_per_process"} <= set(results["machine"])
+    assert results["versions"]["trl"] and results["versions"]["torch"]
+    for stage, unit in (("sft", "tokens/s"), ("rm", "pairs/s"), ("rl", "samples/s")):
+        e = results[stage]
+        assert e["unit"] == unit
+        assert e["ours"] > 0 and e["trl"] > 0 and e["ratio"] == pytest.approx(e["ours"] / e["trl"])
+        assert e["ours_peak_mem_mb"] > 0 and e["trl_peak_mem_mb"] > 0
+    for stage in ("sft", "rm"):  # same batches from the same weights: the same losses, step by step
+        check = results[stage]["loss_check"]
+        assert check["agree"], check
+        assert check["steps"] == 2
+    split = results["rl"]["ours_split_seconds"]
+    assert set(split) == {"generation", "reward models", "reference, old policy and values", "update"}
+    assert all(v > 0 for v in split.values())
+    if scaling:
+        assert {r["config"] for r in results["scaling"]} == {"1 process", "2 processes ZeRO-2", "2 processes ZeRO-3"}
+        assert all(r["step_seconds"] > 0 for r in results["scaling"])
+    readme = _readme(tmp_path / "README.md")
+    update_readmes(results, [readme])
+    text = readme.read_text()
+    assert "stale table" not in text and text.endswith("after\n")
+    assert "| sft (trl.SFTTrainer) | tokens/s |" in text and "| rl (trl.RLOOTrainer) | samples/s |" in text
