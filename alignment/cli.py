@@ -114,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from alignment.config import ConfigError
-    from alignment.runs import RunDirError
 
     args = build_parser().parse_args(argv)
     try:
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
         _import(target)(cfg)
         return 0
-    except (ConfigError, ValueError, FileNotFoundError, RunDirError) as e:  # AnnotationError is a ValueError
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
         from alignment.data.schemas import DataValidationError
 
         kind = "data error" if isinstance(e, DataValidationError) else "error"

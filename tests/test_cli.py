@@ -46,7 +46,7 @@ def test_a_run_directory_holding_another_config_is_a_one_line_error(tmp_path, ca
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{path: {nano_model_dir}}}\ndata: {{train: [{{path: {data}}}]}}\n"
                       f"output: {{dir: {out}}}\n")
-    assert main(["sft", "--recipe", str(recipe)]) == 2
+    assert main(["sft", "--recipe", str(recipe)]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("align sft: error:") and "Traceback" not in err
+    assert err.startswith("align sft: stopped:") and "another config" in err
     assert (out / "config.json").read_text().startswith('{"hash": "0123456789abcdef"')  # nothing overwritten

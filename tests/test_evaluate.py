@@ -174,10 +174,10 @@ def test_align_eval_writes_metrics_win_rates_and_plots(tmp_path, eval_world, nan
     again = json.loads((out / "eval.json").read_text())
     assert [c["name"] for c in again["checkpoints"]] == ["a", "c"] and again["against"] is None
     assert again["checkpoints"][1]["violation_rate"] == b["violation_rate"]  # same weights as b
-    # other judge settings are another evaluation: refused (one line, exit 2) unless output.overwrite
+    # other judge settings are another evaluation: refused (one line, exit 3) unless output.overwrite
     capsys.readouterr()
     assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(nano_model_dir),
-                 "--set", "judges.tie_margin=0.1"]) == 2
+                 "--set", "judges.tie_margin=0.1"]) == 3
     assert "holds a run with another config" in capsys.readouterr().err
 
 

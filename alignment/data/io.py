@@ -56,11 +56,13 @@ def load_records(path: str | os.PathLike, schema: str, max_errors: int = 10) -> 
 
 def read_rows(path: str | os.PathLike, *, json_lines: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     """(row number, row or RowError) for every row of a data file, unvalidated: the input of the adapters
-    for public data sets (alignment.data.adapters). `json_lines`: a `.json` file holds JSON Lines (SHP)."""
-    return _open(Path(path), json_lines=json_lines)
+    for public data sets (alignment.data.adapters). `json_lines`: a `.json` file holds JSON Lines (SHP).
+    Upstream files are read as published, so NaN/Infinity (pandas exports, e.g. UltraFeedback's missing
+    fine-grained scores) are read as floats for the adapter to handle; our own files never hold them."""
+    return _open(Path(path), json_lines=json_lines, allow_nan=True)
 
 
-def _open(path: Path, json_lines: bool = False) -> Iterator[tuple[int, dict | RowError]]:
+def _open(path: Path, json_lines: bool = False, allow_nan: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     """The reader for `path`, chosen and checked now (not on first iteration) so errors come at the call."""
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -68,8 +70,10 @@ def _open(path: Path, json_lines: bool = False) -> Iterator[tuple[int, dict | Ro
         return _read_dataset(_load_dataset_dir(path))
     suffix = path.suffix.lower()
     if suffix in COMPRESSED and Path(path.stem).suffix.lower() == ".jsonl":
-        return _read_jsonl(path, COMPRESSED[suffix])
+        return _read_jsonl(path, COMPRESSED[suffix], allow_nan=allow_nan)
     readers = {".jsonl": _read_jsonl, ".json": _read_jsonl if json_lines else _read_json, ".parquet": _read_parquet}
+    if allow_nan and suffix in (".jsonl", ".json"):
+        return readers[suffix](path, allow_nan=True)
     if suffix not in readers:
         raise DataValidationError([Problem(str(path), 0, FILE, (
             f"unsupported file type {suffix or '(no suffix)'!r}: expected {', '.join(SUFFIXES)}, "
@@ -77,7 +81,7 @@ def _open(path: Path, json_lines: bool = False) -> Iterator[tuple[int, dict | Ro
     return readers[suffix](path)
 
 
-def _read_jsonl(path: Path, opener=open) -> Iterator[tuple[int, dict | RowError]]:
+def _read_jsonl(path: Path, opener=open, allow_nan: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     # Binary lines, decoded one by one, so a bad byte is reported with its line, not as a traceback.
     row_no = 0
     with opener(path, "rb") as f:
@@ -101,7 +105,7 @@ def _read_jsonl(path: Path, opener=open) -> Iterator[tuple[int, dict | RowError]
             text = text.rstrip("\r\n")  # so a JSON error's column is within this line
             if not text.strip(_JSON_WHITESPACE):
                 continue
-            yield row_no, _parse_object(text)
+            yield row_no, _parse_object(text, allow_nan)
 
 
 def _reject_constant(name: str):
@@ -109,9 +113,9 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
-def _parse_object(text: str) -> dict | RowError:
+def _parse_object(text: str, allow_nan: bool = False) -> dict | RowError:
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=None if allow_nan else _reject_constant)
     except json.JSONDecodeError as e:
         return RowError(ROW, f"invalid JSON: {e.msg} at column {e.colno}")
     except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit, absurd nesting
@@ -121,7 +125,7 @@ def _parse_object(text: str) -> dict | RowError:
     return value
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+def _read_json(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -130,7 +134,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | RowError]]:
         yield 0, RowError(FILE, f"not valid UTF-8: byte 0x{raw[e.start]:02x} on line {line}")
         return
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=None if allow_nan else _reject_constant)
     except json.JSONDecodeError as e:
         yield 0, RowError(FILE, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         return
