@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignment.data.schemas import prompt_context, row_problems
+from alignment.data.schemas import category_of, prompt_context, row_problems
 from alignment.data.stats import annotator_agreement
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
@@ -50,12 +50,9 @@ def shown_order(annotator: str, item_id: str) -> tuple[int, int]:
 
 def safety_category(chosen_safe: bool, rejected_safe: bool) -> str:
     """The paper's three safety bins; the fourth case (only the rejected answer safe) is refused."""
-    if chosen_safe and rejected_safe:
-        return "both_safe"
-    if chosen_safe:
-        return "only_chosen_safe"
-    if not rejected_safe:
-        return "both_unsafe"
+    category = category_of(chosen_safe, rejected_safe)
+    if category is not None:
+        return category
     raise AnnotationError("the preferred answer is marked unsafe and the other safe: the protocol keeps only "
                           "pairs where the safer answer is preferred (pick the safe one, or fix a safety mark)")
 

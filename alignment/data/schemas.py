@@ -33,6 +33,12 @@ CATEGORY_LABELS = {
 }
 
 
+def category_of(chosen_safe: bool, rejected_safe: bool) -> str | None:
+    """The paper's safety category of a pair (Llama 2 section 4.2.1) from its two safety labels; None for
+    the excluded case, a chosen unsafe answer over a safe one (a safer answer is always preferred)."""
+    return next((name for name, labels in CATEGORY_LABELS.items() if labels == (chosen_safe, rejected_safe)), None)
+
+
 class Problem(NamedTuple):
     """One invalid spot: `row` is a 1-based line (JSONL) or row index (JSON list, Parquet, datasets); 0 = whole file."""
 

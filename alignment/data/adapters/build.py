@@ -35,12 +35,11 @@ def rating_bucket(strength: float | None, thresholds: RatingThresholds, floor: f
 def safety_category(chosen_safe: bool, rejected_safe: bool) -> str:
     """The paper's three safety categories (Llama 2 section 4.2.1). A pair whose chosen answer is unsafe
     while the rejected one is safe is excluded, as in the paper: a safer answer is always preferred."""
-    if chosen_safe and rejected_safe:
-        return "both_safe"
-    if chosen_safe:
-        return "only_chosen_safe"
-    if not rejected_safe:
-        return "both_unsafe"
+    from alignment.data.schemas import category_of
+
+    category = category_of(chosen_safe, rejected_safe)
+    if category is not None:
+        return category
     raise Skip("chosen unsafe, rejected safe (excluded: a safer answer is always preferred)")
 
 
