@@ -73,7 +73,8 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
         raise ValueError(f"{name}: config.json has no {', '.join(missing)}; only Llama-style configs can be planned")
     heads = config["num_attention_heads"]
     optional = {"num_key_value_heads": heads, "max_position_embeddings": 4096, "tie_word_embeddings": False}
-    values = {k: config[k] if config.get(k) is not None else default for k, default in optional.items()}
+    # an HF config.json leaves out (or writes null for) fields at their defaults: this is HF's file, not a recipe
+    values = {k: default if k not in config or config[k] is None else config[k] for k, default in optional.items()}
     return ModelShape(name, config["vocab_size"], config["hidden_size"], config["intermediate_size"],
                       config["num_hidden_layers"], heads, values["num_key_value_heads"],
                       values["max_position_embeddings"], bool(values["tie_word_embeddings"]))
