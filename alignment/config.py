@@ -563,7 +563,7 @@ class GAttSamplingSection:
     top_p: float = 1.0
     max_new_tokens: int = 32
     batch_size: int = 64
-    every_turn_examples: bool = True  # one example per turn (cut after it), not only the whole dialog
+    every_turn_examples: bool = True  # loss on every turn's answer as a 'last' turn (gatt.gatt_train_on), not only the final one
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ with a model):
    every_turn=True)`) and the latest model answers turn by turn, each answer conditioned on the answers
    sampled before it (`play_dialogs`); dialogs whose answers break the instruction are dropped;
 2. training: the instruction stays only in the first turn, as the system prompt (`every_turn=False`),
-   and the loss is zero on every previous turn, assistant messages included (`train_on="last"`); one
-   dialog gives one example per turn, cut after that turn's answer, so every turn position is trained
-   (`training_dialogs`);
+   and the loss is zero on every previous turn, assistant messages included (`train_on="last"`); with
+   `every_turn_examples` every turn is also trained as a "last" turn, which is the full dialog with loss
+   on every answer (`training_dialogs`, `gatt_train_on`);
 3. evaluation (Table 30): the instruction is given once as the system prompt, the model's own answers
    are fed back as history, and `adherence_rates` is the share of answers that still obey at turns
    1, 2, 4, 6, 10, 20.
@@ -84,21 +84,12 @@ def first_obeying(constraints: list, candidates: Sequence[str], check: Check, fi
     return Choice(candidates[0], False, tried=len(candidates))
 
 
-def first_obeying_or_rewrite(constraints: list, candidates: Sequence[str], check: Check, fix=None) -> Choice:
-    """Best of k by the checker; when none obeys, the first candidate rewritten by `fix` to obey."""
-    choice = first_obeying(constraints, candidates, check)
-    if choice.obeys or fix is None:
-        return choice
-    answer = fix(constraints, candidates[0])
-    return Choice(answer, check(constraints, answer), rewritten=True, tried=choice.tried)
-
-
 def first_candidate(constraints: list, candidates: Sequence[str], check: Check, fix=None) -> Choice:
     """Evaluation: the model's (single, greedy) answer as it is."""
     return Choice(candidates[0], check(constraints, candidates[0]))
 
 
-CHOOSERS = {AnswerMode.SAMPLE: first_obeying, AnswerMode.REWRITE: first_obeying_or_rewrite}
+CHOOSERS = {AnswerMode.SAMPLE: first_obeying, AnswerMode.REWRITE: first_obeying}  # REWRITE: play_dialogs fixes
 
 
 # ------------------------------------------------------------------------------------- dialogs
@@ -143,11 +134,16 @@ def plan_dialogs(instructions: list[dict], prompts: list[str], num_dialogs: int,
 
 
 def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool, check: Check,
-                 choose=first_candidate, fix=None, stop_on_failure: bool) -> list[DialogPlan]:
+                 choose=first_candidate, fix=None, respond_plain: Respond | None = None,
+                 stop_on_failure: bool) -> list[DialogPlan]:
     """Play all dialogs turn by turn, in place: at each turn every open dialog asks `respond` for the next
     answer given its own history (so each answer conditions on the answers chosen before it), with the
     instruction attached as `every_turn` says; `choose` picks the answer among the candidates.
 
+    fix (`answers: rewrite`, not the paper): an answer that breaks the instruction is rewritten by
+    `fix(constraints, answer)`. The answer rewritten is the model's answer to the dialog without any
+    instruction (`respond_plain`, one batch per turn for the dialogs that need it), so the content stays the
+    model's own and only the form is the program's; without `respond_plain`, the first candidate.
     stop_on_failure=True (sampling): a dialog whose answer breaks the instruction stops, status "failed".
     stop_on_failure=False (evaluation): the answer is kept as history and the dialog goes on.
     A dialog `respond` cannot answer (None: the context does not fit) stops with status "cut".
@@ -157,11 +153,22 @@ def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool,
         if not live:
             break
         contexts = [attach_instruction(p.history(), p.instruction["instruction"], every_turn) for p in live]
+        chosen = []
         for plan, candidates in zip(live, respond(contexts)):
             if candidates is None:
                 plan.status = "cut"
                 continue
-            c = choose(plan.instruction["constraints"], candidates, check, fix)
+            chosen.append((plan, choose(plan.instruction["constraints"], candidates, check, fix)))
+        if fix is not None:
+            broken = [i for i, (_, c) in enumerate(chosen) if not c.obeys]
+            plain = respond_plain([chosen[i][0].history() for i in broken]) if respond_plain and broken else []
+            for k, i in enumerate(broken):
+                plan, c = chosen[i]
+                source = plain[k][0] if plain and plain[k] else c.answer
+                answer = fix(plan.instruction["constraints"], source)
+                chosen[i] = (plan, Choice(answer, check(plan.instruction["constraints"], answer), rewritten=True,
+                                          tried=c.tried))
+        for plan, c in chosen:
             plan.turns.append({"user": plan.users[t], "answer": c.answer, "obeys": c.obeys,
                                "rewritten": c.rewritten, "tried": c.tried})
             if not c.obeys and stop_on_failure:
@@ -171,23 +178,33 @@ def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool,
     return plans
 
 
-def training_dialogs(plans: list[DialogPlan], every_turn_examples: bool = True, prefix: str = "gatt") -> list[dict]:
-    """sft_dialog rows from the complete dialogs: the instruction as system prompt of the first turn only,
-    user messages without it. With every_turn_examples, dialog d of T turns gives T rows, cut after turns
-    1..T; to be encoded with train_on="last" (loss on the last answer, zero on the turns before it)."""
+def training_dialogs(plans: list[DialogPlan], prefix: str = "gatt") -> list[dict]:
+    """sft_dialog rows from the complete dialogs, one per dialog: the instruction as system prompt of the
+    first turn only, user messages without it. Encode them with `gatt_train_on(every_turn_examples)`."""
     rows = []
     for d, plan in enumerate(plans):
         if plan.status != "complete":
             continue
-        cuts = range(1, len(plan.turns) + 1) if every_turn_examples else [len(plan.turns)]
-        for n in cuts:
-            messages = []
-            for t in plan.turns[:n]:
-                messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["answer"]}]
-            rows.append({"id": f"{prefix}-{d:06d}-t{n:02d}", "source": "gatt",
-                         "messages": attach_instruction(messages, plan.instruction["instruction"], every_turn=False),
-                         "meta": {"instruction_id": plan.instruction["id"], "turn": n}})
+        messages = []
+        for t in plan.turns:
+            messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["answer"]}]
+        rows.append({"id": f"{prefix}-{d:06d}", "source": "gatt",
+                     "messages": attach_instruction(messages, plan.instruction["instruction"], every_turn=False),
+                     "meta": {"instruction_id": plan.instruction["id"], "turns": len(plan.turns)}})
     return rows
+
+
+def gatt_train_on(every_turn_examples: bool) -> str:
+    """Which answers of a GAtt dialog carry loss.
+
+    False: "last", the paper's form: loss on the final answer only, zero on every earlier turn.
+    True: "all". This is the paper's form applied to every turn: the T examples "dialog cut after turn n,
+    loss on its last answer" (n = 1..T) put loss on every answer exactly once, each conditioned on the same
+    prefix (the instruction as system prompt, the earlier turns without it) as in the full dialog, so under
+    a causal model their losses are those of the full dialog with loss on all answers (tested), at one
+    forward pass per dialog instead of T.
+    """
+    return "all" if every_turn_examples else "last"
 
 
 # ------------------------------------------------------------------------------------- evaluation

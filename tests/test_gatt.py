@@ -10,7 +10,7 @@ from alignment.chat import IGNORE_INDEX, encode_dialog, format_dialog
 from alignment.data.toyworld import check_instruction
 from alignment.gatt import (AnswerMode, CHOOSERS, DialogPlan, adherence_rates, attach_instruction,
                             dialogs_reaching, measure_adherence, play_dialogs, sampling_counts,
-                            system_token_positions, training_dialogs)
+                            gatt_train_on, system_token_positions, training_dialogs)
 
 from conftest import write_jsonl
 
@@ -63,41 +63,55 @@ def _complete_plan(instruction, answers):
     return plan
 
 
-def test_training_examples_have_the_system_prompt_once_and_labels_on_the_last_answer(tokenizer):
+def test_training_dialogs_have_the_system_prompt_once_and_last_labels_only_on_the_final_answer(tokenizer):
     answers = ["AS NAPOLEON, ONE", "AS NAPOLEON, TWO THREE", "AS NAPOLEON, FOUR"]
     failed = _complete_plan(UPPER, ["x"])
     failed.status = "failed"
     rows = training_dialogs([_complete_plan(NAPOLEON, answers), failed])
-    assert [r["meta"]["turn"] for r in rows] == [1, 2, 3]  # one example per turn, the failed dialog dropped
-    for n, row in enumerate(rows, start=1):
-        msgs = row["messages"]
-        assert msgs[0] == {"role": "system", "content": "Figure: Napoleon."}
-        assert all("Napoleon" not in m["content"] for m in msgs if m["role"] == "user")
-        assert len(msgs) == 1 + 2 * n
-        enc = encode_dialog(tokenizer, msgs, train_on="last")
-        trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
-        assert trained[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(trained[:-1]).strip() == answers[n - 1]
-        # every earlier answer is in the input but carries no loss
-        full = encode_dialog(tokenizer, msgs, train_on="all")
-        assert sum(label != IGNORE_INDEX for label in full["labels"]) > len(trained) or n == 1
-    assert len(training_dialogs([_complete_plan(NAPOLEON, answers)], every_turn_examples=False)) == 1
+    assert len(rows) == 1 and rows[0]["meta"]["turns"] == 3  # one row per dialog, the failed dialog dropped
+    msgs = rows[0]["messages"]
+    assert msgs[0] == {"role": "system", "content": "Figure: Napoleon."}
+    assert all("Napoleon" not in m["content"] for m in msgs if m["role"] == "user")
+    assert [m["content"] for m in msgs if m["role"] == "assistant"] == answers
+    enc = encode_dialog(tokenizer, msgs, train_on=gatt_train_on(False))
+    trained = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
+    assert trained[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained[:-1]).strip() == answers[-1]  # earlier answers are input, without loss
 
 
-def test_the_stage_fine_tunes_with_loss_on_the_last_answer_only(tmp_path):
+def test_every_turn_labels_equal_one_last_turn_example_per_turn(tokenizer, nano_model_dir):
+    """gatt_train_on(True): the full dialog with loss on every answer has, token for token, the losses of the
+    T examples "cut after turn n, loss on the last answer" (the paper's form applied to every turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir).eval()
+    answers = ["AS NAPOLEON, ONE", "AS NAPOLEON, TWO THREE", "AS NAPOLEON, FOUR FIVE SIX"]
+    msgs = training_dialogs([_complete_plan(NAPOLEON, answers)])[0]["messages"]
+
+    def token_losses(enc):
+        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, labels[0, 1:].clamp(min=0), reduction="none")
+        return nll[labels[0, 1:] != IGNORE_INDEX]
+
+    full = token_losses(encode_dialog(tokenizer, msgs, train_on=gatt_train_on(True)))
+    cuts = torch.cat([token_losses(encode_dialog(tokenizer, msgs[:1 + 2 * n], train_on="last"))
+                      for n in range(1, len(answers) + 1)])
+    assert len(full) == len(cuts) and len(full) > len(answers)
+    torch.testing.assert_close(full, cuts, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("every_turn, expected", [(False, "last"), (True, "all")])
+def test_the_stage_fine_tunes_with_the_labels_every_turn_examples_says(tmp_path, every_turn, expected):
     from alignment.config import from_dict, GAttConfig
     from alignment.stages.gatt import gatt_sft_config
 
     cfg = from_dict(GAttConfig, {"model": {"path": "m"}, "output": {"dir": str(tmp_path)},
+                                 "sampling": {"every_turn_examples": every_turn},
                                  "data": {"instructions": [{"path": "i"}], "prompts": [{"path": "p"}]}})
-    assert gatt_sft_config(cfg, tmp_path / "dialogs.jsonl").data.train_on == "last"
-
-
-def test_system_token_positions_cover_the_system_prompt(tokenizer):
-    msgs = attach_instruction(DIALOG[:2], "the red cat", every_turn=False)
-    start, end = system_token_positions(tokenizer, msgs)
-    ids = encode_dialog(tokenizer, msgs)["input_ids"]
-    assert tokenizer.decode(ids[start:end]).strip() == "the red cat"
+    assert gatt_sft_config(cfg, tmp_path / "dialogs.jsonl").data.train_on == expected
 
 
 # ------------------------------------------------------------------------------------- adherence per turn
@@ -171,7 +185,9 @@ def test_sampling_attaches_the_instruction_everywhere_and_keeps_only_obeying_dia
         assert all(m["content"].startswith(f"<<SYS>>\n{UPPER['instruction']}") for m in ctx[2:] if m["role"] == "user")
     assert played[0].turns[1]["tried"] == 2 and played[0].turns[1]["answer"] == "PLAIN ANSWER"
     rows = training_dialogs(played)
-    assert len(rows) == 2 and all(check_instruction(UPPER["constraints"], r["messages"][-1]["content"]) for r in rows)
+    assert len(rows) == 1  # the complete dialog only, every answer obeying
+    assert all(check_instruction(UPPER["constraints"], m["content"]) for m in rows[0]["messages"]
+               if m["role"] == "assistant")
     counts = sampling_counts(played)
     assert (counts["complete"], counts["failed"], counts["rewritten"]) == (1, 1, 0)
     assert counts["sampled_obey_rate_by_turn"] == {"1": 1.0, "2": 1.0, "3": 0.0}
@@ -181,6 +197,24 @@ def test_sampling_attaches_the_instruction_everywhere_and_keeps_only_obeying_dia
     assert [p.status for p in rewritten] == ["complete", "complete"]
     assert rewritten[1].turns[2] == {"user": "q3", "answer": "PLAIN ANSWER", "obeys": True, "rewritten": True,
                                      "tried": 2}
+
+    asked_plain = []
+
+    def respond_plain(contexts):  # the model's answer without any instruction
+        asked_plain.extend(contexts)
+        return [["the answer to q3"] for _ in contexts]
+
+    from_plain = play_dialogs(plans(), respond, every_turn=True, check=check_instruction,
+                              choose=CHOOSERS[AnswerMode.REWRITE], fix=fix_answer, respond_plain=respond_plain,
+                              stop_on_failure=True)
+    assert from_plain[1].turns[2]["answer"] == "THE ANSWER TO Q3" and from_plain[1].turns[2]["rewritten"]
+    assert from_plain[1].turns[1]["answer"] == "PLAIN ANSWER"  # an obeying sample is kept as sampled
+    assert len(asked_plain) == 1  # only the broken turn asks, with the dialog and no instruction at all
+    turns = from_plain[1].turns
+    assert asked_plain[0] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": turns[0]["answer"]},
+                              {"role": "user", "content": "q2"}, {"role": "assistant", "content": turns[1]["answer"]},
+                              {"role": "user", "content": "q3"}]
+    assert all("<<SYS>>" not in m["content"] and m["role"] != "system" for m in asked_plain[0])
 
 
 # ------------------------------------------------------------------------------------- align gatt

@@ -45,7 +45,7 @@ from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFT
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.faults import fault_point
-from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching,
+from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching, gatt_train_on,
                             measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune, is_main_process
@@ -235,13 +235,18 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
     respond = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=s.samples_per_turn,
                               temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed)
     mode = AnswerMode(s.answers)
+    rewrite = mode is AnswerMode.REWRITE
+    plain = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=1,
+                            temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size,
+                            seed=cfg.seed + 1) if rewrite else None
     return play_dialogs(plans, respond, every_turn=True, check=check_instruction, choose=CHOOSERS[mode],
-                        fix=fix_answer if mode is AnswerMode.REWRITE else None, stop_on_failure=True)
+                        fix=fix_answer if rewrite else None, respond_plain=plain, stop_on_failure=True)
 
 
 def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
-    """The fine-tune of `model.path` on the GAtt examples (loss on the last answer only)."""
-    return SFTConfig(model=cfg.model, data=SFTData(train=[DataSource(path=str(dialogs_path))], train_on="last"),
+    """The fine-tune of `model.path` on the GAtt dialogs (loss on the answers `gatt_train_on` says)."""
+    train_on = gatt_train_on(cfg.sampling.every_turn_examples)
+    return SFTConfig(model=cfg.model, data=SFTData(train=[DataSource(path=str(dialogs_path))], train_on=train_on),
                      output=cfg.output, optim=cfg.optim, schedule=cfg.schedule, train=cfg.train,
                      distributed=cfg.distributed, logging=cfg.logging, eval=EvalSection(), seed=cfg.seed)
 
@@ -281,7 +286,7 @@ def run_gatt(cfg: GAttConfig) -> dict:
               f"k={cfg.sampling.samples_per_turn})")
         plans = sample_dialogs(cfg, instructions, prompts)
         fault_point("gatt.sampled")
-        rows = training_dialogs(plans, cfg.sampling.every_turn_examples)
+        rows = training_dialogs(plans)
         write_jsonl(run.path / "samples.jsonl", [p.to_row() for p in plans])
         write_jsonl(dialogs_path, rows)
         counts = {**sampling_counts(plans), "examples": len(rows), "answers_mode": mode,
