@@ -7,7 +7,8 @@ earlier stage (or `{data}` for the toy-world data directory). Every stage runs a
 writing into `<output.dir>/<name>`.
 
 Resume and lineage: the manifest (`manifest.json`) records, per stage, a key = hash of the stage's
-resolved config and of the keys of the stages it reads from. A stage whose key matches and whose run
+resolved config, of the keys of the stages it reads from and of the SHA-256 of the toy-world files it
+reads (the toy world is rewritten when its seed, sizes or generator code change). A stage whose key matches and whose run
 directory says done is skipped; an interrupted stage is re-run with the same command and resumes from
 its own checkpoints; a stage whose key changed (its config, or anything upstream) is re-run from
 scratch, and so are the stages after it that read from it.
@@ -98,8 +99,34 @@ def _upstream(spec: PipelineStage) -> list[str]:
     return sorted({ref for v in spec.set.values() for ref in PLACEHOLDER.findall(str(v)) if ref != "data"})
 
 
-def plan_pipeline(cfg: PipelineConfig) -> list[dict]:
-    """Resolve every stage (configs checked before anything runs) and compute its lineage key."""
+DATA_FILE = re.compile(r"\{data\}/([\w.\-]+)")
+
+
+def toyworld_code_hash() -> str:
+    """Fingerprint of the toy-world generator's source: data written by other code is stale."""
+    import alignment.data.toyworld as toyworld
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(toyworld.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _data_key(spec: PipelineStage, digests: dict | None, fallback: str) -> str:
+    """Lineage of a stage's toy-world inputs: the SHA-256 of each data file it names (so a stage re-runs
+    only when a file it reads changed); before the data exist, the generator settings (`fallback`)."""
+    if digests is None:
+        return fallback
+    files = sorted({f for v in spec.set.values() for f in DATA_FILE.findall(str(v))})
+    return hashlib.sha256(json.dumps([[f, digests.get(f)] for f in files]).encode()).hexdigest()[:16]
+
+
+def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list[dict]:
+    """Resolve every stage (configs checked before anything runs) and compute its lineage key.
+
+    data_digests: {file name: sha256} of the toy-world files (its manifest's "sha256"); without them the
+    data lineage is the generator's seed and sizes.
+    """
     root = Path(cfg.output.dir)
     dirs = {"data": str(root / "data")}
     data_key = hashlib.sha256(json.dumps({"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes},
@@ -115,7 +142,7 @@ def plan_pipeline(cfg: PipelineConfig) -> list[dict]:
         stage_cfg, overrides = _stage_config(spec, dirs, run_dir)
         refs = _upstream(spec)
         uses_data = any("{data}" in str(v) for v in spec.set.values())
-        lineage = [keys[r] for r in refs] + ([data_key] if uses_data else [])
+        lineage = [keys[r] for r in refs] + ([_data_key(spec, data_digests, data_key)] if uses_data else [])
         key = hashlib.sha256((config_hash(stage_cfg) + "".join(lineage)).encode()).hexdigest()[:16]
         keys[spec.name] = key
         dirs[spec.name] = str(run_dir)
@@ -150,6 +177,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     logs.mkdir(exist_ok=True)
 
     _ensure_toyworld(cfg, root, manifest)
+    digests = json.loads((root / "data" / "manifest.json").read_text())["sha256"]
+    planned = plan_pipeline(cfg, digests)  # lineage from the data files each stage reads
     manifest["order"] = [p["spec"].name for p in planned]
     write_json_atomic(manifest_path, manifest)
 
@@ -214,7 +243,7 @@ def _ensure_toyworld(cfg: PipelineConfig, root: Path, manifest: dict) -> None:
     from alignment.data.toyworld import write_toyworld
 
     data_dir = root / "data"
-    want = {"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes}
+    want = {"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes, "code": toyworld_code_hash()}
     if manifest.get("data") == want and (data_dir / "manifest.json").is_file():
         print(f"[0] toy world data      up to date ({data_dir})", flush=True)
         return

@@ -96,3 +96,18 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
     assert not (tmp_path / "demo").exists()
+
+
+def test_data_lineage_follows_the_files_a_stage_reads(tmp_path):
+    """A stage's key changes when a toy-world file it reads changes, not when another file does."""
+    from alignment.pipeline import toyworld_code_hash
+
+    cfg = load_config(PipelineConfig, "recipes/tiny/pipeline.yaml", [f"output.dir={tmp_path}"])
+    names = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "eval_helpful.jsonl", "rl_prompts.jsonl"]
+    digests = {n: "a" * 64 for n in names}
+    before = {p["spec"].name: p["key"] for p in plan_pipeline(cfg, digests)}
+    after = {p["spec"].name: p["key"] for p in plan_pipeline(cfg, {**digests, "sft_train.jsonl": "b" * 64})}
+    assert before["base"] == after["base"]  # reads pretrain.jsonl only
+    assert before["sft"] != after["sft"]  # reads sft_train.jsonl, and everything after it reads sft
+    assert all(before[n] != after[n] for n in before if n != "base")
+    assert len(toyworld_code_hash()) == 16 and toyworld_code_hash() == toyworld_code_hash()
