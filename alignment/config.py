@@ -633,6 +633,7 @@ class SafetyJudgeSection:
 
     safety_rm: str  # HF seq-cls dir, one label
     min_gain: float = 0.0  # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain
+    min_kept: int = 1  # fewer kept answers than this: no fine-tune, final/ is the model unchanged
     batch_size: int = 32
     max_length: int = 1024
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -122,13 +122,17 @@ def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, token
     assert (run / "samples.jsonl").stat().st_mtime_ns == stamp and again["sampling"]["kept"] == len(kept)
 
 
-def test_nothing_kept_leaves_the_model_unchanged(tmp_path, nano_model_dir, tokenizer):
+@pytest.mark.parametrize("setting", [{"judge.min_gain": 1.0},  # no sigmoid gains 1: nothing kept
+                                     {"judge.min_kept": 10_000}])  # some kept, fewer than asked for
+def test_nothing_or_too_little_kept_leaves_the_model_unchanged(tmp_path, nano_model_dir, tokenizer, setting):
     from safetensors.torch import load_file
 
-    prompts = toyworld.eval_prompts(0, 3, "adversarial")
-    cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **{"judge.min_gain": 1.0})  # no sigmoid gains 1
+    prompts = toyworld.eval_prompts(0, 12, "adversarial")
+    cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **setting)
     summary = run_safety_distill(cfg)
-    assert summary["sampling"]["kept"] == 0 and summary["fine_tuned"] is False
+    assert summary["fine_tuned"] is False and summary["examples"] == 0
+    assert summary["kept_below_min"] == summary["sampling"]["kept"]
+    assert (summary["sampling"]["kept"] == 0) == ("judge.min_gain" in setting)
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     start = load_file(nano_model_dir / "model.safetensors")
     assert final.keys() == start.keys() and all(torch.equal(final[k], start[k]) for k in start)

@@ -227,11 +227,11 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
         time.sleep(2.0)
     dialogs = load_records(kept_path, "sft_dialog")
     sft_cfg = distill_sft_config(cfg, kept_path)
-    if dialogs:
+    if dialogs and len(dialogs) >= cfg.judge.min_kept:
         summary = fine_tune(sft_cfg, dialogs, run, {**inputs, str(kept_path): file_sha256(kept_path)},
                             desc="safety-distill")
-    else:  # the preprompt improves no answer: the model is already as safe as it makes it
-        summary = keep_unchanged(cfg, run, samples_path)
+    else:  # the preprompt improves no answer (or too few to learn from): keep the model as it is
+        summary = keep_unchanged(cfg, run, samples_path, len(dialogs))
     summary["sampling"] = json.loads(summary_path.read_text())
     if is_main_process():
         summary["eval"] = evaluate_policy(sft_cfg, run, eval_dialogs, eval_prompts)
@@ -241,22 +241,26 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     return summary
 
 
-def keep_unchanged(cfg: SafetyDistillConfig, run: RunDir, samples_path: Path) -> dict:
-    """No answer to train on: final/ is a copy of the starting model, so later stages and reports read on."""
+def keep_unchanged(cfg: SafetyDistillConfig, run: RunDir, samples_path: Path, kept: int = 0) -> dict:
+    """Nothing (or fewer than judge.min_kept answers) to train on: final/ is a copy of the starting model,
+    so later stages and reports read on. A few steps of AdamW on a handful of refusals move a small model
+    far more than they teach it (on the 2M toy model, 2 steps on 2 answers took false refusals from 5% to
+    32%), hence the threshold."""
     from alignment.runs import commit_dir
 
+    why = (f"only {kept} preprompted answers scored above the original, fewer than judge.min_kept="
+           f"{cfg.judge.min_kept}" if kept else "no preprompted answer scored above the original")
     source = Path(cfg.model.path)
     if not source.is_dir():
-        raise ValueError(f"[safety-distill] no preprompted answer scored above the original (see {samples_path}) "
-                         f"and model.path {source} is not a local directory to copy as final/")
-    print(f"[safety-distill] no preprompted answer scored above the original (see {samples_path}); "
-          f"final/ is the starting model unchanged")
+        raise ValueError(f"[safety-distill] {why} (see {samples_path}) and model.path {source} is not a local "
+                         f"directory to copy as final/")
+    print(f"[safety-distill] {why} (see {samples_path}); final/ is the starting model unchanged")
     if is_main_process() and not (run.final_dir / "config.json").is_file():
         tmp = run.path / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("COMPLETE"))
         commit_dir(tmp, run.final_dir)
-    return {"examples": 0, "fine_tuned": False}
+    return {"examples": 0, "kept_below_min": kept, "fine_tuned": False}
 
 
 def print_sampling(counts: dict) -> None:
