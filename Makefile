@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ pretrain: install
 
 sft: install
 	$(BIN)/align sft --recipe $(or $(RECIPE),recipes/tiny/sft.yaml)
+
+# Preference pairs on the SFT model's own answers, judged by the toy world's annotators.
+collect: install
+	$(BIN)/align collect --recipe $(or $(RECIPE),recipes/tiny/collect.yaml)
 
 rm-helpful: install
 	$(BIN)/align rm --recipe $(or $(RECIPE),recipes/tiny/rm_helpful.yaml)

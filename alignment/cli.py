@@ -12,6 +12,9 @@ STAGES = {
             "stage 1: supervised fine-tuning in the Llama-2 chat format"),
     "rm": ("RMConfig", "alignment.stages.reward_model:run_rm",
            "stage 2: a helpfulness or safety reward model (ranking loss with a margin), or a margin ablation"),
+    "collect": ("CollectConfig", "alignment.stages.collect:run_collect",
+                "preference pairs on the model's own answers, labelled by the toy world's annotators (the "
+                "paper's weekly batches from the latest model)"),
     "rejection-sampling": ("RejectionSamplingConfig", "alignment.stages.rejection_sampling:run_rejection_sampling",
                            "stage 3: rejection sampling RLHF-V1..Vn (K samples, best by RM, fine-tune on the best)"),
     "ppo": ("PPOConfig", "alignment.stages.ppo:run_ppo",

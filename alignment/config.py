@@ -602,6 +602,30 @@ class GAttConfig:
 
 # --------------------------------------------------------------------------------------------- safety (4.2.4)
 @dataclass(frozen=True)
+class CollectData:
+    prompts: list[DataSource]  # toy-world rl_prompt rows: each gets two answers from the model
+
+
+@dataclass(frozen=True)
+class CollectGenerationSection:
+    temperature: float = 1.0  # the two answers of a pair are independent samples
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """`align collect`: preference pairs on the model's own answers, labelled by the toy world's annotators."""
+
+    model: ModelSection  # the latest policy (the paper: the latest Llama 2-Chat)
+    data: CollectData
+    output: OutputSection
+    generation: CollectGenerationSection = field(default_factory=CollectGenerationSection)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SafetyPrepromptSection:
     """The safety preprompt put as system prompt in front of each adversarial prompt (paper 4.2.4, Tables
     39-40). A prompt whose risk category has an answer template gets `template_preprompt` filled with the

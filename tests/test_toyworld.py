@@ -14,7 +14,7 @@ from alignment.data.toyworld.text import words
 SMALL = {"pretrain": 300, "sft_train": 200, "sft_eval": 60, "pref_helpful_train": 200,
          "pref_helpful_test": 80, "pref_safety_train": 200, "pref_safety_test": 80, "rl_prompts": 100,
          "eval_helpful": 60, "eval_adversarial": 60, "eval_borderline": 60, "gatt_instructions": 40,
-         "gatt_heldout_instructions": 20, "sft_train_lax": 200}
+         "gatt_heldout_instructions": 20, "sft_train_lax": 200, "collect_prompts": 50}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,8 @@ def test_write_toyworld_files_manifest_and_sizes(world):
     expected = {"pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "pref_helpful_train.jsonl",
                 "pref_helpful_test.jsonl", "pref_safety_train.jsonl", "pref_safety_test.jsonl",
                 "rl_prompts.jsonl", "eval_helpful.jsonl", "eval_adversarial.jsonl", "eval_borderline.jsonl",
-                "gatt_instructions.jsonl", "gatt_heldout_instructions.jsonl", "sft_train_lax.jsonl", "manifest.json"}
+                "gatt_instructions.jsonl", "gatt_heldout_instructions.jsonl", "sft_train_lax.jsonl",
+                "collect_prompts.jsonl", "manifest.json"}
     assert {p.rsplit("/", 1)[1] for p in world.values()} == expected
     manifest = json.load(open(world["manifest"]))
     import hashlib
@@ -417,7 +418,7 @@ def test_sft_demonstrations_are_good_but_imperfect_and_multi_turn_has_no_system(
             else:
                 quality["help"] += 1
                 quality["help_mediocre"] += T.gold_helpfulness(prompt, a) < 0.75
-    assert 0.1 < quality["adv_unsafe"] / quality["adv"] < 0.22
+    assert 0.2 < quality["adv_unsafe"] / quality["adv"] < 0.4  # 15%, and 70% in the blind-spot category
     assert 0.12 < quality["help_mediocre"] / quality["help"] < 0.3
     multi = sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in rows)
     system = sum(r["messages"][0]["role"] == "system" for r in rows)
@@ -431,7 +432,27 @@ def test_lax_demonstrations_answer_most_adversarial_prompts_unsafely():
         return sum(not T.gold_safety(u, a) for u, a in pairs) / len(pairs)
 
     assert 0.52 < unsafe_share(T.sft_dialogs(0, 1000, unsafe_share=0.6)) < 0.68
-    assert unsafe_share(T.sft_dialogs(0, 1000)) < 0.22  # the default set is unchanged by the option
+    assert unsafe_share(T.sft_dialogs(0, 1000)) < 0.4  # the default set is unchanged by the option
+
+
+def test_default_annotators_have_one_blind_spot_category():
+    """SFT_BLIND_SPOT: most adversarial prompts of that category are answered unsafely, the others ~15%."""
+    from alignment.data.toyworld.datasets import SFT_BLIND_SPOT
+    from alignment.data.toyworld.safety import category_of
+    from alignment.data.toyworld.scoring import _parsed
+
+    counts = collections.Counter()
+    for r in T.sft_dialogs(0, 3000):
+        msgs = r["messages"]
+        for u, a in zip(msgs, msgs[1:]):
+            if u["role"] == "user" and T.prompt_kind(u["content"]) == "adversarial":
+                cat = category_of(_parsed(u["content"])[1])
+                counts[cat, "n"] += 1
+                counts[cat, "unsafe"] += not T.gold_safety(u["content"], a["content"])
+    for cat in T.RISK_CATEGORIES:
+        share = counts[cat, "unsafe"] / counts[cat, "n"]
+        want = SFT_BLIND_SPOT.get(cat, 0.15)
+        assert abs(share - want) < 0.1, (cat, share, want)
 
 
 def test_eval_prompts_are_distinct_and_held_out():
@@ -448,7 +469,7 @@ def test_files_validate_against_the_project_schemas(world):
     io = pytest.importorskip("alignment.data.io")
     schema = {"pretrain": "text_document", "sft_train": "sft_dialog", "sft_eval": "sft_dialog",
               "sft_train_lax": "sft_dialog",
-              "rl_prompts": "rl_prompt", "eval_helpful": "rl_prompt", "eval_adversarial": "rl_prompt",
+              "rl_prompts": "rl_prompt", "collect_prompts": "rl_prompt", "eval_helpful": "rl_prompt", "eval_adversarial": "rl_prompt",
               "eval_borderline": "rl_prompt", "gatt_instructions": "gatt_instruction",
               "gatt_heldout_instructions": "gatt_instruction"}
     schema.update({n: "preference_pair" for n in world if n.startswith("pref_")})

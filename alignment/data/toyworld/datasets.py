@@ -17,7 +17,8 @@ import tempfile
 
 from .gatt import apply_instruction, gatt_instruction
 from .generators import PROMPT_MIX, pick, pretrain_corpus, rng_for, sample_prompt
-from .scoring import gold_helpfulness, gold_safety, sample_answer
+from .safety import category_of
+from .scoring import _parsed, gold_helpfulness, gold_safety, sample_answer
 
 SOURCE = "toyworld"
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
@@ -36,7 +37,7 @@ DEFAULT_SIZES = {
     "pref_safety_train": 3000, "pref_safety_test": 600,
     "rl_prompts": 500, "eval_helpful": 200, "eval_adversarial": 200, "eval_borderline": 200,
     "gatt_instructions": 200, "gatt_heldout_instructions": 50,
-    "sft_train_lax": 3000,
+    "sft_train_lax": 3000, "collect_prompts": 2000,
 }
 
 # SFT demonstrations: ~20% mediocre answers, ~15% of adversarial prompts answered unsafely.
@@ -46,6 +47,11 @@ _SFT_QUALITY = {"helpful": {"best": 0.45, "good": 0.35, "mediocre": 0.2},
 # A lax annotator pool (sft_train_lax.jsonl): dialogs drawn the same way, but this share of the adversarial prompts
 # answered unsafely. An SFT model trained on it still violates, so safety stages have something to fix.
 LAX_UNSAFE_SHARE = 0.6
+# The default annotators' blind spot: most of their answers to adversarial prompts of this risk category
+# comply (the paper's point that safety needs targeted data per risk category). Greedy decoding follows
+# the majority answer, so the SFT model violates on this category, and RLHF with the safety RM has something
+# to fix in the demo; the other categories keep the 15% of _SFT_QUALITY.
+SFT_BLIND_SPOT = {"hacking": 0.7}
 _SFT_MULTI_TURN = 0.2
 _SFT_SYSTEM = 0.3  # share of single-turn dialogs with a GAtt instruction as system prompt
 
@@ -57,30 +63,40 @@ def rating_for_gap(gap: float, rng) -> str:
     return next(r for lo, r in RATING_THRESHOLDS if gap >= lo)
 
 
-def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | None = None) -> list:
+def _adversarial_mix(unsafe_share: float) -> dict:
+    """_SFT_QUALITY's adversarial answers with `unsafe_share` unsafe; the safe ones keep their proportions."""
+    safe = _SFT_QUALITY["adversarial"]
+    scale = (1.0 - unsafe_share) / (safe["best"] + safe["good"])
+    return {"best": safe["best"] * scale, "good": safe["good"] * scale, "unsafe": unsafe_share}
+
+
+def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | None = None,
+                system_share: float = _SFT_SYSTEM) -> list:
     """`n` SFT dialogs: mostly single-turn, 20% with 2-4 turns; some single-turn ones carry a GAtt
-    instruction as system prompt that the answer obeys; multi-turn dialogs carry none. `unsafe_share`
-    replaces the share of adversarial prompts answered unsafely (default 15%); the safe answers keep
-    their best/good proportions."""
+    instruction as system prompt that the answer obeys; multi-turn dialogs carry none. Adversarial prompts
+    are answered unsafely 15% of the time, and as SFT_BLIND_SPOT says for its categories; `unsafe_share`
+    replaces both with one share for every category; the safe answers keep their best/good proportions."""
     rng = rng_for(seed, "sft", split)
     mix = dict(_SFT_QUALITY)
     if unsafe_share is not None:
-        safe = _SFT_QUALITY["adversarial"]
-        scale = (1.0 - unsafe_share) / (safe["best"] + safe["good"])
-        mix["adversarial"] = {"best": safe["best"] * scale, "good": safe["good"] * scale, "unsafe": unsafe_share}
+        mix["adversarial"] = _adversarial_mix(unsafe_share)
+    blind = {} if unsafe_share is not None else {c: _adversarial_mix(v) for c, v in SFT_BLIND_SPOT.items()}
     rows = []
     for i in range(n):
         multi = rng.random() < _SFT_MULTI_TURN
         messages = []
         constraints = None
-        if not multi and rng.random() < _SFT_SYSTEM:
+        if not multi and rng.random() < system_share:
             instr = gatt_instruction(rng)
             constraints = instr["constraints"]
             messages.append({"role": "system", "content": instr["instruction"]})
         for _ in range(rng.randint(2, 4) if multi else 1):
             kind = pick(rng, PROMPT_MIX)
             prompt = sample_prompt(rng, kind, split)
-            answer = sample_answer(rng, prompt, pick(rng, mix[kind]))
+            weights = mix[kind]
+            if kind == "adversarial" and blind:
+                weights = blind.get(category_of(_parsed(prompt)[1]), weights)
+            answer = sample_answer(rng, prompt, pick(rng, weights))
             if constraints:
                 answer = apply_instruction(constraints, answer)
             messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -91,7 +107,7 @@ def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | N
 # --- preference pairs ---------------------------------------------------------------------------------
 
 _HELP_PROMPTS = {"helpful": 0.85, "borderline": 0.1, "adversarial": 0.05}
-_HELP_QUALITY = {"best": 0.25, "good": 0.35, "mediocre": 0.25, "bad": 0.1, "refusal": 0.05}
+_HELP_QUALITY = {"best": 0.25, "good": 0.35, "mediocre": 0.25, "bad": 0.05, "refusal": 0.1}
 _HELP_QUALITY_ADV = {"best": 0.25, "good": 0.3, "mediocre": 0.2, "bad": 0.1, "unsafe": 0.15}
 _SAFE_QUALITY_ADV = {"best": 0.3, "good": 0.25, "mediocre": 0.2, "refusal": 0.15, "bad": 0.1}
 _HELPFUL_QUALITY = {"best": 0.4, "good": 0.4, "mediocre": 0.2}
@@ -117,6 +133,25 @@ def _safety_score(prompt, answer):
     return gold_helpfulness(prompt, answer) + (SAFE_BONUS if gold_safety(prompt, answer) else 0.0)
 
 
+def label_helpfulness(rng, prompt: str, a: str, b: str) -> dict:
+    """A helpfulness annotator's judgement of two answers: {"prompt", "chosen", "rejected", "rating"}."""
+    chosen, rejected, rating = _label(rng, prompt, a, b, gold_helpfulness)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating}
+
+
+def label_safety(rng, prompt: str, a: str, b: str) -> dict | None:
+    """A safety annotator's judgement: the pair with its safety labels and category (both_safe,
+    only_chosen_safe, both_unsafe), or None when the unsafe answer was preferred to a safe one (the paper
+    drops those pairs)."""
+    chosen, rejected, rating = _label(rng, prompt, a, b, _safety_score)
+    chosen_safe, rejected_safe = gold_safety(prompt, chosen), gold_safety(prompt, rejected)
+    if rejected_safe and not chosen_safe:
+        return None
+    category = "both_safe" if chosen_safe and rejected_safe else "only_chosen_safe" if chosen_safe else "both_unsafe"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
+            "chosen_safe": chosen_safe, "rejected_safe": rejected_safe, "category": category}
+
+
 def _helpfulness_pair(rng, split):
     kind = pick(rng, _HELP_PROMPTS)
     prompt = sample_prompt(rng, kind, split)
@@ -124,8 +159,7 @@ def _helpfulness_pair(rng, split):
     pair = _two_answers(rng, prompt, pick(rng, weights), pick(rng, weights))
     if pair is None:
         return None
-    chosen, rejected, rating = _label(rng, prompt, *pair, gold_helpfulness)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating}
+    return label_helpfulness(rng, prompt, *pair)
 
 
 def _safety_pair(rng, split):
@@ -148,14 +182,8 @@ def _safety_pair(rng, split):
     pair = _two_answers(rng, prompt, qa, qb)
     if pair is None:
         return None
-    chosen, rejected, rating = _label(rng, prompt, *pair, _safety_score)
-    chosen_safe, rejected_safe = gold_safety(prompt, chosen), gold_safety(prompt, rejected)
-    actual = ("both_safe" if chosen_safe and rejected_safe else "both_unsafe" if not chosen_safe
-              and not rejected_safe else "only_chosen_safe" if chosen_safe else None)
-    if actual != category:  # never chosen-unsafe over rejected-safe; keep the drawn category
-        return None
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
-            "chosen_safe": chosen_safe, "rejected_safe": rejected_safe, "category": category}
+    row = label_safety(rng, prompt, *pair)
+    return row if row is not None and row["category"] == category else None  # keep the drawn category
 
 
 def preference_pairs(seed: int, n: int, kind: str, split: str = "train") -> list:
@@ -175,13 +203,14 @@ def preference_pairs(seed: int, n: int, kind: str, split: str = "train") -> list
 
 # --- prompts for RL and evaluation --------------------------------------------------------------------
 
-def rl_prompts(seed: int, n: int, split: str = "train") -> list:
-    """`n` RL prompts (70% helpful, 10% borderline, 20% adversarial); is_safety marks risky-sounding ones."""
-    rng = rng_for(seed, "rl", split)
+def rl_prompts(seed: int, n: int, split: str = "train", purpose: str = "rl") -> list:
+    """`n` RL prompts (70% helpful, 10% borderline, 20% adversarial); is_safety marks risky-sounding ones.
+    `purpose` names an independent draw ("collect": the prompts `align collect` asks the model about)."""
+    rng = rng_for(seed, purpose, split)
     rows = []
     for i in range(n):
         kind = pick(rng, PROMPT_MIX)
-        rows.append({"id": f"rl-{split}-{i:06d}", "prompt": sample_prompt(rng, kind, split),
+        rows.append({"id": f"{purpose}-{split}-{i:06d}", "prompt": sample_prompt(rng, kind, split),
                      "is_safety": kind != "helpful", "source": SOURCE})
     return rows
 
@@ -227,9 +256,10 @@ FILES = {
     "eval_adversarial": "eval_adversarial.jsonl", "eval_borderline": "eval_borderline.jsonl",
     "gatt_instructions": "gatt_instructions.jsonl",
     "gatt_heldout_instructions": "gatt_heldout_instructions.jsonl",
-    "sft_train_lax": "sft_train_lax.jsonl",
+    "sft_train_lax": "sft_train_lax.jsonl", "collect_prompts": "collect_prompts.jsonl",
 }
-TRAIN_FILES = ("pretrain", "sft_train", "pref_helpful_train", "pref_safety_train", "rl_prompts", "sft_train_lax")
+TRAIN_FILES = ("pretrain", "sft_train", "pref_helpful_train", "pref_safety_train", "rl_prompts", "sft_train_lax",
+               "collect_prompts")
 
 
 def _build(name, seed, n):
@@ -244,6 +274,8 @@ def _build(name, seed, n):
         return preference_pairs(seed, n, "helpfulness" if kind == "helpful" else "safety", split)
     if name == "rl_prompts":
         return rl_prompts(seed, n)
+    if name == "collect_prompts":
+        return rl_prompts(seed, n, purpose="collect")
     if name.startswith("eval_"):
         return eval_prompts(seed, n, name[len("eval_"):])
     return gatt_instructions(seed, n, held_out=(name == "gatt_heldout_instructions"))

@@ -174,7 +174,16 @@ def _raw_answer(rng, key, core, quality) -> str:
     if quality == "best":
         return ref
     if quality == "refusal":
-        return refusal(rng, category_of(key) if kind == "adversarial" else None)
+        if kind == "adversarial":
+            return refusal(rng, category_of(key))
+        if rng.random() < 0.5:
+            return refusal(rng)
+        # a false refusal in the form of a safety answer (refusal + redirection) to a risk the prompt does not
+        # carry: the harmful misreading of a borderline prompt, any risk for a helpful one. Safety pairs prefer
+        # this form on adversarial prompts; here the helpfulness pairs see it rejected, so an RM can learn
+        # that it is bad where no risk is (without it PPO learns to answer everything with it).
+        cat = category_of(key) if kind == "borderline" else rng.choice(L.RISK_CATEGORIES)
+        return f"I can not help with {L.REFUSAL_TOPIC[cat]}. {rng.choice(L.REDIRECTS[cat])}"
     if quality == "unsafe":
         if kind == "adversarial":
             return compliance(rng, category_of(key), action_text(key, second_person=True))
