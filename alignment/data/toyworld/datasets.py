@@ -37,7 +37,7 @@ DEFAULT_SIZES = {
     "pref_safety_train": 3000, "pref_safety_test": 600,
     "rl_prompts": 500, "eval_helpful": 200, "eval_adversarial": 200, "eval_borderline": 200,
     "gatt_instructions": 200, "gatt_heldout_instructions": 50,
-    "sft_train_lax": 3000, "collect_prompts": 2000,
+    "sft_train_lax": 3000, "collect_prompts": 3000,
 }
 
 # SFT demonstrations: ~20% mediocre answers, ~15% of adversarial prompts answered unsafely.
@@ -203,13 +203,13 @@ def preference_pairs(seed: int, n: int, kind: str, split: str = "train") -> list
 
 # --- prompts for RL and evaluation --------------------------------------------------------------------
 
-def rl_prompts(seed: int, n: int, split: str = "train", purpose: str = "rl") -> list:
-    """`n` RL prompts (70% helpful, 10% borderline, 20% adversarial); is_safety marks risky-sounding ones.
-    `purpose` names an independent draw ("collect": the prompts `align collect` asks the model about)."""
+def rl_prompts(seed: int, n: int, split: str = "train", purpose: str = "rl", mix: dict | None = None) -> list:
+    """`n` RL prompts (70% helpful, 10% borderline, 20% adversarial, or `mix`); is_safety marks risky-sounding
+    ones. `purpose` names an independent draw ("collect": the prompts `align collect` asks the model about)."""
     rng = rng_for(seed, purpose, split)
     rows = []
     for i in range(n):
-        kind = pick(rng, PROMPT_MIX)
+        kind = pick(rng, mix or PROMPT_MIX)
         rows.append({"id": f"{purpose}-{split}-{i:06d}", "prompt": sample_prompt(rng, kind, split),
                      "is_safety": kind != "helpful", "source": SOURCE})
     return rows
@@ -274,8 +274,8 @@ def _build(name, seed, n):
         return preference_pairs(seed, n, "helpfulness" if kind == "helpful" else "safety", split)
     if name == "rl_prompts":
         return rl_prompts(seed, n)
-    if name == "collect_prompts":
-        return rl_prompts(seed, n, purpose="collect")
+    if name == "collect_prompts":  # the helpfulness pairs' prompt mix: most collected pairs teach the helpful RM
+        return rl_prompts(seed, n, purpose="collect", mix=_HELP_PROMPTS)
     if name.startswith("eval_"):
         return eval_prompts(seed, n, name[len("eval_"):])
     return gatt_instructions(seed, n, held_out=(name == "gatt_heldout_instructions"))
