@@ -10,7 +10,7 @@ by the gap) label each pair where the two answers differ:
     safety.jsonl    a safety judgement of the pairs on safety prompts (is_safety), with the safety labels
                     and category; pairs where the unsafe answer was preferred are dropped, as in the paper
     samples.jsonl   per prompt: both answers and their gold scores
-    collect.json    counts per rating and safety category (also the done summary)
+    done.json       the summary: counts per rating and safety category
 
 The RM recipes read these files beside the static toy-world pairs. Only toy-world prompts can be labelled
 this way; with real models the same role is `align annotate` (people in the browser).
@@ -80,11 +80,11 @@ def run_collect(cfg: CollectConfig) -> dict:
                        batch_size=g.batch_size, seed=cfg.seed, progress=True)
     answers = [(s[0].text, s[1].text) for s in samples]
     helpful, safety = label_pairs(rows, answers, cfg.seed)
+    texts = [prompt_context(r)[-1]["content"] for r in rows]
     write_jsonl(run.path / "samples.jsonl", [
-        {"id": r["id"], "prompt": prompt_context(r)[-1]["content"], "answers": list(pair),
-         "gold_helpfulness": [gold_helpfulness(prompt_context(r)[-1]["content"], a) for a in pair],
-         "gold_safe": [gold_safety(prompt_context(r)[-1]["content"], a) for a in pair]}
-        for r, pair in zip(rows, answers)])
+        {"id": r["id"], "prompt": text, "answers": list(pair),
+         "gold_helpfulness": [gold_helpfulness(text, a) for a in pair], "gold_safe": [gold_safety(text, a) for a in pair]}
+        for r, text, pair in zip(rows, texts, answers)])
     write_jsonl(run.path / "helpful.jsonl", helpful)
     write_jsonl(run.path / "safety.jsonl", safety)
     summary = summarize(rows, helpful, safety)
