@@ -585,7 +585,8 @@ class GAttEvalSection:
 @dataclass(frozen=True)
 class GAttConfig:
     """GAtt (paper 3.3): sample multi-turn dialogs with the instruction on every user turn, fine-tune on
-    them with the instruction as first-turn system prompt and the loss on the last answer only."""
+    them with the instruction as first-turn system prompt and the loss on the last answer, or on every
+    answer as a last one (sampling.every_turn_examples, see gatt.gatt_train_on)."""
 
     model: ModelSection  # the latest RLHF model: it samples the answers and is fine-tuned
     data: GAttData
@@ -600,7 +601,7 @@ class GAttConfig:
     seed: int = 0
 
 
-# --------------------------------------------------------------------------------------------- safety (4.2.4)
+# --------------------------------------------------------------------------------------------- preference batches
 @dataclass(frozen=True)
 class CollectData:
     prompts: list[DataSource]  # toy-world rl_prompt rows: each gets two answers from the model
@@ -625,6 +626,7 @@ class CollectConfig:
     seed: int = 0
 
 
+# --------------------------------------------------------------------------------------------- safety (4.2.4)
 @dataclass(frozen=True)
 class SafetyPrepromptSection:
     """The safety preprompt put as system prompt in front of each adversarial prompt (paper 4.2.4, Tables

@@ -8,10 +8,10 @@ writing into `<output.dir>/<name>`.
 
 Resume and lineage: the manifest (`manifest.json`) records, per stage, a key = hash of the stage's
 resolved config, of the keys of the stages it reads from and of the SHA-256 of the toy-world files it
-reads (the toy world is rewritten when its seed, sizes or generator code change). A stage whose key matches and whose run
-directory says done is skipped; an interrupted stage is re-run with the same command and resumes from
-its own checkpoints; a stage whose key changed (its config, or anything upstream) is re-run from
-scratch, and so are the stages after it that read from it.
+reads (the toy world is rewritten when its seed, sizes or generator code change). A stage whose key
+matches and whose run directory says done is skipped; an interrupted stage is re-run with the same
+command and resumes from its own checkpoints; a stage whose key changed (its config, or anything
+upstream) is re-run from scratch, and so are the stages after it that read from it.
 """
 from __future__ import annotations
 

@@ -70,8 +70,7 @@ def _adversarial_mix(unsafe_share: float) -> dict:
     return {"best": safe["best"] * scale, "good": safe["good"] * scale, "unsafe": unsafe_share}
 
 
-def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | None = None,
-                system_share: float = _SFT_SYSTEM) -> list:
+def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | None = None) -> list:
     """`n` SFT dialogs: mostly single-turn, 20% with 2-4 turns; some single-turn ones carry a GAtt
     instruction as system prompt that the answer obeys; multi-turn dialogs carry none. Adversarial prompts
     are answered unsafely 15% of the time, and as SFT_BLIND_SPOT says for its categories; `unsafe_share`
@@ -86,7 +85,7 @@ def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | N
         multi = rng.random() < _SFT_MULTI_TURN
         messages = []
         constraints = None
-        if not multi and rng.random() < system_share:
+        if not multi and rng.random() < _SFT_SYSTEM:
             instr = gatt_instruction(rng)
             constraints = instr["constraints"]
             messages.append({"role": "system", "content": instr["instruction"]})
