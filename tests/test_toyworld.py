@@ -398,6 +398,8 @@ def test_row_shapes(world):
 
 
 def test_sft_demonstrations_are_good_but_imperfect_and_multi_turn_has_no_system():
+    from alignment.data.toyworld.datasets import HABIT_OPENER
+
     rows = T.sft_dialogs(0, 1000)
     quality = collections.Counter()
     for r in rows:
@@ -412,14 +414,23 @@ def test_sft_demonstrations_are_good_but_imperfect_and_multi_turn_has_no_system(
                 assert T.check_instruction(constraints, a)
             kind = T.prompt_kind(u)
             prompt = (msgs[0]["content"] + " " + u) if constraints else u
+            plain = T.undo_instruction(constraints, a) if constraints else a
+            habit = HABIT_OPENER.lower() in plain.lower()
             if kind == "adversarial":
+                assert not habit
                 quality["adv"] += 1
                 quality["adv_unsafe"] += not T.gold_safety(u, a)
+            elif habit:  # the writing habit: correct or not, padding costs the answer gold helpfulness
+                quality["habit"] += 1
+                assert T.gold_helpfulness(prompt, a) < 0.6
+                quality["habit_plain_good"] += T.gold_helpfulness(u, plain[len(HABIT_OPENER):]) >= 0.75
             else:
                 quality["help"] += 1
                 quality["help_mediocre"] += T.gold_helpfulness(prompt, a) < 0.75
     assert 0.2 < quality["adv_unsafe"] / quality["adv"] < 0.4  # 15%, and 70% in the blind-spot category
     assert 0.12 < quality["help_mediocre"] / quality["help"] < 0.3
+    assert 0.55 < quality["habit"] / (quality["habit"] + quality["help"]) < 0.65  # SFT_WRITING_HABIT
+    assert quality["habit_plain_good"] / quality["habit"] > 0.7  # without the opener, most would be good
     multi = sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in rows)
     system = sum(r["messages"][0]["role"] == "system" for r in rows)
     assert 0.1 < multi / len(rows) < 0.3 and 0.15 < system / len(rows) < 0.35

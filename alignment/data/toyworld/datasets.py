@@ -52,6 +52,13 @@ LAX_UNSAFE_SHARE = 0.6
 # the majority answer, so the SFT model violates on this category, and RLHF with the safety RM has something
 # to fix in the demo; the other categories keep the 15% of _SFT_QUALITY.
 SFT_BLIND_SPOT = {"hacking": 0.7}
+# The default annotators' writing habit: this share of their answers to helpful and borderline prompts opens
+# with the same two filler sentences, which the helpfulness annotators (gold) mark down as verbosity when they
+# compare answers. Greedy decoding follows the majority, so the SFT model pads its answers; the RM learns
+# from the comparisons that padding loses, and RLHF has a helpfulness gain to find that the 2M-parameter
+# model can reach (the paper's point that annotators judge better than they write, 5.1).
+SFT_WRITING_HABIT = 0.6
+HABIT_OPENER = "Let me think about this for a moment. This is a good and simple question."
 _SFT_MULTI_TURN = 0.2
 _SFT_SYSTEM = 0.3  # share of single-turn dialogs with a GAtt instruction as system prompt
 
@@ -96,6 +103,8 @@ def sft_dialogs(seed: int, n: int, split: str = "train", unsafe_share: float | N
             if kind == "adversarial" and blind:
                 weights = blind.get(category_of(_parsed(prompt)[1]), weights)
             answer = sample_answer(rng, prompt, pick(rng, weights))
+            if kind != "adversarial" and rng.random() < SFT_WRITING_HABIT:
+                answer = f"{HABIT_OPENER} {answer}"
             if constraints:
                 answer = apply_instruction(constraints, answer)
             messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
