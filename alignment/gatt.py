@@ -233,9 +233,22 @@ def measure_adherence(respond: Respond, instructions: list[dict], prompts: list[
     """Table 30 for one responder: play one dialog per instruction up to max(turns) with the instruction
     given once as the system prompt and the responder's own answers as history; the adherence per turn
     and the played dialogs."""
-    plans = eval_plans(instructions, prompts, max(turns), seed)
-    play_dialogs(plans, respond, every_turn=False, check=check, stop_on_failure=False)
-    return adherence_rates(plans, turns), plans
+    rates, plans = measure_adherence_sets(respond, {"": instructions}, prompts, check=check, seed=seed,
+                                          turns=turns)
+    return rates[""], plans[""]
+
+
+def measure_adherence_sets(respond: Respond, instruction_sets: dict[str, list[dict]], prompts: list[str], *,
+                           check: Check, seed: int = 0, turns: Sequence[int] = TABLE_30_TURNS
+                           ) -> tuple[dict[str, dict], dict[str, list[DialogPlan]]]:
+    """`measure_adherence` for several instruction sets at once: each set's dialogs are the ones it would
+    get alone (`eval_plans` with the same seed), and all are played together, so every turn is one batch
+    for the responder. Rates and played dialogs by set name."""
+    plans = {name: eval_plans(instructions, prompts, max(turns), seed)
+             for name, instructions in instruction_sets.items()}
+    play_dialogs([p for ps in plans.values() for p in ps], respond, every_turn=False, check=check,
+                 stop_on_failure=False)
+    return {name: adherence_rates(ps, turns) for name, ps in plans.items()}, plans
 
 
 def sampling_counts(plans: list[DialogPlan]) -> dict:

@@ -149,6 +149,31 @@ def test_adherence_is_counted_per_turn_on_hand_made_dialogs():
     assert [m["content"] for m in last if m["role"] == "assistant"][2:4] == ["AS NAPOLEON, FINE", "as napoleon, fine"]
 
 
+def test_sets_measured_together_get_the_dialogs_and_rates_they_get_alone_in_one_batch_per_turn():
+    from alignment.gatt import measure_adherence_sets
+
+    both = {**NAPOLEON, "id": "i-both", "instruction": "Figure: Napoleon. Style: upper.",
+            "constraints": NAPOLEON["constraints"] + UPPER["constraints"]}
+    obey = {UPPER["instruction"]: 3, both["instruction"]: 10, NAPOLEON["instruction"]: 0}
+    users = ["q one", "q two", "q three", "q four"]
+    alone = {name: measure_adherence(_fake_respond(obey, []), s, users, check=check_instruction, seed=3)
+             for name, s in (("a", [UPPER, both]), ("b", [NAPOLEON]))}
+    calls = []
+
+    def counting(contexts):
+        calls.append(len(contexts))
+        return _fake_respond(obey, [])(contexts)
+
+    rates, plans = measure_adherence_sets(counting, {"a": [UPPER, both], "b": [NAPOLEON]}, users,
+                                          check=check_instruction, seed=3)
+    assert rates == {name: r for name, (r, _) in alone.items()}
+    assert rates["a"] == {"1": 1.0, "2": 1.0, "4": 0.5, "6": 0.5, "10": 0.5, "20": 0.0}
+    assert rates["b"] == {t: 1.0 for t in ("1", "2", "4", "6", "10", "20")}  # lower case obeys the persona
+    for name, (_, ps) in alone.items():
+        assert [p.to_row() for p in plans[name]] == [p.to_row() for p in ps]
+    assert calls == [3] * 20  # every turn of the three dialogs is one call
+
+
 def test_dialogs_cut_by_the_context_leave_the_later_denominators():
     seen = []
     respond = _fake_respond({UPPER["instruction"]: 20, NAPOLEON["instruction"]: 20}, seen,

@@ -181,16 +181,17 @@ def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
     from alignment.stages.gatt import adherence_by_turn, check_constraint_types
 
     e = cfg.gatt
-    out = {}
+    sets = {}
     for key, sources in (("instructions", e.instructions), ("zero_shot", e.zero_shot_instructions)):
         instructions = load_sources(sources, "gatt_instruction")[:e.max_instructions]
         if instructions:
             check_constraint_types(instructions, f"gatt.{key}")
-            out[key] = adherence_by_turn(path, instructions, users, seed=e.seed, turns=e.turns,
-                                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                         max_context=e.max_context, dtype=cfg.generation.dtype,
-                                         attn_implementation=cfg.generation.attn_implementation)
-    return out
+            sets[key] = instructions
+    if not sets:
+        return {}
+    return adherence_by_turn(path, sets, users, seed=e.seed, turns=e.turns, max_new_tokens=e.max_new_tokens,
+                             batch_size=e.batch_size, max_context=e.max_context, dtype=cfg.generation.dtype,
+                             attn_implementation=cfg.generation.attn_implementation)
 
 
 def score_all(cfg: EvalConfig, results: list[Results], rows: list[dict]) -> None:

@@ -46,7 +46,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.faults import fault_point
 from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching, gatt_train_on,
-                            measure_adherence, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
+                            measure_adherence_sets, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune, is_main_process
 from alignment.training import check_disk_before_sampling
@@ -110,27 +110,30 @@ def user_messages(rows: list[dict]) -> list[str]:
     return [prompt_context(r)[-1]["content"] for r in rows]
 
 
-def adherence_by_turn(model_dir: str, instructions: list[dict], prompts: list[str], *, seed: int = 0,
-                      turns: Sequence[int] = TABLE_30_TURNS, max_new_tokens: int = 32, batch_size: int = 64,
-                      max_context: int | None = None, dtype: str = "auto", attn_implementation: str = "sdpa",
-                      transcripts: list[DialogPlan] | None = None) -> dict[str, float | None]:
-    """Table 30 for one checkpoint: {"1": share of answers obeying at turn 1, ..., "20": ...}.
+def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], prompts: list[str], *,
+                      seed: int = 0, turns: Sequence[int] = TABLE_30_TURNS, max_new_tokens: int = 32,
+                      batch_size: int = 64, max_context: int | None = None, dtype: str = "auto",
+                      attn_implementation: str = "sdpa",
+                      transcripts: dict[str, list[DialogPlan]] | None = None) -> dict[str, dict[str, float | None]]:
+    """Table 30 for one checkpoint and each instruction set: {set: {"1": share of answers obeying at turn 1,
+    ..., "20": ...}}.
 
     One dialog per instruction (gatt_instruction rows) with max(turns) user turns drawn from `prompts`
-    with `seed` (the same dialogs for every checkpoint); the instruction is the system prompt of the first
-    turn only and the model's greedy answers are its history. A dialog whose context outgrows
-    `max_context` stops there and leaves the later turns' denominators (see `dialogs_reaching`). The
-    played dialogs are appended to `transcripts` when given.
+    with `seed` (the same dialogs for every checkpoint, and for a set whether or not other sets are
+    measured beside it); the instruction is the system prompt of the first turn only and the model's greedy
+    answers are its history. The sets' dialogs are played together (one batch per turn). A dialog whose
+    context outgrows `max_context` stops there and leaves the later turns' denominators (see
+    `dialogs_reaching`). The played dialogs are stored in `transcripts[set]` when given.
     """
     from alignment.data.toyworld import check_instruction
 
     model, tokenizer = load_policy(model_dir, dtype, attn_implementation)
     respond = model_responder(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               max_context=max_context)
-    rates, plans = measure_adherence(respond, instructions, prompts, check=check_instruction, seed=seed,
-                                     turns=turns)
+    rates, plans = measure_adherence_sets(respond, instruction_sets, prompts, check=check_instruction,
+                                          seed=seed, turns=turns)
     if transcripts is not None:
-        transcripts.extend(plans)
+        transcripts.update(plans)
     return rates
 
 
@@ -145,16 +148,16 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
             "zero_shot_instructions": load_sources(e.zero_shot_instructions, "gatt_instruction")[:e.max_instructions]}
     checkpoints = {"start": cfg.model.path, "final": str(run.final_dir)}
     rates, reached, rows = {}, {}, []
-    for name, which, ckpt in EVAL_SETS:
-        if not sets[which]:
-            continue
-        plans: list[DialogPlan] = []
-        rates[name] = adherence_by_turn(checkpoints[ckpt], sets[which], prompts, seed=e.seed, turns=e.turns,
-                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                        max_context=e.max_context, dtype=cfg.model.dtype,
-                                        attn_implementation=cfg.model.attn_implementation, transcripts=plans)
-        reached[name] = dialogs_reaching(plans, e.turns)
-        rows += [{"set": name, "checkpoint": checkpoints[ckpt], **p.to_row()} for p in plans]
+    for ckpt in ("start", "final"):  # both instruction sets in one batch per turn
+        wanted = {name: sets[which] for name, which, c in EVAL_SETS if c == ckpt and sets[which]}
+        plans: dict[str, list[DialogPlan]] = {}
+        rates.update(adherence_by_turn(checkpoints[ckpt], wanted, prompts, seed=e.seed, turns=e.turns,
+                                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                       max_context=e.max_context, dtype=cfg.model.dtype,
+                                       attn_implementation=cfg.model.attn_implementation, transcripts=plans))
+        for name in wanted:
+            reached[name] = dialogs_reaching(plans[name], e.turns)
+            rows += [{"set": name, "checkpoint": checkpoints[ckpt], **p.to_row()} for p in plans[name]]
     result = {k: rates[k] for k in ("before", "after") if k in rates}
     zero_shot = {k[len("zero_shot_"):]: rates[k] for k in ("zero_shot_before", "zero_shot_after") if k in rates}
     if zero_shot:
