@@ -137,15 +137,41 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Read a YAML recipe, apply overrides, and check it strictly into `cls`."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} given twice in one section (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The raw mapping of a YAML recipe; ConfigError (naming the file) when it is missing, not YAML, or
+    gives a key twice in one section."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read a YAML recipe, apply overrides, and check it strictly into `cls`."""
+    path = Path(path)
+    raw = read_recipe(path)
     try:
         return from_dict(cls, apply_overrides(raw, overrides or []))
     except ConfigError as e:

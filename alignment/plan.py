@@ -465,15 +465,14 @@ def detect_stage(raw: dict, overrides: list[str]) -> str:
 def run_plan(args) -> int:
     """`align plan`: print the plan of a stage recipe (or of every stage of a pipeline recipe); exit 1 when
     some phase does not fit."""
-    import yaml
 
     from alignment.cli import config_class
-    from alignment.config import apply_overrides, from_dict, load_config
+    from alignment.config import apply_overrides, from_dict, load_config, read_recipe
 
     gpu_memory = parse_memory(args.gpu_memory)
     if not Path(args.recipe).is_file():
         raise ValueError(f"recipe not found: {args.recipe}")
-    raw = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    raw = read_recipe(args.recipe)
     stage = args.stage or detect_stage(raw, args.overrides)
     kwargs = {"gpus_per_node": args.gpus, "nodes": args.nodes, "prompt_tokens": args.prompt_tokens,
               "default_model": args.model}

@@ -48,6 +48,20 @@ def test_set_overrides_are_checked(tmp_path):
         apply_overrides(BASE, ["optim.lr"])
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: m}\ndata:\n  train: [{path: t.jsonl}]\noutput: {dir: out}\n"
+                      "optim:\n  lr: 1.0e-4\n  weight_decay: 0.1\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: key 'lr' given twice in one section \(lines 6 and 8\)"):
+        load_config(SFTConfig, recipe)
+    recipe.write_text("model: {path: m}\ndata:\n  train: [{path: t.jsonl}]\noutput: {dir: out}\nmodel: {path: n}\n")
+    with pytest.raises(ConfigError, match=r"key 'model' given twice in one section \(lines 1 and 5\)"):
+        load_config(SFTConfig, recipe)
+    recipe.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="a recipe is a mapping of sections, got list"):
+        load_config(SFTConfig, recipe)
+
+
 def test_hash_changes_with_any_value():
     a = from_dict(SFTConfig, BASE)
     b = from_dict(SFTConfig, apply_overrides(BASE, ["optim.lr=1e-4"]))
