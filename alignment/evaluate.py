@@ -2,8 +2,9 @@
 scorers of the toy world (where the prompts come from it) and by reward models (where given).
 
 The metrics are pure functions of per-answer judgements (`judge_answers` -> records, `summarize` ->
-metrics, `win_tie_loss` / `compare` -> Figure-11 win rates), so they are tested on hand-made answers;
-the models only enter through `answer_contexts` (generation) and `rm_sigmoids` (reward models).
+metrics, `win_tie_loss` / `compare` -> Figure-11 win rates, `ranking_agreement` -> how a reward model
+ranks a policy's own samples), so they are tested on hand-made answers; the models only enter through
+`answer_contexts` / `generate` (generation) and `rm_sigmoids` (reward models).
 """
 from __future__ import annotations
 
@@ -284,3 +285,64 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
             scores[name] = rm_sigmoids(rm, rm_tok, prompts, answers, batch_size=batch_size)
     records = judge_answers(prompts, answers, [row_kind(r) for r in prompts], rm_scores=scores)
     return {**summarize(records), "answers": answers}
+
+
+# ----------------------------------------------------------------------------------------- on-policy RM check
+def ranking_agreement(rm: list[list[float]], gold: list[list[float]], *, min_gap: float = 0.05) -> dict:
+    """How a reward model ranks K answers to the same prompt, against gold (one inner list per prompt).
+
+    pairwise_agreement: over the pairs of answers to one prompt whose gold scores differ by more than
+    `min_gap`, the share the RM orders as gold does (an RM tie counts half); None when there is no such pair.
+    gold_single: mean gold of the first answer (one sample, no selection); gold_best_of_k_rm: mean gold of
+    the answer the RM scores highest (rejection sampling's pick; the first on an RM tie); gold_best_of_k_oracle:
+    mean gold of the best answer by gold. A best-of-K by the RM no better than one sample means rejection
+    sampling with this RM cannot improve the policy on these prompts.
+    """
+    if len(rm) != len(gold) or any(len(r) != len(g) or not r for r, g in zip(rm, gold)):
+        raise ValueError("rm and gold need the same non-empty groups")
+    agree = pairs = 0.0
+    for r, g in zip(rm, gold):
+        for a in range(len(r)):
+            for b in range(a + 1, len(r)):
+                if abs(g[a] - g[b]) > min_gap:
+                    pairs += 1
+                    agree += 0.5 if r[a] == r[b] else float((r[a] > r[b]) == (g[a] > g[b]))
+    n = len(rm)
+    return {"num_prompts": n, "num_samples": len(rm[0]) if n else 0, "num_pairs": int(pairs),
+            "pairwise_agreement": agree / pairs if pairs else None,
+            "gold_single": sum(g[0] for g in gold) / n if n else None,
+            "gold_best_of_k_rm": sum(g[max(range(len(r)), key=r.__getitem__)] for r, g in zip(rm, gold)) / n if n else None,
+            "gold_best_of_k_oracle": sum(max(g) for g in gold) / n if n else None}
+
+
+@torch.no_grad()
+def on_policy_rm_check(policy_dir: str, rm_dir: str, prompts: list[dict], *, num_samples: int = 4,
+                       temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
+                       seed: int = 0, max_prompts: int | None = None) -> dict:
+    """`ranking_agreement` of the helpfulness RM at `rm_dir` on `num_samples` sampled answers of the policy
+    at `policy_dir` to each toy-world helpful prompt of `prompts` (other prompts are skipped; the first
+    `max_prompts` of them when given): the ranking rejection sampling and PPO will rely on, on the
+    distribution they will see."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.data.toyworld import gold_helpfulness
+    from alignment.models.tokenizer import load_tokenizer
+
+    rows = [r for r in prompts if from_toyworld([r]) and row_kind(r) == "helpful"][:max_prompts]
+    if not rows:
+        raise ValueError("on_policy_rm_check needs toy-world helpful prompts (gold scores)")
+    tokenizer = load_tokenizer(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True).eval()
+    samples = generate(policy, tokenizer, [encode_prompt(tokenizer, prompt_context(r)) for r in rows],
+                       max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+                       batch_size=batch_size, seed=seed)
+    del policy
+    flat_rows = [r for r in rows for _ in range(num_samples)]
+    answers = [s.text for group in samples for s in group]
+    rm, rm_tok = load_rm_for_inference(rm_dir)
+    scores = rm_sigmoids(rm, rm_tok, flat_rows, answers, batch_size=batch_size)
+    gold = [gold_helpfulness(last_user_message(r), a) for r, a in zip(flat_rows, answers)]
+    k = num_samples
+    return {"policy": policy_dir, "reward_model": rm_dir, "temperature": temperature,
+            **ranking_agreement([scores[i:i + k] for i in range(0, len(scores), k)],
+                                [gold[i:i + k] for i in range(0, len(gold), k)])}

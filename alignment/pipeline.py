@@ -55,6 +55,18 @@ class PipelineOutput:
 
 
 @dataclass(frozen=True)
+class RMCheckSection:
+    """How the helpfulness RM ranks a policy's own samples (`evaluate.on_policy_rm_check`): `num_samples`
+    answers at `temperature` to each of the first `max_prompts` held-out helpful prompts (None: all) from the
+    model of stage `policy` (None: skip the check)."""
+
+    policy: str | None = None
+    num_samples: int = 4
+    temperature: float = 1.0
+    max_prompts: int | None = None
+
+
+@dataclass(frozen=True)
 class ReportSection:
     """The final evaluation of every policy checkpoint on the same held-out prompts."""
 
@@ -66,6 +78,7 @@ class ReportSection:
     safety_rm: str | None = None
     max_new_tokens: int = 64
     batch_size: int = 64
+    rm_check: RMCheckSection = field(default_factory=RMCheckSection)
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,12 @@ def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list
         dirs[spec.name] = str(run_dir)
         planned.append({"spec": spec, "dir": run_dir, "key": key, "overrides": overrides, "upstream": refs,
                         "config_hash": config_hash(stage_cfg)})
+    r = cfg.report
+    for key, value in (("helpful_rm", r.helpful_rm), ("safety_rm", r.safety_rm), ("rm_check.policy", r.rm_check.policy)):
+        if value is not None and value not in names:
+            raise ConfigError(f"report.{key}: {value!r} is not a stage of this pipeline; stages: {', '.join(sorted(names))}")
+    if r.rm_check.policy is not None and r.helpful_rm is None:
+        raise ConfigError("report.rm_check.policy needs report.helpful_rm (the RM whose ranking it checks)")
     return planned
 
 
@@ -231,7 +250,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(f"[report] evaluating every checkpoint on {len(prompts)} held-out prompts ...", flush=True)
         report = build_report(root, prompts=prompts, helpful_rm_stage=cfg.report.helpful_rm,
                               safety_rm_stage=cfg.report.safety_rm, max_new_tokens=cfg.report.max_new_tokens,
-                              batch_size=cfg.report.batch_size)
+                              batch_size=cfg.report.batch_size, rm_check=cfg.report.rm_check)
         print(f"[report] done in {_fmt(time.perf_counter() - t0)}\n{table(report)}")
         print(f"report: {root / 'report.html'} and {root / 'report.json'}")
     total = time.perf_counter() - t_start

@@ -127,9 +127,13 @@ def _reward_model_summary(entry: dict) -> dict:
 
 
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
-                 safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
-    """Evaluate every policy checkpoint of a pipeline run and write report.json and report.html."""
-    from alignment.evaluate import evaluate_checkpoint
+                 safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
+                 rm_check=None) -> dict:
+    """Evaluate every policy checkpoint of a pipeline run and write report.json and report.html.
+
+    `rm_check` (pipeline.RMCheckSection) with a policy stage adds reward_models.helpful.on_policy: how the
+    helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`)."""
+    from alignment.evaluate import evaluate_checkpoint, on_policy_rm_check
 
     root = Path(root)
     manifest = json.loads((root / "manifest.json").read_text())
@@ -152,6 +156,13 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         "num_prompts": len(prompts),
         "sample_answers": {"prompts": [p.get("prompt", "") for p in prompts[:8]], "answers": samples},
     }
+    if rm_check is not None and rm_check.policy in stage_dir and helpful_rm:
+        check = on_policy_rm_check(str(Path(stage_dir[rm_check.policy]) / "final"), helpful_rm, prompts,
+                                   num_samples=rm_check.num_samples, temperature=rm_check.temperature,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   max_prompts=rm_check.max_prompts)
+        report["reward_models"].setdefault("helpful", {})["on_policy"] = {"checkpoint": rm_check.policy, **check}
+        print(f"[report] {on_policy_line(report)}", flush=True)
     for name in manifest["order"]:
         entry = manifest["stages"].get(name, {})
         eval_path = Path(entry.get("dir", "")) / "eval.json"
@@ -172,6 +183,18 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def on_policy_line(report: dict) -> str:
+    """One sentence on reward_models.helpful.on_policy ("" when the report has none)."""
+    c = report.get("reward_models", {}).get("helpful", {}).get("on_policy")
+    if not c:
+        return ""
+    agreement = "-" if c["pairwise_agreement"] is None else f"{c['pairwise_agreement']:.2f}"
+    return (f"helpfulness RM on {c['checkpoint']}'s own samples ({c['num_prompts']} helpful prompts x "
+            f"{c['num_samples']}, T={c['temperature']}): agrees with gold on {agreement} of {c['num_pairs']} pairs; "
+            f"gold of one sample {c['gold_single']:.3f}, of best-of-{c['num_samples']} by the RM "
+            f"{c['gold_best_of_k_rm']:.3f}, by gold {c['gold_best_of_k_oracle']:.3f}")
+
+
 def render_html(report: dict, plots: dict[str, str]) -> str:
     keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
@@ -181,6 +204,8 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
         for c in report["checkpoints"])
     images = "".join(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{data}"/>'
                      for name, data in plots.items())
+    line = on_policy_line(report)
+    check = f"<p>The {html.escape(line)}: what rejection sampling and PPO can gain from this RM.</p>" if line else ""
     samples = ""
     for name, answers in report["sample_answers"]["answers"].items():
         items = "".join(f"<li><b>{html.escape(p)}</b><br>{html.escape(a)}</li>"
@@ -192,4 +217,4 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 <h1>Llama 2-Chat recipe: pipeline report</h1>
 <p>Every checkpoint answers the same {report['num_prompts']} held-out prompts (greedy); gold scores come from
 the toy world's scorers, RM scores are mean sigmoid scores of the pipeline's reward models.</p>
-<table><tr><th>checkpoint</th>{head}</tr>{rows}</table>{images}<h2>Sample answers</h2>{samples}</body></html>"""
+<table><tr><th>checkpoint</th>{head}</tr>{rows}</table>{check}{images}<h2>Sample answers</h2>{samples}</body></html>"""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignment.data import toyworld
-from alignment.evaluate import compare, gold_metrics, judge_answers, summarize, win_tie_loss
+from alignment.evaluate import compare, gold_metrics, judge_answers, ranking_agreement, summarize, win_tie_loss
 
 from conftest import write_jsonl
 
@@ -84,6 +84,21 @@ def test_win_tie_loss_counts_ties_by_margin_and_identical_answers():
     assert win_tie_loss([], [])["win_rate"] is None
     with pytest.raises(ValueError, match="prompts must match"):
         win_tie_loss([0.1], [0.1, 0.2])
+
+
+def test_ranking_agreement_on_hand_computed_groups():
+    rm = [[0.9, 0.1, 0.5], [0.2, 0.2], [0.1, 0.9]]
+    gold = [[1.0, 0.0, 0.02], [0.0, 1.0], [1.0, 0.0]]
+    out = ranking_agreement(rm, gold)
+    # group 1: (0,1) and (0,2) agree, (1,2) differs by 0.02 <= 0.05 and is skipped; group 2: an RM tie, half;
+    # group 3: the RM prefers the worse answer
+    assert out["num_pairs"] == 4 and out["pairwise_agreement"] == pytest.approx(2.5 / 4)
+    assert out["gold_single"] == pytest.approx(2 / 3)  # first answers: 1.0, 0.0, 1.0
+    assert out["gold_best_of_k_rm"] == pytest.approx(1 / 3)  # RM picks: 1.0, 0.0 (tie: the first), 0.0
+    assert out["gold_best_of_k_oracle"] == 1.0 and out["num_prompts"] == 3 and out["num_samples"] == 3
+    assert ranking_agreement([[0.3, 0.7]], [[0.5, 0.52]])["pairwise_agreement"] is None  # no pair gold tells apart
+    with pytest.raises(ValueError, match="same non-empty groups"):
+        ranking_agreement([[0.1, 0.2]], [[0.1]])
 
 
 def test_compare_judges_helpfulness_on_benign_prompts_and_safety_on_adversarial_ones():

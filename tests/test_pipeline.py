@@ -95,6 +95,15 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
+    raw = yaml.safe_load(write_recipe(tmp_path).read_text())
+    raw["report"] = {"helpful_rm": "rm_helpfull"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="report.helpful_rm: 'rm_helpfull' is not a stage of this pipeline"):
+        run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
+    raw["report"] = {"rm_check": {"policy": raw["stages"][0]["name"]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="report.rm_check.policy needs report.helpful_rm"):
+        run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
     assert not (tmp_path / "demo").exists()
 
 

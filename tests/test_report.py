@@ -1,9 +1,11 @@
 """The report evaluates every policy checkpoint on the same prompts and writes report.json/html."""
+import html
 import json
 
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data import toyworld
+from alignment.pipeline import RMCheckSection
 from alignment.report import build_report, policy_checkpoints, table
 
 
@@ -34,7 +36,7 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     prompts = (toyworld.eval_prompts(0, 3, "helpful") + toyworld.eval_prompts(0, 3, "adversarial")
                + toyworld.eval_prompts(0, 2, "borderline"))
     report = build_report(tmp_path, prompts=prompts, helpful_rm_stage="rm_helpful", safety_rm_stage="rm_helpful",
-                          max_new_tokens=4, batch_size=8)
+                          max_new_tokens=4, batch_size=8, rm_check=RMCheckSection(policy="sft", num_samples=3, max_prompts=2))
     saved = json.loads((tmp_path / "report.json").read_text())
     assert [c["name"] for c in saved["checkpoints"]] == ["sft", "rlhf-v1", "rlhf-v2", "rlhf-v3"]
     for c in saved["checkpoints"]:
@@ -43,6 +45,11 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     # the same weights answer the same prompts the same way
     assert saved["checkpoints"][0]["gold_helpfulness"] == saved["checkpoints"][1]["gold_helpfulness"]
     assert saved["reward_models"]["helpful"]["helpful"]["by_rating"]["better"]["accuracy"] == 0.8
+    check = saved["reward_models"]["helpful"]["on_policy"]  # the RM on the SFT model's own samples
+    assert check["checkpoint"] == "sft" and check["num_prompts"] == 2 and check["num_samples"] == 3  # helpful ones, the first 2
+    assert 0.0 <= check["gold_single"] <= check["gold_best_of_k_oracle"] <= 1.0
+    assert check["gold_best_of_k_rm"] <= check["gold_best_of_k_oracle"]
+    assert "helpfulness RM on sft's own samples (2 helpful prompts x 3" in html.unescape((tmp_path / "report.html").read_text())
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "rlhf-v3" in page
     assert "<h2>rm_accuracy</h2>" in page and "<h2>progress</h2>" in page
