@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -78,6 +78,25 @@ safety-distill: install
 eval: install
 	$(BIN)/align eval --recipe $(or $(RECIPE),recipes/tiny/eval.yaml) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		$(if $(AGAINST),--against $(AGAINST))
+
+# PPO alone from the demo's SFT model with the demo's RMs (after `make demo`), then `align eval` of the result
+# against SFT on the 600 held-out prompts: runs/demo/ppo_from_sft_eval (the figures in recipes/tiny/ppo.yaml).
+# Variants: make ppo-from-sft PPO_ARGS="--set optim.lr=5e-5" PPO_OUT=runs/demo/ppo_from_sft_lr5e-5
+D := runs/demo
+PPO_OUT ?= $(D)/ppo_from_sft
+PPO_EVAL_PROMPTS := [{path: $(D)/data/eval_helpful.jsonl, limit: 60}, {path: $(D)/data/eval_adversarial.jsonl, limit: 60}, {path: $(D)/data/eval_borderline.jsonl, limit: 30}]
+ppo-from-sft: install
+	$(BIN)/align ppo --recipe recipes/tiny/ppo.yaml --set model.path=$(D)/sft/final \
+		--set reward.helpful_rm=$(D)/rm_helpful/final --set reward.safety_rm=$(D)/rm_safety/final \
+		--set "data.prompts=[{path: $(D)/data/rl_prompts.jsonl}]" --set output.dir=$(PPO_OUT) \
+		--set "data.eval_prompts=$(PPO_EVAL_PROMPTS)" \
+		$(PPO_ARGS)
+	$(BIN)/align eval --recipe recipes/tiny/eval.yaml --checkpoint $(PPO_OUT)/final --against $(D)/sft/final \
+		--set judges.helpful_rm=$(D)/rm_helpful/final --set judges.safety_rm=$(D)/rm_safety/final \
+		--set "prompts.helpful=[{path: $(D)/data/eval_helpful.jsonl}]" \
+		--set "prompts.adversarial=[{path: $(D)/data/eval_adversarial.jsonl}]" \
+		--set "prompts.borderline=[{path: $(D)/data/eval_borderline.jsonl}]" \
+		--set "gatt.instructions=[]" --set output.dir=$(PPO_OUT)_eval
 
 pipeline: install
 	$(BIN)/align pipeline --recipe $(or $(RECIPE),recipes/tiny/pipeline.yaml)
