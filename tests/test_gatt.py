@@ -317,3 +317,23 @@ def test_unknown_constraint_types_stop_before_any_compute(tmp_path, nano_model_d
     assert main(["gatt", "--recipe", str(path)]) == 2
     assert "constraint type 'haiku' cannot be checked" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_replayed_dialogs_are_trained_beside_the_gatt_dialogs_and_checked_first(tmp_path, nano_model_dir, capsys):
+    from alignment.cli import main
+
+    replay = [{"id": f"r{i}", "messages": [{"role": "user", "content": "What does a cat say?"},
+                                           {"role": "assistant", "content": "A cat says meow."}]} for i in range(3)]
+    write_jsonl(tmp_path / "replay.jsonl", [*replay[:2], {"id": "bad", "messages": [{"role": "user", "content": "hi"}]}])
+    recipe = str(_recipe(tmp_path, nano_model_dir, "rewrite"))
+    replay_set = ["--set", f"data.replay=[{{path: {tmp_path / 'replay.jsonl'}}}]", "--set", "eval.enabled=false"]
+    assert main(["gatt", "--recipe", recipe, *replay_set]) == 2
+    assert "replay.jsonl:3: messages" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing sampled before every input was checked
+
+    write_jsonl(tmp_path / "replay.jsonl", replay)
+    assert main(["gatt", "--recipe", recipe, *replay_set]) == 0
+    run = tmp_path / "run"
+    gatt_examples = json.loads((run / "sampling.json").read_text())["examples"]
+    assert json.loads((run / "done.json").read_text())["examples"] == gatt_examples + len(replay)
+    assert f"{gatt_examples} GAtt examples and 3 replayed dialogs" in capsys.readouterr().out

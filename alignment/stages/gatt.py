@@ -12,9 +12,12 @@
    `sampling.answers: rewrite` goes further and departs from the paper: an answer that breaks the
    instruction is rewritten by the toy world's `apply_instruction` so that it obeys (a fallback for
    models that almost never obey; the data are then partly written by a program, not sampled).
-3. Training: the instruction is kept only in the first turn, as the system prompt; each kept dialog gives
-   one example per turn (cut after that turn's answer), encoded with `train_on="last"`: the loss is zero
-   on every previous turn, assistant messages included. Fine-tuning is `stages.sft.fine_tune`.
+3. Training: the instruction is kept only in the first turn, as the system prompt; each kept dialog is one
+   example with loss on every answer (`sampling.every_turn_examples`, the default; under a causal model the
+   same losses as one example per turn cut after that turn's answer with `train_on="last"`, which is what
+   `every_turn_examples: false` trains). Fine-tuning is `stages.sft.fine_tune`, on these
+   dialogs and the `data.replay` dialogs (the data the model was last fine-tuned on, so that its answers
+   without a system prompt do not drift).
 4. Evaluation (Table 30): share of answers that still obey the instruction at turns 1, 2, 4, 6, 10, 20,
    before and after GAtt, on held-out dialogs with training-type instructions and on zero-shot
    instructions (held-out constraints); the instruction is given once as the system prompt and the
@@ -247,9 +250,11 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
 
 
 def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
-    """The fine-tune of `model.path` on the GAtt dialogs (loss on the answers `gatt_train_on` says)."""
+    """The fine-tune of `model.path` on the GAtt dialogs and the `data.replay` dialogs (loss on the answers
+    `gatt_train_on` says)."""
     train_on = gatt_train_on(cfg.sampling.every_turn_examples)
-    return SFTConfig(model=cfg.model, data=SFTData(train=[DataSource(path=str(dialogs_path))], train_on=train_on),
+    train = [DataSource(path=str(dialogs_path)), *cfg.data.replay]
+    return SFTConfig(model=cfg.model, data=SFTData(train=train, train_on=train_on),
                      output=cfg.output, optim=cfg.optim, schedule=cfg.schedule, train=cfg.train,
                      distributed=cfg.distributed, logging=cfg.logging, eval=EvalSection(), seed=cfg.seed)
 
@@ -269,13 +274,14 @@ def run_gatt(cfg: GAttConfig) -> dict:
         return done
     instructions = load_sources(cfg.data.instructions, "gatt_instruction")  # every input checked first
     prompts = user_messages(load_sources(cfg.data.prompts, "rl_prompt"))
+    replay = load_sources(cfg.data.replay, "sft_dialog")
     check_constraint_types(instructions, "data.instructions")
     evaluated = [*cfg.eval.instructions, *cfg.eval.zero_shot_instructions, *cfg.eval.prompts] if cfg.eval.enabled else []
     if cfg.eval.enabled:
         for key in ("instructions", "zero_shot_instructions"):
             check_constraint_types(load_sources(getattr(cfg.eval, key), "gatt_instruction"), f"eval.{key}")
         load_sources(cfg.eval.prompts, "rl_prompt")
-    inputs = source_hashes([*cfg.data.instructions, *cfg.data.prompts, *evaluated])
+    inputs = source_hashes([*cfg.data.instructions, *cfg.data.prompts, *cfg.data.replay, *evaluated])
     run.prepare(inputs, is_main=is_main_process())  # refuses a directory of another config before sampling
 
     counts_path, dialogs_path = run.path / "sampling.json", run.path / "dialogs.jsonl"
@@ -303,7 +309,9 @@ def run_gatt(cfg: GAttConfig) -> dict:
     if not dialogs:
         raise ValueError(f"[gatt] no sampled dialog obeyed its instruction (see {counts_path}); raise "
                          "sampling.samples_per_turn, or set sampling.answers=rewrite (departs from the paper)")
-    summary = fine_tune(gatt_sft_config(cfg, dialogs_path), dialogs, run,
+    if replay and is_main_process():
+        print(f"[gatt] fine-tuning on {len(dialogs)} GAtt examples and {len(replay)} replayed dialogs (data.replay)")
+    summary = fine_tune(gatt_sft_config(cfg, dialogs_path), dialogs + replay, run,
                         {**inputs, str(dialogs_path): file_sha256(dialogs_path)}, desc="gatt")
     summary["sampling"] = json.loads(counts_path.read_text())
     if is_main_process():
