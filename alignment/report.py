@@ -126,6 +126,32 @@ def _reward_model_summary(entry: dict) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def evaluation_fingerprint(prompts: list[dict], **settings) -> dict:
+    """What every cached report result also depends on besides its checkpoints: the prompts, the settings,
+    and the code that answers and judges them (alignment/evaluate.py and the toy world's gold scorers)."""
+    import hashlib
+
+    import alignment.evaluate
+    from alignment.pipeline import toyworld_code_hash
+
+    prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
+    code = hashlib.sha256(Path(alignment.evaluate.__file__).read_bytes()).hexdigest()[:16]
+    return {"prompts": prompts_hash, "evaluate_code": code, "toyworld_code": toyworld_code_hash(), **settings}
+
+
+def cached(path: Path, key: dict, compute) -> dict:
+    """`compute()`, or its saved result when `path` holds one for the same `key` (checkpoint identities and
+    `evaluation_fingerprint`): a re-run of a finished pipeline, or a report cut off halfway, evaluates only
+    the checkpoints that changed."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            return old["result"]
+    result = compute()
+    write_json_atomic(path, {"key": key, "result": result})
+    return result
+
+
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
                  safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
                  rm_check=None) -> dict:
@@ -134,17 +160,27 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
     `rm_check` (pipeline.RMCheckSection) with a policy stage adds reward_models.helpful.on_policy: how the
     helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`)."""
     from alignment.evaluate import evaluate_checkpoint, on_policy_rm_check
+    from alignment.stages.evaluation import checkpoint_identity
 
     root = Path(root)
+    cache = root / "report_cache"
     manifest = json.loads((root / "manifest.json").read_text())
     stage_dir = {n: e["dir"] for n, e in manifest["stages"].items() if e.get("status") == "done"}
     helpful_rm = str(Path(stage_dir[helpful_rm_stage]) / "final") if helpful_rm_stage in stage_dir else None
     safety_rm = str(Path(stage_dir[safety_rm_stage]) / "final") if safety_rm_stage in stage_dir else None
-    checkpoints, samples = [], {}
-    for name, path in policy_checkpoints(manifest):
+    fingerprint = evaluation_fingerprint(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    judges = {k: checkpoint_identity(p) if p else None for k, p in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm))}
+
+    def evaluate(path: str) -> dict:
         result = evaluate_checkpoint(path, prompts, helpful_rm=helpful_rm, safety_rm=safety_rm,
                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
-        samples[name] = result.pop("answers")[:8]
+        return {**result, "answers": result["answers"][:8]}
+
+    checkpoints, samples = [], {}
+    for name, path in policy_checkpoints(manifest):
+        key = {"policy": checkpoint_identity(path), **judges, **fingerprint}
+        result = dict(cached(cache / f"{name}.json", key, lambda: evaluate(path)))
+        samples[name] = result.pop("answers")
         checkpoints.append({"name": name, "path": path, **result})
         print(f"[report] evaluated {name}", flush=True)
     report = {
@@ -157,10 +193,12 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         "sample_answers": {"prompts": [p.get("prompt", "") for p in prompts[:8]], "answers": samples},
     }
     if rm_check is not None and rm_check.policy in stage_dir and helpful_rm:
-        check = on_policy_rm_check(str(Path(stage_dir[rm_check.policy]) / "final"), helpful_rm, prompts,
-                                   num_samples=rm_check.num_samples, temperature=rm_check.temperature,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   max_prompts=rm_check.max_prompts)
+        policy = str(Path(stage_dir[rm_check.policy]) / "final")
+        key = {"policy": checkpoint_identity(policy), "helpful_rm": judges["helpful_rm"], **fingerprint,
+               "rm_check": [rm_check.num_samples, rm_check.temperature, rm_check.max_prompts]}
+        check = cached(cache / "rm_check.json", key, lambda: on_policy_rm_check(
+            policy, helpful_rm, prompts, num_samples=rm_check.num_samples, temperature=rm_check.temperature,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompts=rm_check.max_prompts))
         report["reward_models"].setdefault("helpful", {})["on_policy"] = {"checkpoint": rm_check.policy, **check}
         print(f"[report] {on_policy_line(report)}", flush=True)
     for name in manifest["order"]:
