@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -97,6 +97,24 @@ ppo-from-sft: install
 		--set "prompts.adversarial=[{path: $(D)/data/eval_adversarial.jsonl}]" \
 		--set "prompts.borderline=[{path: $(D)/data/eval_borderline.jsonl}]" \
 		--set "gatt.instructions=[]" --set output.dir=$(PPO_OUT)_eval
+
+# A second round of the paper's loop on top of ppo-from-sft: preference pairs on that PPO model's own answers
+# (align collect, judged by the toy annotators), both RMs retrained from SFT with them, PPO from SFT again,
+# evaluated like ppo-from-sft: runs/demo/round2/ (figures in recipes/tiny/collect.yaml).
+R2 := $(D)/round2
+R2_RM = --set model.path=$(D)/sft/final --set "data.mix={kind: all}" \
+	--set "data.test={helpful: [{path: $(D)/data/pref_helpful_test.jsonl}], safety: [{path: $(D)/data/pref_safety_test.jsonl}]}"
+rlhf-round2: ppo-from-sft
+	$(BIN)/align collect --recipe recipes/tiny/collect.yaml --set model.path=$(PPO_OUT)/final \
+		--set "data.prompts=[{path: $(D)/data/collect_prompts.jsonl}]" --set output.dir=$(R2)/collect
+	$(BIN)/align rm --recipe recipes/tiny/rm_helpful.yaml $(R2_RM) --set output.dir=$(R2)/rm_helpful \
+		--set "data.primary=[{path: $(D)/data/pref_helpful_train.jsonl, limit: 1500}, {path: $(R2)/collect/helpful.jsonl}]" \
+		--set "data.secondary=[{path: $(D)/data/pref_safety_train.jsonl}]"
+	$(BIN)/align rm --recipe recipes/tiny/rm_safety.yaml $(R2_RM) --set output.dir=$(R2)/rm_safety \
+		--set "data.primary=[{path: $(D)/data/pref_safety_train.jsonl, limit: 1500}, {path: $(R2)/collect/safety.jsonl}]" \
+		--set "data.secondary=[{path: $(D)/data/pref_helpful_train.jsonl}]"
+	$(MAKE) ppo-from-sft PPO_OUT=$(R2)/ppo \
+		PPO_ARGS="--set reward.helpful_rm=$(R2)/rm_helpful/final --set reward.safety_rm=$(R2)/rm_safety/final"
 
 pipeline: install
 	$(BIN)/align pipeline --recipe $(or $(RECIPE),recipes/tiny/pipeline.yaml)

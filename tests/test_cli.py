@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alignment.cli import STAGES, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,20 +54,23 @@ def test_a_run_directory_holding_another_config_is_a_one_line_error(tmp_path, ca
     assert (out / "config.json").read_text().startswith('{"hash": "0123456789abcdef"')  # nothing overwritten
 
 
-def test_make_targets_that_chain_stages_pass_the_strict_loader():
-    """`make ppo-from-sft` writes recipe overrides inside the Makefile: every `align` line it would run must parse
-    and load (a tab or a misspelt key in a --set would otherwise surface only after `make demo`)."""
+@pytest.mark.parametrize("target, commands", [("ppo-from-sft", ["ppo", "eval"]),
+                                               ("rlhf-round2", ["ppo", "eval", "collect", "rm", "rm", "ppo", "eval"])])
+def test_make_targets_that_chain_stages_pass_the_strict_loader(target, commands):
+    """`make ppo-from-sft` and `make rlhf-round2` write recipe overrides inside the Makefile: every `align` line
+    they would run must parse and load (a tab or a misspelt key in a --set would otherwise surface only after
+    `make demo`)."""
     import shlex
 
     from alignment.cli import _eval_overrides, build_parser, config_class
     from alignment.config import load_config
 
-    dry = subprocess.run(["make", "-n", "ppo-from-sft", "BIN=.venv/bin"], capture_output=True, text=True, cwd=REPO)
+    dry = subprocess.run(["make", "-n", target, "BIN=.venv/bin"], capture_output=True, text=True, cwd=REPO)
     assert dry.returncode == 0, dry.stderr
     joined = dry.stdout.replace("\\\n", " ")  # make -n prints a recipe's continued lines as written
     lines = [line for line in joined.splitlines() if line.startswith(".venv/bin/align ")]
-    assert [shlex.split(line)[1] for line in lines] == ["ppo", "eval"]
+    assert [shlex.split(line)[1] for line in lines] == commands
     for line in lines:
         args = build_parser().parse_args(shlex.split(line)[1:])
         cfg = load_config(config_class(args.command), REPO / args.recipe, args.overrides + _eval_overrides(args))
-        assert str(cfg.output.dir).startswith("runs/demo/ppo_from_sft")
+        assert str(cfg.output.dir).startswith("runs/demo/")
