@@ -9,7 +9,7 @@ from alignment.pipeline import RMCheckSection
 from alignment.report import build_report, policy_checkpoints, table
 
 
-def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, tokenizer):
+def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, tokenizer, monkeypatch):
     rm_dir = tmp_path / "rm" / "final"
     rm = AutoModelForSequenceClassification.from_pretrained(nano_model_dir, num_labels=1)
     rm.config.pad_token_id = tokenizer.pad_token_id
@@ -61,7 +61,7 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     import alignment.evaluate as evaluate_module
 
     calls = []
-    real_evaluate, real_check = evaluate_module.evaluate_checkpoint, evaluate_module.on_policy_rm_check
+    real_evaluate = evaluate_module.evaluate_checkpoint
 
     def counting(path, *args, **kwargs):
         calls.append(path)
@@ -70,19 +70,17 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     def no_check(*args, **kwargs):
         raise AssertionError("the on-policy check was cached")
 
-    evaluate_module.evaluate_checkpoint, evaluate_module.on_policy_rm_check = counting, no_check
-    try:
-        kwargs = dict(prompts=prompts, helpful_rm_stage="rm_helpful", safety_rm_stage="rm_helpful", max_new_tokens=4,
-                      batch_size=8, rm_check=RMCheckSection(policy="sft", num_samples=3, max_prompts=2))
-        assert build_report(tmp_path, **kwargs) == report and calls == []
-        (rs_iter / "v10" / "final").unlink()
-        shutil.copytree(nano_model_dir, rs_iter / "v10" / "final")
-        again = build_report(tmp_path, **kwargs)
-        assert calls == [str(rs_iter / "v10" / "final")]
-        assert again["checkpoints"][:3] == report["checkpoints"][:3]
-        assert again["checkpoints"][3]["gold_helpfulness"] == report["checkpoints"][3]["gold_helpfulness"]
-        calls.clear()
-        build_report(tmp_path, **{**kwargs, "prompts": prompts[:-1], "rm_check": None})  # other prompts: all again
-        assert len(calls) == 4
-    finally:
-        evaluate_module.evaluate_checkpoint, evaluate_module.on_policy_rm_check = real_evaluate, real_check
+    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", counting)
+    monkeypatch.setattr(evaluate_module, "on_policy_rm_check", no_check)
+    kwargs = dict(prompts=prompts, helpful_rm_stage="rm_helpful", safety_rm_stage="rm_helpful", max_new_tokens=4,
+                  batch_size=8, rm_check=RMCheckSection(policy="sft", num_samples=3, max_prompts=2))
+    assert build_report(tmp_path, **kwargs) == report and calls == []
+    (rs_iter / "v10" / "final").unlink()
+    shutil.copytree(nano_model_dir, rs_iter / "v10" / "final")
+    again = build_report(tmp_path, **kwargs)
+    assert calls == [str(rs_iter / "v10" / "final")]
+    assert again["checkpoints"][:3] == report["checkpoints"][:3]
+    assert again["checkpoints"][3]["gold_helpfulness"] == report["checkpoints"][3]["gold_helpfulness"]
+    calls.clear()
+    build_report(tmp_path, **{**kwargs, "prompts": prompts[:-1], "rm_check": None})  # other prompts: all again
+    assert len(calls) == 4
