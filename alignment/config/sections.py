@@ -1,0 +1,113 @@
+"""The shared config sections every stage config is composed of (model, data, optim, train, ...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alignment.config.loader import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge_on_save: bool = True  # save merged full weights (True) or the adapters only (False)
+    load_in_4bit: bool = False  # QLoRA: needs bitsandbytes and a CUDA device
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str  # a local directory or a hub id (loaded offline)
+    tokenizer: str | None = None  # defaults to `path`
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass(frozen=True)
+class RatingThresholds:
+    """Rating buckets of a scored source (alignment.data.adapters): the smallest preference strength (score
+    gap, SHP score ratio, ...) of each bucket; a strength above 0 (SHP: above 1) but under `slightly_better`
+    is `negligibly_better`. Each source documents its scale and defaults (README, "Real data")."""
+
+    significantly_better: float
+    better: float
+    slightly_better: float
+
+    def __post_init__(self):
+        if not self.significantly_better >= self.better >= self.slightly_better > 0:
+            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better > 0; got "
+                              f"{self.significantly_better}, {self.better}, {self.slightly_better}")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str
+    source: str = "native"  # "native" = our schemas; public-dataset adapters add names (alignment.data.adapters)
+    split: str | None = None  # a directory's split (its train.jsonl, test-*.parquet, ...); None for a file
+    limit: int | None = None  # keep the first N rows (after validation)
+    thresholds: RatingThresholds | None = None  # scored sources only; None: the source's documented defaults
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 2e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    kind: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = 0.03
+    min_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: float = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    micro_batch_size: int = 8  # sequences per micro-batch (unpacked); rows per micro-batch (packed)
+    grad_accum: int = 1
+    max_length: int = 512  # tokens per sequence (and per packed row)
+    packing: bool = True  # padding-free packing of several dialogs per row
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    deepspeed: str | None = None  # path to a DeepSpeed JSON (recipes/deepspeed/zero2.json, zero3.json, ...)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the device supports it
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    wandb: bool = False  # offline by default when on
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: str
+    save_every_steps: int = 0  # 0: only at the end
+    keep_last: int = 2
+    overwrite: bool = False  # a finished run directory is never overwritten unless this is set
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation at the end of a stage: loss on `data.eval`, and answers to held-out prompts."""
+
+    prompts: list[DataSource] = field(default_factory=list)  # rl_prompt rows (toy world: gold-scored)
+    max_prompts: int = 200
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    compare_base: bool = False  # also evaluate the starting checkpoint, for a before/after table
