@@ -13,10 +13,15 @@ is an error, never a silently different ratio.
 Before mixing, `drop_test_prompts` removes training rows whose prompt is also in a test set (public data
 sets share prompts across their own splits and with each other), so RM accuracy is measured on unseen
 prompts. Prompts are compared by `prompt_key`: the whole dialog context, case-folded, whitespace collapsed.
+
+`held_out_split` cuts one data set into train and held-out rows by a hash of that key, not by position
+or a seeded shuffle: a row's side depends on its prompt alone, so every pair of a prompt lands on one side,
+and adding or removing other rows (another file, a newer copy) never moves it.
 """
 from __future__ import annotations
 
 import enum
+import hashlib
 import random
 import re
 from collections.abc import Callable
@@ -113,3 +118,15 @@ def drop_test_prompts(train: list[dict], tests: dict[str, list[dict]]) -> tuple[
             removed.append(row.get("id"))
             by_test[name] += 1
     return kept, {"removed": len(removed), "by_test": by_test, "ids": removed}
+
+
+def held_out_split(rows: list[dict], fraction: float, salt: str = "") -> tuple[list[dict], list[dict]]:
+    """(train, held_out): a row is held out when the SHA-256 of `salt` and its `prompt_key`, read as a number
+    in [0, 1), is below `fraction`; order within each side is kept. Another `salt` draws another split."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1], got {fraction}")
+    train, held_out = [], []
+    for row in rows:
+        digest = hashlib.sha256(f"{salt}\0{prompt_key(row)}".encode()).digest()
+        (held_out if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)
+    return train, held_out

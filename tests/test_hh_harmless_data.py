@@ -1,0 +1,63 @@
+"""The real HH-RLHF harmless rows shipped in data/hh-rlhf/ load through the hh_rlhf adapter, and split
+deterministically into train and held-out rows by prompt."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.config import DataSource
+from alignment.data.mixing import held_out_split, prompt_key
+from alignment.data.sources import load_source
+
+REPO = Path(__file__).resolve().parents[1]
+HARMLESS = REPO / "data/hh-rlhf/harmless-base"
+
+
+@pytest.fixture(scope="module")
+def harmless():
+    report: list[dict] = []
+    rows = load_source(DataSource(source="hh_rlhf", path=str(HARMLESS), split="train"), "preference_pair", report)
+    return rows, report
+
+
+def test_the_shipped_copy_has_its_license_and_readme():
+    assert "MIT License" in (REPO / "data/hh-rlhf/LICENSE").read_text()
+    readme = (REPO / "data/hh-rlhf/README.md").read_text()
+    assert "test.jsonl.gz" in readme and "github.com/anthropics/hh-rlhf" in readme
+
+
+def test_every_upstream_row_is_a_safety_pair_or_a_counted_drop(harmless):
+    rows, report = harmless
+    with gzip.open(HARMLESS / "train.jsonl.gz", "rt") as f:
+        upstream = [json.loads(line) for line in f if line.strip()]
+    assert len(report) == 1 and report[0]["file"].endswith("train.jsonl.gz")
+    assert len(rows) + sum(report[0]["dropped"].values()) == len(upstream) > 1000
+    assert len(rows) >= 0.95 * len(upstream)
+    assert {r["kind"] for r in rows} == {"safety"} and {r["rating"] for r in rows} == {"unsure"}
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == len(rows)
+    first = upstream[0]  # the first row, read by hand: the last answers are chosen and rejected
+    assert first["chosen"].rsplit("\n\nAssistant:", 1)[1].strip() == rows[0]["chosen"]
+    assert first["rejected"].rsplit("\n\nAssistant:", 1)[1].strip() == rows[0]["rejected"]
+
+
+def test_held_out_split_is_by_prompt_and_deterministic(harmless):
+    rows, _ = harmless
+    train, held_out = held_out_split(rows, 0.1)
+    assert len(train) + len(held_out) == len(rows)
+    assert 0.07 * len(rows) < len(held_out) < 0.13 * len(rows)
+    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in held_out}  # a prompt never straddles
+    assert held_out_split(rows, 0.1) == (train, held_out)
+    # a row's side depends on its prompt alone: reversed, or with half the rows gone, nothing moves
+    reversed_train, reversed_held = held_out_split(rows[::-1], 0.1)
+    assert {r["id"] for r in reversed_held} == {r["id"] for r in held_out}
+    half_train, half_held = held_out_split(rows[::2], 0.1)
+    assert {r["id"] for r in half_held} == {r["id"] for r in held_out} & {r["id"] for r in rows[::2]}
+    # another salt draws another split; the edges hold every row on one side
+    assert {r["id"] for r in held_out_split(rows, 0.1, salt="b")[1]} != {r["id"] for r in held_out}
+    assert held_out_split(rows, 0.0) == (rows, []) and held_out_split(rows, 1.0) == ([], rows)
+    with pytest.raises(ValueError, match="held-out fraction"):
+        held_out_split(rows, 1.5)
