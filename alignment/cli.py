@@ -2,56 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-STAGES = {
-    # name: (config class: a name in alignment.config or "module:Class", "module:function", help)
-    "pretrain": ("PretrainConfig", "alignment.stages.pretrain:run_pretrain",
-                 "train the tiny base model (tokenizer + LlamaForCausalLM) on the toy corpus"),
-    "sft": ("SFTConfig", "alignment.stages.sft:run_sft",
-            "stage 1: supervised fine-tuning in the Llama-2 chat format"),
-    "rm": ("RMConfig", "alignment.stages.reward_model:run_rm",
-           "stage 2: a helpfulness or safety reward model (ranking loss with a margin), or a margin ablation"),
-    "collect": ("CollectConfig", "alignment.stages.collect:run_collect",
-                "preference pairs on the model's own answers, labelled by the toy world's annotators (the "
-                "paper's weekly batches from the latest model)"),
-    "rejection-sampling": ("RejectionSamplingConfig", "alignment.stages.rejection_sampling:run_rejection_sampling",
-                           "stage 3: rejection sampling RLHF-V1..Vn (K samples, best by RM, fine-tune on the best)"),
-    "ppo": ("PPOConfig", "alignment.stages.ppo:run_ppo",
-            "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping"),
-    "gatt": ("GAttConfig", "alignment.stages.gatt:run_gatt",
-             "Ghost Attention: multi-turn dialogs sampled with the instruction on every turn, fine-tuned with it "
-             "as first-turn system prompt"),
-    "safety-distill": ("SafetyDistillConfig", "alignment.stages.safety_distill:run_safety_distill",
-                       "safety context distillation: answers with a safety preprompt, kept where the safety RM "
-                       "improves, fine-tuned without it"),
-    "eval": ("EvalConfig", "alignment.stages.evaluation:run_eval",
-             "evaluate policy checkpoints: gold and RM metrics, violations, false refusals, win rates, GAtt "
-             "adherence; eval.json, table, plots"),
-    "pipeline": ("alignment.pipeline:PipelineConfig", "alignment.pipeline:run_pipeline",
-                 "the whole recipe as one resumable run (stages, lineage manifest, report)"),
-}
+from alignment.config import ConfigError, load_config
+from alignment.data.schemas import DataValidationError
+from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
+from alignment.pipeline_recipe import config_class
+from alignment.runs import RunDirError
+from alignment.stages import STAGES, resolve
 
-
-def config_class(stage: str) -> type:
-    """The config dataclass of a stage command."""
-    import alignment.config as config
-
-    name = STAGES[stage][0]
-    return _import(name) if ":" in name else getattr(config, name)
-
-
-def _import(target: str):
-    import importlib
-
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+# Each command's module is named "module:name" and imported (`resolve`) when the command runs: those of the
+# stages, `align pipeline`, `chat`, `annotate` and `data stats` import torch (or fastapi), and the others (the
+# toy world, the planner) would still slow `align --help` and a one-line recipe error
+PIPELINE_RUN = "alignment.pipeline:run_pipeline"
+PIPELINE_HELP = "the whole recipe as one resumable run (stages, lineage manifest, report)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="The Llama 2-Chat alignment pipeline, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    for name, (_, _, help_text) in STAGES.items():
+    commands = [(s.command, s.help) for s in STAGES.values()] + [("pipeline", PIPELINE_HELP)]
+    for name, help_text in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -106,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, 80GB or 141GB (read as GiB, as GPUs are sold)")
-    plan.add_argument("--stage", choices=list(STAGES), help="the recipe's stage command (found from the recipe if left out)")
+    plan.add_argument("--stage", choices=[*STAGES, "pipeline"], help="the recipe's stage command (found from the recipe if left out)")
     plan.add_argument("--model", help="shape of models whose path names no Llama-2 size and has no config.json "
                       "(llama2-7b, llama2-13b, llama2-70b)")
     plan.add_argument("--prompt-tokens", type=int, default=512, help="prompt length assumed for generation and PPO")
@@ -119,46 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alignment.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "data":
             return _data(args)
         if args.command == "chat":
-            from alignment.talk import ChatSession, repl
-
-            repl(ChatSession.from_checkpoint(args.checkpoint, system=args.system, temperature=args.temperature,
-                                             top_p=args.top_p, max_new_tokens=args.max_new_tokens))
+            session = resolve("alignment.talk:ChatSession").from_checkpoint(
+                args.checkpoint, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens)
+            resolve("alignment.talk:repl")(session)
             return 0
         if args.command == "annotate":
-            from alignment.annotate import run_annotate
-
-            run_annotate(args.prompts, args.checkpoints, args.out, host=args.host, port=args.port,
-                         temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed)
+            resolve("alignment.annotate:run_annotate")(
+                args.prompts, args.checkpoints, args.out, host=args.host, port=args.port,
+                temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
             return 0
         if args.command == "plan":
-            from alignment.plan import run_plan
-
-            return run_plan(args)
+            return resolve("alignment.plan:run_plan")(args)
         if args.command == "model-real":
             return _model_real(args)
-        _, target, _ = STAGES[args.command]
-        from alignment.config import load_config
-
         cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
-        _import(target)(cfg)
+        run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
+        run(cfg)
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
-        from alignment.data.schemas import DataValidationError
-
         kind = "data error" if isinstance(e, DataValidationError) else "error"
         print(f"align {args.command}: {kind}: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as e:  # numeric guards (NaN/inf, KL), run directory, disk space
-        from alignment.runs import RunDirError
-
         if not isinstance(e, (FloatingPointError, RunDirError)):
             raise
         print(f"align {args.command}: stopped: {e}", file=sys.stderr)
@@ -167,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _eval_overrides(args) -> list[str]:
     """`align eval --checkpoint/--against` as recipe overrides (JSON-quoted: paths may hold YAML characters)."""
-    import json
-
     out = []
     if args.command == "eval" and args.checkpoints:
         out.append(f"checkpoints={json.dumps(args.checkpoints)}")
@@ -178,8 +136,6 @@ def _eval_overrides(args) -> list[str]:
 
 
 def _model_real(args) -> int:
-    from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
-
     try:
         import_smollm2(args.out or DEFAULT_OUT)
     except MissingPackageError as e:
@@ -190,23 +146,18 @@ def _model_real(args) -> int:
 
 def _data(args) -> int:
     if args.data_command == "toyworld":
-        from alignment.data.toyworld import write_toyworld
-
-        paths = write_toyworld(args.out, seed=args.seed)
+        paths = resolve("alignment.data.toyworld:write_toyworld")(args.out, seed=args.seed)
         for name, path in paths.items():
             print(f"{name:28s} {path}")
         return 0
     if args.data_command == "validate":
-        from alignment.data.io import load_records
-
-        rows = load_records(args.path, args.schema)
+        rows = resolve("alignment.data.io:load_records")(args.path, args.schema)
         print(f"{args.path}: {len(rows)} rows pass {args.schema}")
         return 0
     if args.data_command == "stats":
-        from alignment.data.stats import run_stats
-
-        run_stats(args.paths, source=args.source, split=args.split, schema=args.schema, recipe=args.recipe,
-                  tokenizer=args.tokenizer, json_out=args.json)
+        resolve("alignment.data.stats:run_stats")(
+            args.paths, source=args.source, split=args.split, schema=args.schema, recipe=args.recipe,
+            tokenizer=args.tokenizer, json_out=args.json)
         return 0
     raise AssertionError(args.data_command)
 

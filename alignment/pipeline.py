@@ -1,8 +1,6 @@
 """`align pipeline`: the whole recipe as one resumable run.
 
-A pipeline recipe lists stages in order; each names its stage command, its own stage recipe (checked by
-the same strict loader) and overrides, where `{name}` in an override value is the run directory of an
-earlier stage (or `{data}` for the toy-world data directory). Every stage runs as its own process
+The recipe and each stage's resolved config and lineage key: `alignment.pipeline_recipe`. Every stage runs as its own process
 (`python -m alignment.cli <stage>`, or under `torchrun` when the recipe asks for several processes),
 writing into `<output.dir>/<name>`.
 
@@ -15,159 +13,20 @@ upstream) is re-run from scratch, and so are the stages after it that read from 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from alignment.config import ConfigError, config_hash, load_config
+from alignment.data.io import load_records
+from alignment.data.toyworld import write_toyworld
 from alignment.faults import fault_point
+from alignment.lineage import toyworld_code_hash
+from alignment.pipeline_recipe import PipelineConfig, PipelineStage, plan_pipeline
+from alignment.report import build_report, table
 from alignment.runs import write_json_atomic
-
-PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
-
-
-@dataclass(frozen=True)
-class PipelineStage:
-    name: str  # the run directory's name, and the {name} other stages refer to
-    stage: str  # a command of `align` (pretrain, sft, rm, rejection-sampling, ppo, gatt, ...)
-    recipe: str
-    set: dict[str, Any] = field(default_factory=dict)  # key.path -> any YAML value
-    processes: int = 1  # > 1: launched with torchrun (gloo on CPU)
-    expected_seconds: float = 60.0  # for the ETA before the first run measured it
-
-
-@dataclass(frozen=True)
-class ToyWorldData:
-    seed: int = 0
-    sizes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PipelineOutput:
-    dir: str
-
-
-@dataclass(frozen=True)
-class RMCheckSection:
-    """How the helpfulness RM ranks a policy's own samples (`evaluate.on_policy_rm_check`): `num_samples`
-    answers at `temperature` to each of the first `max_prompts` held-out helpful prompts (None: all) from the
-    model of stage `policy` (None: skip the check)."""
-
-    policy: str | None = None
-    num_samples: int = 4
-    temperature: float = 1.0
-    max_prompts: int | None = None
-
-
-@dataclass(frozen=True)
-class ReportSection:
-    """The final evaluation of every policy checkpoint on the same held-out prompts."""
-
-    enabled: bool = True
-    prompts: list[str] = field(default_factory=lambda: [
-        "{data}/eval_helpful.jsonl", "{data}/eval_adversarial.jsonl", "{data}/eval_borderline.jsonl"])
-    max_prompts_per_file: int = 200
-    helpful_rm: str | None = None  # the pipeline stage whose model is the helpfulness RM
-    safety_rm: str | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    rm_check: RMCheckSection = field(default_factory=RMCheckSection)
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    output: PipelineOutput
-    stages: list[PipelineStage]
-    toyworld: ToyWorldData = field(default_factory=ToyWorldData)
-    report: ReportSection = field(default_factory=ReportSection)
-
-
-def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
-    """The stage's resolved config with placeholders filled and output.dir set (strictly checked)."""
-    from alignment.cli import STAGES, config_class
-
-    if spec.stage not in STAGES or spec.stage == "pipeline":
-        raise ConfigError(f"stage {spec.name!r}: unknown stage command {spec.stage!r}; known: {', '.join(STAGES)}")
-    overrides = []
-    for key, value in spec.set.items():
-        text = json.dumps(value) if not isinstance(value, str) else value
-        for ref in PLACEHOLDER.findall(text):
-            if ref not in dirs:
-                raise ConfigError(f"stage {spec.name!r}: {key} refers to {{{ref}}}, which is not an earlier stage "
-                                  f"(earlier: {', '.join(dirs)})")
-        overrides.append(f"{key}={PLACEHOLDER.sub(lambda m: dirs[m.group(1)], text)}")
-    overrides.append(f"output.dir={run_dir}")
-    cfg = load_config(config_class(spec.stage), spec.recipe, overrides)
-    return cfg, overrides
-
-
-def _upstream(spec: PipelineStage) -> list[str]:
-    return sorted({ref for v in spec.set.values() for ref in PLACEHOLDER.findall(str(v)) if ref != "data"})
-
-
-DATA_FILE = re.compile(r"\{data\}/([\w.\-]+)")
-
-
-def toyworld_code_hash() -> str:
-    """Fingerprint of the toy-world generator's source: data written by other code is stale."""
-    import alignment.data.toyworld as toyworld
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(toyworld.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _data_key(spec: PipelineStage, digests: dict | None, fallback: str) -> str:
-    """Lineage of a stage's toy-world inputs: the SHA-256 of each data file it names (so a stage re-runs
-    only when a file it reads changed); before the data exist, the generator settings (`fallback`)."""
-    if digests is None:
-        return fallback
-    files = sorted({f for v in spec.set.values() for f in DATA_FILE.findall(str(v))})
-    return hashlib.sha256(json.dumps([[f, digests.get(f)] for f in files]).encode()).hexdigest()[:16]
-
-
-def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list[dict]:
-    """Resolve every stage (configs checked before anything runs) and compute its lineage key.
-
-    data_digests: {file name: sha256} of the toy-world files (its manifest's "sha256"); without them the
-    data lineage is the generator's seed and sizes.
-    """
-    root = Path(cfg.output.dir)
-    dirs = {"data": str(root / "data")}
-    data_key = hashlib.sha256(json.dumps({"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes},
-                                         sort_keys=True).encode()).hexdigest()[:16]
-    keys = {"data": data_key}
-    planned = []
-    names = set()
-    for spec in cfg.stages:
-        if spec.name in names or spec.name == "data":
-            raise ConfigError(f"stage name {spec.name!r} is used twice (or is reserved)")
-        names.add(spec.name)
-        run_dir = root / spec.name
-        stage_cfg, overrides = _stage_config(spec, dirs, run_dir)
-        refs = _upstream(spec)
-        uses_data = any("{data}" in str(v) for v in spec.set.values())
-        lineage = [keys[r] for r in refs] + ([_data_key(spec, data_digests, data_key)] if uses_data else [])
-        key = hashlib.sha256((config_hash(stage_cfg) + "".join(lineage)).encode()).hexdigest()[:16]
-        keys[spec.name] = key
-        dirs[spec.name] = str(run_dir)
-        planned.append({"spec": spec, "dir": run_dir, "key": key, "overrides": overrides, "upstream": refs,
-                        "config_hash": config_hash(stage_cfg)})
-    r = cfg.report
-    for key, value in (("helpful_rm", r.helpful_rm), ("safety_rm", r.safety_rm), ("rm_check.policy", r.rm_check.policy)):
-        if value is not None and value not in names:
-            raise ConfigError(f"report.{key}: {value!r} is not a stage of this pipeline; stages: {', '.join(sorted(names))}")
-    if r.rm_check.policy is not None and r.helpful_rm is None:
-        raise ConfigError("report.rm_check.policy needs report.helpful_rm (the RM whose ranking it checks)")
-    return planned
 
 
 def _command(spec: PipelineStage, overrides: list[str]) -> list[str]:
@@ -240,9 +99,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         remaining.pop(spec.name)
         print(f"{prefix} done in {_fmt(seconds)}", flush=True)
     if cfg.report.enabled:
-        from alignment.data.io import load_records
-        from alignment.report import build_report, table
-
         prompts = []
         for path in cfg.report.prompts:
             prompts += load_records(path.replace("{data}", str(root / "data")), "rl_prompt")[:cfg.report.max_prompts_per_file]
@@ -259,8 +115,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _ensure_toyworld(cfg: PipelineConfig, root: Path, manifest: dict) -> None:
-    from alignment.data.toyworld import write_toyworld
-
     data_dir = root / "data"
     want = {"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes, "code": toyworld_code_hash()}
     if manifest.get("data") == want and (data_dir / "manifest.json").is_file():

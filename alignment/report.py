@@ -8,34 +8,11 @@ import io
 import json
 from pathlib import Path
 
+from alignment.evaluate import evaluate_checkpoint, on_policy_rm_check
+from alignment.lineage import cached, checkpoint_identity, evaluation_fingerprint, policy_checkpoints, read_manifest
 from alignment.runs import read_metrics, write_json_atomic
 
-POLICY_STAGES = ("pretrain", "sft", "rejection-sampling", "ppo", "gatt", "safety-distill")
 TABLE_KEYS = ("gold_helpfulness", "violation_rate", "false_refusal_rate", "helpful_rm", "safety_rm")
-
-
-def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
-    """(name, model dir) of every policy checkpoint in pipeline order; rejection sampling gives one per
-    iteration (rlhf-v1, rlhf-v2, ...), numbered on from earlier RLHF stages."""
-    out: list[tuple[str, str]] = []
-    version = 0
-    for name in manifest["order"]:  # the pipeline's stage order (the stages mapping is stored sorted)
-        entry = manifest["stages"].get(name, {})
-        if entry.get("status") != "done" or entry["stage"] not in POLICY_STAGES:
-            continue
-        root = Path(entry["dir"])
-        if entry["stage"] == "rejection-sampling":
-            for it in sorted((root / "iterations").glob("v*"), key=lambda p: int(p.name[1:])):
-                if (it / "final").is_dir():
-                    version += 1
-                    out.append((f"rlhf-v{version}", str(it / "final")))
-        elif entry["stage"] == "ppo":
-            version += 1
-            out.append((f"rlhf-v{version}", str(root / "final")))
-        else:
-            out.append(({"pretrain": "base", "sft": "sft", "gatt": "gatt", "safety-distill": "safety"}[entry["stage"]],
-                        str(root / "final")))
-    return out
 
 
 def _png(fig) -> str:
@@ -126,32 +103,6 @@ def _reward_model_summary(entry: dict) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def evaluation_fingerprint(prompts: list[dict], **settings) -> dict:
-    """What every cached report result also depends on besides its checkpoints: the prompts, the settings,
-    and the code that answers and judges them (alignment/evaluate.py and the toy world's gold scorers)."""
-    import hashlib
-
-    import alignment.evaluate
-    from alignment.pipeline import toyworld_code_hash
-
-    prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
-    code = hashlib.sha256(Path(alignment.evaluate.__file__).read_bytes()).hexdigest()[:16]
-    return {"prompts": prompts_hash, "evaluate_code": code, "toyworld_code": toyworld_code_hash(), **settings}
-
-
-def cached(path: Path, key: dict, compute) -> dict:
-    """`compute()`, or its saved result when `path` holds one for the same `key` (checkpoint identities and
-    `evaluation_fingerprint`): a re-run of a finished pipeline, or a report cut off halfway, evaluates only
-    the checkpoints that changed."""
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("key") == key:
-            return old["result"]
-    result = compute()
-    write_json_atomic(path, {"key": key, "result": result})
-    return result
-
-
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
                  safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
                  rm_check=None) -> dict:
@@ -159,12 +110,9 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
 
     `rm_check` (pipeline.RMCheckSection) with a policy stage adds reward_models.helpful.on_policy: how the
     helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`)."""
-    from alignment.evaluate import evaluate_checkpoint, on_policy_rm_check
-    from alignment.stages.evaluation import checkpoint_identity
-
     root = Path(root)
     cache = root / "report_cache"
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = read_manifest(root)
     stage_dir = {n: e["dir"] for n, e in manifest["stages"].items() if e.get("status") == "done"}
     helpful_rm = str(Path(stage_dir[helpful_rm_stage]) / "final") if helpful_rm_stage in stage_dir else None
     safety_rm = str(Path(stage_dir[safety_rm_stage]) / "final") if safety_rm_stage in stage_dir else None

@@ -34,6 +34,7 @@ from pathlib import Path
 from alignment.config import EvalConfig
 from alignment.data.sources import load_source, load_sources, source_hashes
 from alignment.evaluate import KINDS, compare, judge_answers, last_user_message, summarize
+from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
 from alignment.runs import RunDir, write_json_atomic
 
 RM_JUDGES = ("helpful_rm", "safety_rm")
@@ -56,19 +57,7 @@ def checkpoint_list(cfg: EvalConfig) -> list[tuple[str, str]]:
     """(name, dir) of every checkpoint to evaluate: the pipeline's, then `checkpoints`; names unique."""
     out: list[tuple[str, str]] = []
     if cfg.pipeline:
-        from alignment.report import policy_checkpoints
-
-        manifest = Path(cfg.pipeline) / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"pipeline: {manifest} not found (a pipeline run directory holds one)")
-        data = json.loads(manifest.read_text())
-        # stage dirs are recorded as the pipeline named them (<output.dir>/<stage>, maybe relative to where it
-        # ran): they are read under `pipeline` itself
-        roots = {Path(e["dir"]).parent for e in data["stages"].values()}
-        if len(roots) == 1:
-            for entry in data["stages"].values():
-                entry["dir"] = str(Path(cfg.pipeline) / Path(entry["dir"]).name)
-        out += policy_checkpoints(data)
+        out += policy_checkpoints(read_manifest(cfg.pipeline, relocate=True))
     out += [parse_checkpoint(c) for c in cfg.checkpoints]
     if not out:
         raise ValueError("no checkpoint to evaluate: give --checkpoint DIR (repeatable) or pipeline: RUN_DIR")
@@ -129,13 +118,6 @@ def _inputs(cfg: EvalConfig) -> list:
     if _gatt_wanted(cfg):
         sources += [*cfg.gatt.instructions, *cfg.gatt.zero_shot_instructions, *cfg.gatt.prompts]
     return sources
-
-
-def checkpoint_identity(path: str) -> dict:
-    """What a cached result is valid for: the directory and the size and mtime of each of its files."""
-    root = Path(path).resolve()
-    return {"dir": str(root), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-                                        for p in sorted(root.iterdir()) if p.is_file()}}
 
 
 # ----------------------------------------------------------------------------------------- one checkpoint
