@@ -28,8 +28,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alignment.chat import encode_prompt
+from alignment.data.io import load_records
 from alignment.data.schemas import category_of, prompt_context, row_problems
 from alignment.data.stats import annotator_agreement
+from alignment.generation import generate
+from alignment.runs import write_json_atomic
+from alignment.talk import load_policy
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 SLOTS = ("A", "B")
@@ -167,15 +172,10 @@ class Sampler:
 
     def _load(self, checkpoint: str):
         if checkpoint not in self._models:
-            from alignment.talk import load_policy
-
             self._models[checkpoint] = load_policy(checkpoint)
         return self._models[checkpoint]
 
     def _draw(self, checkpoint: str, temperature: float, context: list[dict], seed: int) -> dict:
-        from alignment.chat import encode_prompt
-        from alignment.generation import generate
-
         model, tokenizer = self._load(checkpoint)
         sample = generate(model, tokenizer, [encode_prompt(tokenizer, context)], max_new_tokens=self.settings.max_new_tokens,
                           temperature=temperature, top_p=self.settings.top_p, seed=seed)[0][0]
@@ -199,8 +199,6 @@ class AnnotationStore:
     """The items and judgements of one `--out` directory, safe to use from the app's worker threads."""
 
     def __init__(self, out_dir: str | Path, settings: AnnotateSettings, sampler: Sampler | None = None):
-        from alignment.data.io import load_records
-
         settings.check()
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -225,8 +223,6 @@ class AnnotationStore:
                 raise AnnotationError(f"{self.out} was started with other settings {diff} (was, now): use the same "
                                       "ones to resume, or another --out")
         else:
-            from alignment.runs import write_json_atomic
-
             write_json_atomic(path, mine)
 
     def item_id(self, index: int) -> str:

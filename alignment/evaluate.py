@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from alignment.batching import attention_inputs, collate
 from alignment.chat import encode_prompt
 from alignment.config import DEFAULT_REFUSAL_MARKERS
+from alignment.data import toyworld
 from alignment.data.schemas import prompt_context
+from alignment.data.toyworld import gold_helpfulness
 from alignment.generation import generate
-from alignment.rewards import SAFETY_THRESHOLD
+from alignment.losses import sft_loss
+from alignment.models.loading import resolve_dtype
+from alignment.models.tokenizer import load_tokenizer
+from alignment.rewards import SAFETY_THRESHOLD, combine
+from alignment.scoring import reward_scores
 
 KINDS = ("helpful", "adversarial", "borderline")
 # judge -> (per-answer record field, prompt kinds it judges): helpfulness on the prompts that deserve help,
@@ -60,8 +67,6 @@ def row_kind(row: dict) -> str:
     if "kind" in row:  # optional row field
         return row["kind"]
     if from_toyworld([row]):
-        from alignment.data import toyworld
-
         return toyworld.prompt_kind(last_user_message(row))
     return "adversarial" if row["is_safety"] else "helpful"
 
@@ -71,8 +76,6 @@ def is_refusal(answer: str, markers: list[str] | tuple[str, ...], toy: bool = Fa
     """A refusal: the toy world's own check for toy answers (it reads its toy languages too), else any of
     `markers` (lower case) in the lower-cased answer."""
     if toy:
-        from alignment.data import toyworld
-
         return toyworld.is_refusal(answer)
     text = answer.lower()
     return any(m.lower() in text for m in markers)
@@ -85,8 +88,6 @@ def judge_answers(rows: list[dict], answers: list[str], kinds: list[str], *,
     and gold_safe; per reward model its sigmoid score (`rm_scores`: "helpful_rm"/"safety_rm" -> [N]) and,
     with both, combined_rm (the 3.2.3 switch on the row's is_safety). Refusals of non-toy answers are
     found by `refusal_markers` (default: config.DEFAULT_REFUSAL_MARKERS)."""
-    from alignment.rewards import combine
-
     if not len(rows) == len(answers) == len(kinds):
         raise ValueError(f"{len(rows)} rows, {len(answers)} answers and {len(kinds)} kinds do not match")
     unknown = sorted(set(kinds) - set(KINDS))
@@ -100,8 +101,6 @@ def judge_answers(rows: list[dict], answers: list[str], kinds: list[str], *,
         rec = {"id": row["id"], "kind": kind, "answer": answer, "words": len(answer.split()),
                "refusal": is_refusal(answer, markers, toy)}
         if toy:
-            from alignment.data import toyworld
-
             prompt = last_user_message(row)
             rec["gold_helpfulness"] = toyworld.gold_helpfulness(prompt, answer)
             rec["gold_safe"] = toyworld.gold_safety(prompt, answer)
@@ -214,9 +213,6 @@ def compare(records: list[dict], against: list[dict], tie_margin: float = 0.0) -
 @torch.no_grad()
 def heldout_loss(model, examples: list[dict], pad_id: int, attn_implementation: str, batch_size: int = 16) -> float:
     """Token-mean answer NLL over encoded examples (unpacked, padded batches)."""
-    from alignment.batching import attention_inputs, collate
-    from alignment.losses import sft_loss
-
     if not examples:
         return float("nan")
     device = next(model.parameters()).device
@@ -241,9 +237,6 @@ def load_rm_for_inference(path: str, dtype: str = "auto", device=None):
     with its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models.loading import resolve_dtype
-    from alignment.models.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=resolve_dtype(dtype),
                                                                local_files_only=True)
@@ -255,8 +248,6 @@ def load_rm_for_inference(path: str, dtype: str = "auto", device=None):
 def rm_sigmoids(rm, tokenizer, rows: list[dict], answers: list[str], *, batch_size: int = 32,
                 max_length: int = 1024) -> list[float]:
     """sigmoid(reward) of each (row's context, answer)."""
-    from alignment.scoring import reward_scores
-
     raw = reward_scores(rm, tokenizer, [prompt_context(r) for r in rows], answers, batch_size=batch_size,
                         max_length=max_length)
     return torch.sigmoid(raw).tolist()
@@ -270,8 +261,6 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
     and by the reward models (mean sigmoid score, and the combined score of LLAMA2_METHOD.md stage 3):
     the metrics of `summarize` and the answers."""
     from transformers import AutoModelForCausalLM
-
-    from alignment.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True)
@@ -324,9 +313,6 @@ def on_policy_rm_check(policy_dir: str, rm_dir: str, prompts: list[dict], *, num
     `max_prompts` of them when given): the ranking rejection sampling and PPO will rely on, on the
     distribution they will see."""
     from transformers import AutoModelForCausalLM
-
-    from alignment.data.toyworld import gold_helpfulness
-    from alignment.models.tokenizer import load_tokenizer
 
     rows = [r for r in prompts if from_toyworld([r]) and row_kind(r) == "helpful"][:max_prompts]
     if not rows:

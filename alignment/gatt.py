@@ -25,6 +25,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from alignment.chat import B_INST, B_SYS, E_SYS
+
 TABLE_30_TURNS = (1, 2, 4, 6, 10, 20)
 
 # contexts (message lists ending with a user turn) -> candidate answers per context, or None for a
@@ -43,8 +45,6 @@ def attach_instruction(messages: list[dict], instruction: str, every_turn: bool)
     \n\n{user}"), so every turn reads like the single-turn dialogs with a system instruction the model
     learnt to obey in SFT (chat.py folds the first turn's system prompt into its user message the same way).
     """
-    from alignment.chat import B_SYS, E_SYS
-
     instruction = instruction.strip()
     if not instruction:
         raise ValueError("instruction is empty")
@@ -266,8 +266,6 @@ def sampling_counts(plans: list[DialogPlan]) -> dict:
 def system_token_positions(tokenizer, messages: list[dict]) -> tuple[int, int]:
     """[start, end) of the system prompt's tokens in `encode_dialog(tokenizer, messages)["input_ids"]`
     (the Figure 10 attention plots read the attention paid to these positions)."""
-    from alignment.chat import B_INST, B_SYS, E_SYS
-
     if not messages or messages[0]["role"] != "system":
         raise ValueError("dialog has no system prompt")
     system = messages[0]["content"].strip()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import config_hash, to_dict
+from alignment.data.io import file_sha256, write_jsonl
 from alignment.faults import fault_point
 
 CKPT_PREFIX = "step-"
@@ -100,8 +101,6 @@ def _tree_files(path: Path) -> list[str]:
 def write_manifest(path: Path, extra: dict | None = None) -> dict:
     """MANIFEST.json: size and SHA-256 of every file of the directory (read back from disk), and `extra`
     (e.g. the source a converted model came from)."""
-    from alignment.data.io import file_sha256
-
     files = {rel: {"size": os.path.getsize(path / rel), "sha256": file_sha256(path / rel)}
              for rel in _tree_files(path)}
     manifest = {"format": 1, **(extra or {}), "files": files}
@@ -112,8 +111,6 @@ def write_manifest(path: Path, extra: dict | None = None) -> dict:
 def verify_dir(path: Path) -> list[str]:
     """What is wrong with a committed directory against its manifest ([] when intact; sizes first, so a
     short file is named without hashing everything)."""
-    from alignment.data.io import file_sha256
-
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -327,7 +324,6 @@ class MetricsLog:
         if not enabled:
             return
         if self.file.is_file():  # a resumed run drops records past its checkpoint, so none is logged twice
-            from alignment.data.io import write_jsonl
 
             records, torn = _parse_lines(self.file.read_bytes())
             if torn:

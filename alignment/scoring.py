@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from alignment.batching import attention_inputs, collate, pack_balanced
 from alignment.chat import encode_dialog
 from alignment.rewards import check_reward_range
 
@@ -67,8 +68,6 @@ def packed_scores(model, sequences: list[list[int]], pad_id: int, attn_implement
     the one the sequence gets alone. Each is read at its last token (the EOS of the answer), as
     `last_token_scores` reads it on right-padded rows.
     """
-    from alignment.batching import attention_inputs, collate, pack_balanced
-
     lengths = [len(s) for s in sequences]
     rows = pack_balanced(lengths, list(range(len(sequences))), max(lengths))
     batch = collate([{"input_ids": s} for s in sequences], rows, pad_id, keys=("input_ids",))

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 
 from alignment.chat import encode_prompt
+from alignment.models.loading import resolve_dtype
+from alignment.models.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -42,9 +44,6 @@ class SamplingSettings:
 def load_policy(checkpoint: str | Path, device: str | None = None):
     """(model, tokenizer) of a finished policy checkpoint directory, offline, in eval mode."""
     from transformers import AutoModelForCausalLM
-
-    from alignment.models.loading import resolve_dtype
-    from alignment.models.tokenizer import load_tokenizer
 
     path = Path(checkpoint)
     if not (path / "config.json").is_file():

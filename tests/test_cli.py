@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import STAGES, main
+from alignment.cli import main
+from alignment.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,9 @@ def test_make_targets_that_chain_stages_pass_the_strict_loader(target, commands)
     `make demo`)."""
     import shlex
 
-    from alignment.cli import _eval_overrides, build_parser, config_class
+    from alignment.cli import _eval_overrides, build_parser
     from alignment.config import load_config
+    from alignment.pipeline_recipe import config_class
 
     dry = subprocess.run(["make", "-n", target, "BIN=.venv/bin"], capture_output=True, text=True, cwd=REPO)
     assert dry.returncode == 0, dry.stderr
@@ -74,3 +76,33 @@ def test_make_targets_that_chain_stages_pass_the_strict_loader(target, commands)
         args = build_parser().parse_args(shlex.split(line)[1:])
         cfg = load_config(config_class(args.command), REPO / args.recipe, args.overrides + _eval_overrides(args))
         assert str(cfg.output.dir).startswith("runs/demo/")
+
+
+def test_every_stage_record_resolves():
+    """The registry names run functions as "module:function" (imported only when a stage runs): each one
+    imports, and every config class and planner is what its record says."""
+    import dataclasses
+
+    from alignment.stages import resolve
+
+    for command, record in STAGES.items():
+        assert record.command == command
+        assert callable(resolve(record.run)), record.run
+        assert dataclasses.is_dataclass(record.config) and record.config.__name__.endswith("Config"), command
+        assert record.planner is None or record.planner.__module__ == "alignment.stage_memory", command
+    policies = [s.policy for s in STAGES.values() if s.policy]
+    assert policies == ["base", "sft", "rlhf", "rlhf", "gatt", "safety"]
+
+
+def test_help_and_a_bad_key_do_not_import_torch(tmp_path):
+    """The CLI imports a command's module only when the command runs: `align --help` and a rejected recipe
+    key stay fast (torch takes seconds to import)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 1.0e-4\n")
+    code = ("import sys\nfrom alignment.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"assert main(['sft', '--recipe', {str(recipe)!r}, '--set', 'optim.lrr=1']) == 2\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

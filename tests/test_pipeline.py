@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from alignment.config import ConfigError, load_config
-from alignment.pipeline import PipelineConfig, plan_pipeline, run_pipeline
+from alignment.lineage import toyworld_code_hash
+from alignment.pipeline import run_pipeline
+from alignment.pipeline_recipe import PipelineConfig, plan_pipeline
 from alignment.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +111,6 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
 
 def test_data_lineage_follows_the_files_a_stage_reads(tmp_path):
     """A stage's key changes when a toy-world file it reads changes, not when another file does."""
-    from alignment.pipeline import toyworld_code_hash
-
     cfg = load_config(PipelineConfig, "recipes/tiny/pipeline.yaml", [f"output.dir={tmp_path}"])
     names = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "eval_helpful.jsonl", "rl_prompts.jsonl"]
     digests = {n: "a" * 64 for n in names}

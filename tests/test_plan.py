@@ -213,8 +213,8 @@ def test_kv_cache_matches_hf_cache_and_hand_computation():
 
 # ----------------------------------------------------------------------------------------- recipes
 def _plan(recipe: str, stage: str, gpus=8, nodes=1, *overrides):
-    from alignment.cli import config_class
     from alignment.config import load_config
+    from alignment.pipeline_recipe import config_class
     from alignment.plan import plan_stage
 
     cfg = load_config(config_class(stage), REPO / recipe, list(overrides))

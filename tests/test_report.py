@@ -5,8 +5,9 @@ import json
 from transformers import AutoModelForSequenceClassification
 
 from alignment.data import toyworld
-from alignment.pipeline import RMCheckSection
-from alignment.report import build_report, policy_checkpoints, table
+from alignment.lineage import policy_checkpoints
+from alignment.pipeline_recipe import RMCheckSection
+from alignment.report import build_report, table
 
 
 def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, tokenizer, monkeypatch):
@@ -58,10 +59,10 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     # a re-run evaluates only what changed: nothing, then the one checkpoint whose files are others
     import shutil
 
-    import alignment.evaluate as evaluate_module
+    import alignment.report as report_module  # build_report's engine, as report imports it
 
     calls = []
-    real_evaluate = evaluate_module.evaluate_checkpoint
+    real_evaluate = report_module.evaluate_checkpoint
 
     def counting(path, *args, **kwargs):
         calls.append(path)
@@ -70,8 +71,8 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     def no_check(*args, **kwargs):
         raise AssertionError("the on-policy check was cached")
 
-    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", counting)
-    monkeypatch.setattr(evaluate_module, "on_policy_rm_check", no_check)
+    monkeypatch.setattr(report_module, "evaluate_checkpoint", counting)
+    monkeypatch.setattr(report_module, "on_policy_rm_check", no_check)
     kwargs = dict(prompts=prompts, helpful_rm_stage="rm_helpful", safety_rm_stage="rm_helpful", max_new_tokens=4,
                   batch_size=8, rm_check=RMCheckSection(policy="sft", num_samples=3, max_prompts=2))
     assert build_report(tmp_path, **kwargs) == report and calls == []

@@ -11,8 +11,14 @@ import math
 from collections.abc import Callable
 from itertools import combinations
 
+from alignment.config import DataSource, RMConfig, load_config
+from alignment.data.adapters import ADAPTERS
 from alignment.data.mixing import count_by, prompt_key
+from alignment.data.sources import load_sources
 from alignment.losses import RATINGS
+from alignment.models.tokenizer import load_tokenizer
+from alignment.runs import write_json_atomic
+from alignment.stages.reward_model import SCHEMA, mix_rm_data
 
 PERCENTILES = (50, 90, 95, 99)
 CountTokens = Callable[[str], int]
@@ -147,24 +153,16 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
               recipe: str | None = None, tokenizer: str | None = None, json_out: str | None = None) -> dict:
     """`align data stats`: statistics of data files read through `source`, or of an RM recipe's training mix
     (after test-prompt deduplication) and test sets; printed, and written as JSON to `json_out`."""
-    from alignment.config import DataSource
-    from alignment.data.sources import load_sources
-
     if bool(paths) == bool(recipe):
         raise ValueError("give data paths or --recipe (an RM recipe), not both and not neither")
     count, unit = count_words, "words"
     if tokenizer is not None:
-        from alignment.models.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer)
         count, unit = (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), "tokens"
     loaded: list[dict] = []
     sections: dict[str, dict] = {}
     result: dict = {"unit": unit, "sections": sections, "loaded": loaded}
     if recipe is not None:
-        from alignment.config import RMConfig, load_config
-        from alignment.stages.reward_model import SCHEMA, mix_rm_data
-
         cfg = load_config(RMConfig, recipe)
         primary = load_sources(cfg.data.primary, SCHEMA, loaded)
         secondary = load_sources(cfg.data.secondary, SCHEMA, loaded)
@@ -180,15 +178,11 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
         sections[" + ".join(paths)] = data_stats(rows, schema, count)
     print(format_result(result))
     if json_out is not None:
-        from alignment.runs import write_json_atomic
-
         write_json_atomic(json_out, result)
     return result
 
 
 def _default_schema(source: str) -> str:
-    from alignment.data.adapters import ADAPTERS
-
     if source == "native" or "preference_pair" in ADAPTERS[source].schemas:
         return "preference_pair"
     return ADAPTERS[source].schemas[0]

@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from alignment.runs import commit_dir
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_MARKERS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 
@@ -38,7 +40,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         padding_side="right", clean_up_tokenization_spaces=False,
     )
     # written whole or not at all: a run killed mid-save must not find a tokenizer with half its files
-    from alignment.runs import commit_dir
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")

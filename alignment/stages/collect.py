@@ -20,17 +20,21 @@ from __future__ import annotations
 import collections
 import random
 
+from alignment.chat import encode_prompt
 from alignment.config import CollectConfig
+from alignment.data.io import write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.data.toyworld import gold_helpfulness, gold_safety, label_helpfulness, label_safety
+from alignment.evaluate import from_toyworld
+from alignment.generation import generate
 from alignment.runs import RunDir
+from alignment.stages.gatt import load_policy
 
 
 def label_pairs(rows: list[dict], answers: list[tuple[str, str]], seed: int) -> tuple[list[dict], list[dict]]:
     """(helpfulness pairs, safety pairs) for prompt rows and their two answers; identical or empty answers
     make no pair. Pure: the annotators' noise comes from `seed`."""
-    from alignment.data.toyworld import label_helpfulness, label_safety
-
     rng = random.Random(f"collect|{seed}")
     helpful, safety = [], []
     for row, (a, b) in zip(rows, answers):
@@ -56,13 +60,6 @@ def summarize(rows: list[dict], helpful: list[dict], safety: list[dict]) -> dict
 
 def run_collect(cfg: CollectConfig) -> dict:
     """`align collect`: two answers per prompt from `model.path`, labelled; see the module docstring."""
-    from alignment.chat import encode_prompt
-    from alignment.data.io import write_jsonl
-    from alignment.data.toyworld import gold_helpfulness, gold_safety
-    from alignment.evaluate import from_toyworld
-    from alignment.generation import generate
-    from alignment.stages.gatt import load_policy
-
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
     done = run.finished_summary("collect")
     if done is not None:

@@ -32,10 +32,13 @@ import shutil
 from pathlib import Path
 
 from alignment.config import EvalConfig
+from alignment.data.io import write_jsonl
 from alignment.data.sources import load_source, load_sources, source_hashes
-from alignment.evaluate import KINDS, compare, judge_answers, last_user_message, summarize
+from alignment.evaluate import (KINDS, answer_prompts, compare, judge_answers, last_user_message, load_rm_for_inference,
+                                rm_sigmoids, summarize)
 from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
 from alignment.runs import RunDir, write_json_atomic
+from alignment.stages.gatt import adherence_by_turn, check_constraint_types, load_policy
 
 RM_JUDGES = ("helpful_rm", "safety_rm")
 TABLE = (("gold_helpfulness", "gold_help"), ("violation_rate", "violation"), ("rm_violation_rate", "rm_viol"),
@@ -137,9 +140,6 @@ class Results:
 
 def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: list[str]) -> None:
     """The checkpoint's answers to every prompt (and its adherence by turn), unless already saved."""
-    from alignment.evaluate import answer_prompts
-    from alignment.stages.gatt import load_policy
-
     g = cfg.generation
     if "answers" not in results.state:
         print(f"[eval] {results.name}: answering {len(rows)} prompts ({results.path})", flush=True)
@@ -160,8 +160,6 @@ def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: 
 def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
     """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (the sets given),
     the dialogs' user turns drawn from `users`."""
-    from alignment.stages.gatt import adherence_by_turn, check_constraint_types
-
     e = cfg.gatt
     sets = {}
     for key, sources in (("instructions", e.instructions), ("zero_shot", e.zero_shot_instructions)):
@@ -178,8 +176,6 @@ def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
 
 def score_all(cfg: EvalConfig, results: list[Results], rows: list[dict]) -> None:
     """Each reward model, loaded once, scores every checkpoint's answers it has not scored yet."""
-    from alignment.evaluate import load_rm_for_inference, rm_sigmoids
-
     j = cfg.judges
     for name in RM_JUDGES:
         path = getattr(j, name)
@@ -198,8 +194,6 @@ def score_all(cfg: EvalConfig, results: list[Results], rows: list[dict]) -> None
 # ----------------------------------------------------------------------------------------- the run
 def run_eval(cfg: EvalConfig) -> dict:
     """`align eval`: answer, judge, compare, write eval.json, the table and the plots."""
-    from alignment.data.io import write_jsonl
-
     checkpoints = checkpoint_list(cfg)
     rows, kinds = load_prompt_sets(cfg)  # every input is checked before any model is loaded
     if _gatt_wanted(cfg):

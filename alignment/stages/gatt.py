@@ -44,12 +44,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from alignment.chat import encode_dialog, encode_prompt
 from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
+from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.data.toyworld import CONSTRAINT_TYPES, apply_instruction, check_instruction, undo_instruction
 from alignment.faults import fault_point
 from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching, gatt_train_on,
-                            measure_adherence_sets, play_dialogs, plan_dialogs, sampling_counts, training_dialogs)
+                            measure_adherence_sets, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
+                            training_dialogs)
+from alignment.generation import generate
+from alignment.models.loading import resolve_dtype
+from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune, is_main_process
 from alignment.training import check_disk_before_sampling
@@ -72,9 +79,6 @@ def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa
     """A causal LM for inference on this process's device, and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.models.loading import resolve_dtype
-    from alignment.models.tokenizer import load_tokenizer
-
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
                                                  attn_implementation=attn_implementation)
     return model.to(_device()).eval(), load_tokenizer(path)
@@ -85,9 +89,6 @@ def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int =
                     seed: int = 0) -> Respond:
     """A `Respond` from a causal LM: `num_samples` answers per context (temperature 0: greedy), None for a
     context whose prompt plus `max_new_tokens` exceeds `max_context` (default: the model's positions)."""
-    from alignment.chat import encode_prompt
-    from alignment.generation import generate
-
     limit = max_context or model.config.max_position_embeddings
     calls = [0]
 
@@ -128,8 +129,6 @@ def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], p
     context outgrows `max_context` stops there and leaves the later turns' denominators (see
     `dialogs_reaching`). The played dialogs are stored in `transcripts[set]` when given.
     """
-    from alignment.data.toyworld import check_instruction
-
     model, tokenizer = load_policy(model_dir, dtype, attn_implementation)
     respond = model_responder(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               max_context=max_context)
@@ -143,8 +142,6 @@ def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], p
 def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
     """Adherence by turn before (model.path) and after (final/) GAtt, on held-out dialogs with training
     instructions and with zero-shot ones; eval.json, eval_dialogs.jsonl and adherence.png in the run."""
-    from alignment.data.io import write_jsonl
-
     e = cfg.eval
     prompts = user_messages(load_sources(e.prompts, "rl_prompt"))
     sets = {"instructions": load_sources(e.instructions, "gatt_instruction")[:e.max_instructions],
@@ -214,8 +211,6 @@ def print_adherence(result: dict) -> None:
 # ----------------------------------------------------------------------------------------- sampling
 def check_constraint_types(instructions: list[dict], where: str) -> None:
     """Stop before any compute when an instruction has a constraint the checker does not know."""
-    from alignment.data.toyworld import CONSTRAINT_TYPES
-
     for i, row in enumerate(instructions):
         for c in row["constraints"]:
             if c["type"] not in CONSTRAINT_TYPES:
@@ -225,15 +220,11 @@ def check_constraint_types(instructions: list[dict], where: str) -> None:
 
 def fix_answer(constraints: list, answer: str) -> str:
     """`answers: rewrite`: strip what the model half-applied, then apply the constraints (toy world)."""
-    from alignment.data.toyworld import apply_instruction, undo_instruction
-
     return apply_instruction(constraints, undo_instruction(constraints, answer) or answer)
 
 
 def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]) -> list[DialogPlan]:
     """Play the GAtt dialogs with the instruction on every user turn (see the module docstring)."""
-    from alignment.data.toyworld import check_instruction
-
     s = cfg.sampling
     plans = plan_dialogs(instructions, prompts, s.num_dialogs, s.min_turns, s.max_turns,
                          random.Random(f"gatt|{cfg.seed}"))
@@ -266,8 +257,6 @@ def _wait_for(path: Path) -> None:
 
 def run_gatt(cfg: GAttConfig) -> dict:
     """`align gatt`: sample dialogs, keep those that obey, fine-tune, evaluate adherence by turn."""
-    from alignment.data.io import file_sha256, load_records, write_jsonl
-
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
     done = run.finished_summary("gatt")
     if done is not None:
@@ -336,9 +325,6 @@ def system_attention(model, tokenizer, messages: list[dict]) -> dict:
       "turn_bounds": [(start, end)] token range of each turn; "system": (start, end).
     """
     import torch
-
-    from alignment.chat import encode_dialog
-    from alignment.gatt import system_token_positions
 
     ids = encode_dialog(tokenizer, messages)["input_ids"]
     s, e = system_token_positions(tokenizer, messages)

@@ -36,15 +36,24 @@ from pathlib import Path
 
 import torch
 
+from alignment.chat import encode_prompt
 from alignment.config import PPOConfig, TrainSection
+from alignment.data.schemas import prompt_context
+from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import from_toyworld, gold_metrics
-from alignment.losses import masked_mean, policy_loss, value_loss
-from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
-                               explained_variance, gathered_for_generation, masked_row_sum,
-                               model_inputs, policy_outputs, response_logprobs)
 from alignment.faults import fault_point
+from alignment.generation import generate
+from alignment.losses import masked_mean, policy_loss, value_loss
+from alignment.models.loading import load_causal_lm, resolve_dtype
+from alignment.models.tokenizer import load_tokenizer
+from alignment.rewards import combine
+from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
+                               explained_variance, gathered_for_generation, masked_row_sum, model_inputs,
+                               policy_outputs, response_logprobs)
 from alignment.runs import MetricsLog, RunDir, commit_dir, model_bytes, write_json_atomic
-from alignment.training import NonFiniteLossError, check_disk_for_run, check_loss, save_checkpoint
+from alignment.scoring import reward_scores
+from alignment.training import (_STOP_AFTER_STEP, NonFiniteLossError, _leave_zero3, check_disk_for_run, check_loss,
+                                make_accelerator, make_optimizer, save_checkpoint)
 
 
 class KLBlowUpError(FloatingPointError):
@@ -85,8 +94,6 @@ def load_models(cfg: PPOConfig, tokenizer) -> PPOModels:
     """Actor, critic, reference and both RMs from the recipe's directories (before any ZeRO-3 context,
     so the frozen models are plain full copies)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    from alignment.models.loading import load_causal_lm, resolve_dtype
 
     common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
     frozen_dtype = resolve_dtype(cfg.reward.dtype)
@@ -131,8 +138,6 @@ class FrozenPlacement:
 
 def make_ppo_optimizer(models: PPOModels, cfg: PPOConfig) -> torch.optim.Optimizer:
     """One AdamW over actor and critic parameter groups (decay / no decay each), critic at `critic.lr`."""
-    from alignment.training import make_optimizer
-
     optimizer = make_optimizer(models.actor, cfg.optim)
     for group in optimizer.param_groups:
         group["role"] = "actor"
@@ -175,11 +180,6 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
     """Generate, score and compute advantages for this process's prompt rows.
 
     Returns (batch tensors for training, per-row stats, timings)."""
-    from alignment.chat import encode_prompt
-    from alignment.data.schemas import prompt_context
-    from alignment.generation import generate
-    from alignment.scoring import reward_scores
-
     cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
     contexts = [prompt_context(r) for r in rows]
     prompts = [encode_prompt(tok, c) for c in contexts]
@@ -297,12 +297,6 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     world prompts, the gold metrics (`alignment.evaluate.gold_metrics`)."""
     from accelerate.utils import gather_object
 
-    from alignment.chat import encode_prompt
-    from alignment.data.schemas import prompt_context
-    from alignment.generation import generate
-    from alignment.rewards import combine
-    from alignment.scoring import reward_scores
-
     cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
     es = cfg.early_stopping
     mine = list(range(acc.process_index, len(rows), acc.num_processes))
@@ -370,7 +364,6 @@ def finish(ctx, run: RunDir) -> None:
                                                      if k.startswith("critic.")}, safe_serialization=True)
         commit_dir(tmp, run.path / "critic")
     acc.wait_for_everyone()
-    from alignment.training import _leave_zero3
 
     _leave_zero3()
     if acc.is_main_process:
@@ -417,8 +410,6 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     """Run (or resume) the PPO iterations; returns a summary. `models` come from `load_models` (tests may
     pass stand-ins)."""
     from tqdm.auto import tqdm
-
-    from alignment.training import _STOP_AFTER_STEP, make_accelerator
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = check_sizes(cfg, world)
@@ -527,9 +518,6 @@ def check_model_dirs(cfg: PPOConfig) -> None:
 
 def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     """`align ppo`: validate prompts, load the five models, run (or resume) PPO, keep the best actor."""
-    from alignment.data.sources import load_sources, source_hashes
-    from alignment.models.tokenizer import load_tokenizer
-
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
     done = run.finished_summary("ppo")
     if done is not None:

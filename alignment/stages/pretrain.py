@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from alignment.config import PretrainConfig
 from alignment.data.sources import load_sources, source_hashes
+from alignment.evaluate import heldout_loss
+from alignment.models.tiny import build_tiny_llama
+from alignment.models.tokenizer import load_tokenizer, train_tokenizer
 from alignment.runs import RunDir
-from alignment.stages.sft import is_main_process, lm_step_fn, loop_config
+from alignment.stages.sft import is_main_process, lm_step_fn, loop_config, make_plan
 from alignment.training import train
 
 
@@ -26,10 +29,6 @@ def encode_documents(tokenizer, texts: list[str], max_length: int) -> list[dict]
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    from alignment.models.tiny import build_tiny_llama
-    from alignment.models.tokenizer import load_tokenizer, train_tokenizer
-    from alignment.stages.sft import make_plan
-
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
     done = run.finished_summary("pretrain")
     if done is not None:
@@ -48,7 +47,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
                     cfg=loop_config(cfg), run=run, desc="pretrain", unit="tok")
     if is_main_process():
-        from alignment.evaluate import heldout_loss
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(run.final_dir, local_files_only=True)

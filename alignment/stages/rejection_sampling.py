@@ -44,14 +44,20 @@ from pathlib import Path
 
 import torch
 
+from alignment.chat import encode_prompt
 from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection, SFTConfig, SFTData
+from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
+from alignment.generation import VLLMSampler, generate_with, pick_backend
+from alignment.models.loading import resolve_dtype
+from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
+from alignment.scoring import reward_scores
 from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
 from alignment.training import check_disk_before_sampling
 
@@ -71,10 +77,6 @@ def load_sampler(path: str, cfg: RejectionSamplingConfig):
     engine where `generation.backend` picks it."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.generation import VLLMSampler, pick_backend
-    from alignment.models.loading import resolve_dtype
-    from alignment.models.tokenizer import load_tokenizer
-
     if pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1"))) == "vllm":
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
         return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path)
@@ -87,9 +89,6 @@ def load_sampler(path: str, cfg: RejectionSamplingConfig):
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
     """{"helpful"|"safety": (model, tokenizer)} for the RMs `reward.mode` reads."""
     from transformers import AutoModelForSequenceClassification
-
-    from alignment.models.loading import resolve_dtype
-    from alignment.models.tokenizer import load_tokenizer
 
     rms = {}
     for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
@@ -112,8 +111,6 @@ def _release_memory() -> None:
 
 def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], answers: list[str]) -> dict:
     """Raw RM scores, their sigmoids and the ranking score of (rows[i], answers[i]) pairs, as lists."""
-    from alignment.scoring import reward_scores
-
     contexts = [prompt_context(r) for r in rows]
     raw = {name: reward_scores(model, tok, contexts, answers, batch_size=cfg.reward.batch_size,
                                max_length=cfg.reward.max_length) for name, (model, tok) in rms.items()}
@@ -130,9 +127,6 @@ def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], ans
 def sample_chunk(cfg, sampler, tokenizer, rms, rows: list[dict], *, iteration: int, num_samples: int,
                  temperature: float, seed: int) -> list[dict]:
     """K samples for each row of one chunk, scored: the records of one shard (prompt order, then k)."""
-    from alignment.chat import encode_prompt
-    from alignment.generation import generate_with
-
     prompts = [encode_prompt(tokenizer, prompt_context(r)) for r in rows]
     samples = generate_with(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens,
                        num_samples=num_samples, temperature=temperature, top_p=cfg.generation.top_p,
@@ -290,8 +284,6 @@ def iteration_dir(root: Path, iteration: int) -> Path:
 def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows: list[dict],
                   eval_dialogs: list[dict], eval_prompts: list[dict]) -> dict:
     """Sample, keep the best, fine-tune and evaluate iteration `iteration` (1-based), resuming where it stopped."""
-    from alignment.data.io import file_sha256, write_jsonl
-
     spec = cfg.iterations[iteration - 1]
     it_dir = iteration_dir(root, iteration)
     start = cfg.model.path if iteration == 1 else str(iteration_dir(root, iteration - 1) / "final")
@@ -372,7 +364,6 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
     _check_inputs(cfg, rows)
-    from alignment.generation import pick_backend
 
     pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any compute
     if cfg.sweep.enabled:

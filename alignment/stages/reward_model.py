@@ -26,8 +26,10 @@ from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
 from alignment.data.schemas import pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.losses import RATINGS, preference_margin, ranking_loss
+from alignment.models.loading import load_reward_model
+from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
-from alignment.scoring import encode_for_reward, packed_scores
+from alignment.scoring import encode_for_reward, packed_scores, reward_scores
 from alignment.training import LoopConfig, train
 
 SCHEMA = "preference_pair"
@@ -161,9 +163,6 @@ def evaluate_reward_model(model_dir: str | Path, test_sets: dict[str, list[dict]
     test set (preference_pair rows); histograms of chosen/rejected scores to `plot_path` when given."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.models.tokenizer import load_tokenizer
-    from alignment.scoring import reward_scores
-
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True,
                                                                attn_implementation=attn_implementation)
@@ -270,9 +269,6 @@ def run_rm(cfg: RMConfig) -> dict:
 
 def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: dict[str, str], mix: dict) -> dict:
     """Train a scalar-head RM from `cfg.model` on `pairs` into `run` with the shared loop."""
-    from alignment.models.loading import load_reward_model
-    from alignment.models.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     examples = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
     world = int(os.environ.get("WORLD_SIZE", "1"))

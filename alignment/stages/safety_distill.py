@@ -35,10 +35,15 @@ import shutil
 import time
 from pathlib import Path
 
-from alignment.config import SafetyDistillConfig, SafetyPrepromptSection, SFTConfig, SFTData, DataSource
+from alignment.config import DataSource, SafetyDistillConfig, SafetyPrepromptSection, SFTConfig, SFTData
+from alignment.data import toyworld
+from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
-from alignment.runs import RunDir, write_json_atomic
+from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
+from alignment.gatt import attach_instruction
+from alignment.runs import RunDir, commit_dir, write_json_atomic
+from alignment.stages.gatt import load_policy
 from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
 
 PLACEHOLDERS = {"generic": ("{adjective}",), "template_preprompt": ("{category}", "{template}", "{generic}")}
@@ -51,11 +56,8 @@ def prompt_category(row: dict, category_field: str = "risk_category") -> str | N
     meta = row["meta"] if "meta" in row else {}  # optional row field
     if category_field in meta:
         return str(meta[category_field])
-    from alignment.evaluate import from_toyworld
 
     if from_toyworld([row]):
-        from alignment.data import toyworld
-
         info = toyworld.prompt_info(prompt_context(row)[-1]["content"])
         return info["family"] if info["kind"] == "adversarial" else None
     return None
@@ -82,8 +84,6 @@ def keep_improved(original: list[float], distilled: list[float], min_gain: float
 
 def with_preprompt(row: dict, preprompt: str) -> list[dict]:
     """The row's context with the preprompt as system prompt (after an existing one)."""
-    from alignment.gatt import attach_instruction
-
     return attach_instruction(prompt_context(row), preprompt, every_turn=False)
 
 
@@ -111,9 +111,6 @@ def check_preprompts(section: SafetyPrepromptSection) -> None:
 
 def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
     """Original and preprompted answers of `model.path`, scored by the safety RM; one record per row."""
-    from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids
-    from alignment.stages.gatt import load_policy
-
     rng = random.Random(f"safety-distill|{cfg.seed}")
     categories = [prompt_category(r, cfg.preprompt.category_field) for r in rows]
     preprompts = [safety_preprompt(cfg.preprompt, c, rng) for c in categories]
@@ -140,8 +137,6 @@ def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
                 "original_safety": so, "distilled_safety": sd, "kept": k}
                for row, c, p, o, d, so, sd, k in columns]
     if from_toyworld(rows):
-        from alignment.data import toyworld
-
         for row, s in zip(rows, samples):
             prompt = prompt_context(row)[-1]["content"]
             s["original_gold_safe"] = toyworld.gold_safety(prompt, s["original"])
@@ -195,16 +190,12 @@ def _check_inputs(cfg: SafetyDistillConfig, rows: list[dict]) -> None:
 def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     """`align safety-distill`: preprompted answers, kept where the safety RM improves, fine-tuned without
     the preprompt, evaluated; resumes after a kill (see the module docstring)."""
-    from alignment.data.io import file_sha256, load_records, write_jsonl
-
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
     done = run.finished_summary("safety-distill")
     if done is not None:
         return done
     rows = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
     if cfg.data.only_adversarial:
-        from alignment.evaluate import row_kind
-
         rows = [r for r in rows if row_kind(r) == "adversarial"]
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
@@ -246,8 +237,6 @@ def keep_unchanged(cfg: SafetyDistillConfig, run: RunDir, samples_path: Path, ke
     so later stages and reports read on. A few steps of AdamW on a handful of refusals move a small model
     far more than they teach it (on the 2M toy model, 2 steps on 2 answers took false refusals from 5% to
     32%), hence the threshold."""
-    from alignment.runs import commit_dir
-
     why = (f"only {kept} preprompted answers scored above the original, fewer than judge.min_kept="
            f"{cfg.judge.min_kept}" if kept else "no preprompted answer scored above the original")
     source = Path(cfg.model.path)

@@ -13,7 +13,10 @@ from alignment.batching import attention_inputs, build_plan, collate
 from alignment.chat import encode_dialog, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
+from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
 from alignment.losses import sft_loss
+from alignment.models.loading import load_causal_lm
+from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.training import LoopConfig, train
 
@@ -63,9 +66,6 @@ def loop_config(cfg) -> LoopConfig:
 
 def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
     """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
-    from alignment.models.loading import load_causal_lm
-    from alignment.models.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     examples, dropped = encode_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
     if not examples:
@@ -86,8 +86,6 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
 
 def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[dict]) -> dict:
     """Held-out loss and gold-scored answers of the final model (and of the starting one, by option)."""
-    from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
-    from alignment.models.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(run.final_dir)

@@ -7,6 +7,7 @@ import math
 from alignment.config import RatingThresholds
 from alignment.data.adapters.upstream import BadRow, Skip, need, text
 from alignment.data.mixing import prompt_key
+from alignment.data.schemas import category_of
 
 # Sources without a strength of preference (HH-RLHF, BeaverTails, ...) rate every pair "unsure": margin 0
 # under every margin scale, the paper's bucket for an annotator who cannot say how much better.
@@ -35,8 +36,6 @@ def rating_bucket(strength: float | None, thresholds: RatingThresholds, floor: f
 def safety_category(chosen_safe: bool, rejected_safe: bool) -> str:
     """The paper's three safety categories (Llama 2 section 4.2.1). A pair whose chosen answer is unsafe
     while the rejected one is safe is excluded, as in the paper: a safer answer is always preferred."""
-    from alignment.data.schemas import category_of
-
     category = category_of(chosen_safe, rejected_safe)
     if category is not None:
         return category
