@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.memory import (Activations, GiB, Head, ModelEstimate, ModelShape, activation_bytes, estimate,
-                              kv_cache_bytes, layer_activation_bytes, resolve_shape)
+                              kv_cache_bytes, layer_activation_bytes, num_params, resolve_shape)
 
 REPO = Path(__file__).resolve().parents[1]
 # CUDA context, NCCL buffers and allocator fragmentation: a rule of thumb, not a measurement.
