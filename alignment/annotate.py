@@ -1,4 +1,5 @@
-"""`align annotate`: collect preference pairs from people, with the paper's protocol (LLAMA2_METHOD.md 3.2.1).
+"""`align annotate`: collect preference pairs from people, with the paper's protocol (paper 3.2.1;
+docs/method.md#preference-data).
 
 An annotator sees a prompt and two sampled answers (one checkpoint at two temperatures, or two
 checkpoints), shown in an order drawn per annotator and item; picks the better one; rates how much better

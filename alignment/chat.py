@@ -1,4 +1,4 @@
-"""The Llama-2 chat format (LLAMA2_METHOD.md, "Chat format"; Meta's reference `chat_completion`).
+"""The Llama-2 chat format (docs/method.md#chat-format; Meta's reference `chat_completion`).
 
     <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {answer_1} </s><s>[INST] {user_2} [/INST]
 

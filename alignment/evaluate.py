@@ -258,7 +258,7 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
                         safety_rm: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
                         progress: bool = False) -> dict:
     """Greedy answers of one policy checkpoint to held-out prompts, scored by the gold scorers (toy world)
-    and by the reward models (mean sigmoid score, and the combined score of LLAMA2_METHOD.md stage 3):
+    and by the reward models (mean sigmoid score, and the combined score of docs/method.md#combined-reward):
     the metrics of `summarize` and the answers."""
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,4 @@
-"""Ghost Attention (GAtt, LLAMA2_METHOD.md "Ghost Attention"; paper 3.3): the pure parts.
+"""Ghost Attention (GAtt, docs/method.md#ghost-attention; paper 3.3): the pure parts.
 
 An instruction given once at the start of a dialog must still be obeyed at turn 20. GAtt builds its
 fine-tuning data in three steps, each a function here (the stage `alignment.stages.gatt` runs them

@@ -1,4 +1,4 @@
-"""Rejection-sampling building blocks (LLAMA2_METHOD.md, stage 3): the reward of a sample, best-of-K
+"""Rejection-sampling building blocks (docs/method.md#rejection-sampling): the reward of a sample, best-of-K
 selection, the append-only sample shard store, and the curves of the temperature sweep.
 
 Pure functions on tensors and records, plus the files they live in; the stage that drives models lives in

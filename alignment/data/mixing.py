@@ -1,4 +1,4 @@
-"""Seeded data mixes for the reward models (LLAMA2_METHOD.md, stage 2; Llama 2 section 3.2.2).
+"""Seeded data mixes for the reward models (docs/method.md#data-mixes; Llama 2 section 3.2.2).
 
 - Helpfulness RM: all helpfulness pairs (primary) + an *equal* number drawn uniformly from safety and
   open-source pairs (secondary): `MixKind.EQUAL`.

@@ -1,6 +1,6 @@
-"""`align collect`: a batch of preference data on the latest model's own answers (LLAMA2_METHOD.md, "Human
-preference data": Meta collected its comparisons weekly, on samples of the latest Llama 2-Chat models, and
-retrained the reward models on them, so the RMs stay accurate on the distribution the policy produces).
+"""`align collect`: a batch of preference data on the latest model's own answers (docs/method.md#preference-data:
+Meta collected its comparisons weekly, on samples of the latest Llama 2-Chat models, and retrained the reward
+models on them, so the RMs stay accurate on the distribution the policy produces).
 
 The model answers every prompt of `data.prompts` twice (independent samples); the toy world's annotators
 (`alignment.data.toyworld.label_helpfulness`, `label_safety`: the gold scorers with annotator noise, rated

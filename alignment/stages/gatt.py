@@ -1,4 +1,4 @@
-"""`align gatt`: Ghost Attention data and fine-tuning (LLAMA2_METHOD.md "Ghost Attention"; paper 3.3).
+"""`align gatt`: Ghost Attention data and fine-tuning (docs/method.md#ghost-attention; paper 3.3).
 
 1. Dialogs: `sampling.num_dialogs` dialogs of `min_turns..max_turns` user turns drawn from `data.prompts`,
    each carrying one instruction of `data.instructions` (toy world: random combinations of checkable

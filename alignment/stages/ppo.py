@@ -1,4 +1,4 @@
-"""Stage 3b: PPO against the two reward models (LLAMA2_METHOD.md, stage 3; paper 3.2.3).
+"""Stage 3b: PPO against the two reward models (docs/method.md#ppo; paper 3.2.3).
 
 Each iteration samples `ppo.batch_size` prompts, answers them with the actor (left padding, KV cache),
 scores the answers with the helpfulness and safety RMs, and gives every answer the reward

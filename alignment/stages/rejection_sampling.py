@@ -1,4 +1,4 @@
-"""Stage 3: rejection sampling, RLHF-V1..Vn in one run (LLAMA2_METHOD.md, stage 3; paper 3.2.3).
+"""Stage 3: rejection sampling, RLHF-V1..Vn in one run (docs/method.md#rejection-sampling; paper 3.2.3).
 
 Every iteration n of `cfg.iterations` (K samples at temperature T):
 

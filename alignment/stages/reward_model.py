@@ -1,4 +1,4 @@
-"""Stage 2: the helpfulness and safety reward models (LLAMA2_METHOD.md, stage 2; Llama 2 section 3.2.2).
+"""Stage 2: the helpfulness and safety reward models (docs/method.md#reward-models; Llama 2 section 3.2.2).
 
 A scalar-head `AutoModelForSequenceClassification` starts from the SFT checkpoint. Every pair is encoded
 with `alignment.scoring.encode_for_reward` (the one RM encoding rejection sampling and PPO use too); a

@@ -1,4 +1,4 @@
-"""`align safety-distill`: safety context distillation (LLAMA2_METHOD.md "Safety"; paper 4.2.4).
+"""`align safety-distill`: safety context distillation (docs/method.md#safety-context-distillation; paper 4.2.4).
 
 1. Preprompts: each adversarial prompt of `data.prompts` gets a safety preprompt as system prompt: where
    its risk category has an answer template (`preprompt.templates`), the template preprompt ("... the

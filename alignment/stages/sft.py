@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning in the Llama-2 chat format (LLAMA2_METHOD.md, stage 1).
+"""Stage 1: supervised fine-tuning in the Llama-2 chat format (docs/method.md#supervised-fine-tuning).
 
 Dialogs are encoded with `alignment.chat.encode_dialog` (loss on every assistant answer, or on the last
 one only), packed padding-free into rows with a block-diagonal mask, and trained by the shared loop with
