@@ -2,6 +2,8 @@
 end on a nano model (two steps per stage; timings are not checked, only that everything is measured and
 that our and TRL's losses agree on the same batches)."""
 import json
+import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -84,21 +86,36 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     results = json.loads(out.read_text())
     assert {"cpu", "cores", "threads_per_process"} <= set(results["machine"])
     assert results["versions"]["trl"] and results["versions"]["torch"]
+    machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     for stage, unit in (("sft", "tokens/s"), ("rm", "pairs/s"), ("rl", "samples/s")):
         e = results[stage]
-        assert e["unit"] == unit
-        assert e["ours"] > 0 and e["trl"] > 0 and e["ratio"] == pytest.approx(e["ours"] / e["trl"])
-        assert e["ours_peak_mem_mb"] > 0 and e["trl_peak_mem_mb"] > 0
+        assert e["unit"] == unit and e["repeats"] == 1
+        assert e["ratio"] == pytest.approx(e["ours"] / e["trl"])
+        # --quick: two optimizer steps, the first untimed: the rate is step 2's items over step 2's time
+        for side in ("ours", "trl"):
+            assert len(e[f"{side}_step_seconds"][0]) == 1
+        items = {side: e[side] * e[f"{side}_step_seconds"][0][0] for side in ("ours", "trl")}
+        if stage == "sft":  # the same dialogs on both sides: the same real tokens, a whole number
+            assert items["ours"] == pytest.approx(items["trl"], rel=1e-6)
+            assert items["ours"] == pytest.approx(round(items["ours"]), abs=1e-3) and items["ours"] >= 4
+        else:  # 4 pairs (RM) or 4 sampled answers (RL) per step in the quick spec
+            assert items == pytest.approx({"ours": 4, "trl": 4})
+        # a process that has loaded torch and a model holds over 100 MiB, and less than the machine has
+        for side in ("ours", "trl"):
+            assert 100 < e[f"{side}_peak_mem_mb"] < machine_mb, (stage, side, e[f"{side}_peak_mem_mb"])
     for stage in ("sft", "rm"):  # same batches from the same weights: the same losses, step by step
         check = results[stage]["loss_check"]
         assert check["agree"], check
         assert check["steps"] == 2
     split = results["rl"]["ours_split_seconds"]
     assert set(split) == {"generation", "reward models", "reference, old policy and values", "update"}
-    assert all(v > 0 for v in split.values())
+    # the parts of our RL iteration add up to (at most) the timed iteration, not to the warm-up one too
+    timed = results["rl"]["ours_step_seconds"][0][0]
+    assert all(v > 0 for v in split.values()) and 0.5 * timed < sum(split.values()) <= 1.05 * timed + 0.05
     if scaling:
         assert {r["config"] for r in results["scaling"]} == {"1 process", "2 processes ZeRO-2", "2 processes ZeRO-3"}
-        assert all(r["step_seconds"] > 0 for r in results["scaling"])
+        assert all(r["step_seconds"] == pytest.approx(statistics.median(r["all_step_seconds"]))
+                   for r in results["scaling"])
     readme = _readme(tmp_path / "README.md")
     update_readmes(results, [readme])
     text = readme.read_text()

@@ -10,6 +10,7 @@ from alignment.data import toyworld
 from alignment.evaluate import compare, gold_metrics, judge_answers, ranking_agreement, summarize, win_tie_loss
 
 from conftest import write_jsonl
+from pngcheck import png_size
 
 
 def _toy_set():
@@ -177,7 +178,7 @@ def test_align_eval_writes_metrics_win_rates_and_plots(tmp_path, eval_world, nan
     records = [json.loads(line) for line in (out / "answers" / "b.jsonl").read_text().splitlines()]
     assert len(records) == 8 and {"prompt", "answer", "refusal", "gold_safe", "safety_rm"} <= set(records[0])
     for name in ("plots/a.png", "plots/b.png", "plots/ref.png", "progress.png", "win_rates.png"):
-        assert (out / name).stat().st_size > 1000, name
+        assert min(png_size(out / name)) >= 200 and (out / name).stat().st_size > 1000, name
     printed = capsys.readouterr().out
     assert "win / tie / loss against ref" in printed and "b" in printed
 

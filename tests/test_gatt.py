@@ -13,6 +13,7 @@ from alignment.gatt import (AnswerMode, CHOOSERS, DialogPlan, adherence_rates, a
                             gatt_train_on, system_token_positions, training_dialogs)
 
 from conftest import write_jsonl
+from pngcheck import assert_plot
 
 UPPER = {"id": "i-upper", "instruction": "Always answer in uppercase letters.", "short": False,
          "constraints": [{"type": "upper", "value": ""}], "held_out": False}
@@ -293,7 +294,7 @@ def test_align_gatt_runs_end_to_end_on_nano_in_rewrite_mode(tmp_path, nano_model
     for entry in (result["before"], result["after"], result["zero_shot"]["before"], result["zero_shot"]["after"]):
         assert set(entry) == {"1", "2", "4"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in entry.values())
-    assert (run / "adherence.png").stat().st_size > 0
+    assert_plot(run / "adherence.png", series=2)  # before and after GAtt
     evaluated = [json.loads(line) for line in (run / "eval_dialogs.jsonl").read_text().splitlines()]
     assert {r["set"] for r in evaluated} == {"before", "after", "zero_shot_before", "zero_shot_after"}
 

@@ -109,8 +109,12 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_data_lineage_follows_the_files_a_stage_reads(tmp_path):
+def test_data_lineage_follows_the_files_a_stage_reads(tmp_path, monkeypatch):
     """A stage's key changes when a toy-world file it reads changes, not when another file does."""
+    import shutil
+
+    from alignment.data import toyworld
+
     cfg = load_config(PipelineConfig, "recipes/tiny/pipeline.yaml", [f"output.dir={tmp_path}"])
     names = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "eval_helpful.jsonl", "rl_prompts.jsonl"]
     digests = {n: "a" * 64 for n in names}
@@ -119,4 +123,12 @@ def test_data_lineage_follows_the_files_a_stage_reads(tmp_path):
     assert before["base"] == after["base"]  # reads pretrain.jsonl only
     assert before["sft"] != after["sft"]  # reads sft_train.jsonl, and everything after it reads sft
     assert all(before[n] != after[n] for n in before if n != "base")
-    assert len(toyworld_code_hash()) == 16 and toyworld_code_hash() == toyworld_code_hash()
+    # the generator's fingerprint follows its source code, not where the code lies
+    original = toyworld_code_hash()
+    copy = tmp_path / "toyworld_copy"
+    shutil.copytree(Path(toyworld.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(toyworld, "__file__", str(copy / "__init__.py"))
+    assert len(original) == 16 and toyworld_code_hash() == original
+    with open(copy / "__init__.py", "a") as f:
+        f.write("# an edit\n")
+    assert toyworld_code_hash() != original

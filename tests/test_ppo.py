@@ -249,8 +249,14 @@ def test_zero_two_processes_two_iterations(tmp_path, nano_model_dir, zero):
     assert [m["step"] for m in rows] == [0, 1, 2]
     assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert all(math.isfinite(v) for m in rows[1:] for v in m.values())
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
-    assert model.config.vocab_size > 0
+    # the saved final model is whole (ZeRO-3 partitions gathered): every weight of the nano model, same shapes
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    base = AutoModelForCausalLM.from_pretrained(nano_model_dir).state_dict()
+    saved = model.state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert any(not torch.equal(saved[k], base[k]) for k in base)  # and trained: two PPO updates moved it
 
 
 def test_sizes_that_do_not_divide_are_rejected(tmp_path, nano_model_dir):

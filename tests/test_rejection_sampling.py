@@ -18,6 +18,7 @@ from alignment.sampling import (ShardStore, best_of_k_curves, candidate_iteratio
 from alignment.stages.rejection_sampling import run_rejection_sampling
 
 from conftest import WORDS, write_jsonl
+from pngcheck import assert_plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +215,10 @@ def test_two_iterations_end_to_end(tmp_path, nano_model_dir, reward_dirs, tokeni
     for rep in reports:
         s = rep["samples"]
         assert s["mean_best_of_k_reward"] >= s["mean_single_sample_reward"]
-        assert rep["sampling"]["samples_per_s"] > 0 and "final" in rep["eval"]
+        sampling = rep["sampling"]  # every one of the 8 prompts sampled K times, and the rate is over them
+        assert sampling["samples"] == 8 * rep["num_samples"]
+        assert sampling["samples_per_s"] == pytest.approx(sampling["samples"] / sampling["seconds"])
+        assert "final" in rep["eval"]
         assert {"gold_helpfulness", "violation_rate"} <= set(s["gold_kept"]) & set(s["gold_single_sample"])
         assert {"gold_helpfulness", "violation_rate"} <= set(rep["eval"]["final"])
     assert "start" in reports[0]["eval"]  # iteration 1 also evaluates the starting checkpoint
@@ -249,7 +253,8 @@ def test_two_iterations_end_to_end(tmp_path, nano_model_dir, reward_dirs, tokeni
     sweep = ["sweep.enabled=true", "sweep.temperatures=[0.7,1.3]", "sweep.max_samples=4", "sweep.num_prompts=3"]
     run_rejection_sampling(load_config(RejectionSamplingConfig, path, sweep))
     figure = json.loads((root / "sweep" / "sweep.json").read_text())
-    assert figure["ks"] == [1, 2, 4] and (root / "sweep" / "sweep.png").stat().st_size > 0
+    assert figure["ks"] == [1, 2, 4]
+    assert_plot(root / "sweep" / "sweep.png", series=2)  # one line per temperature
     for t in ("0.7", "1.3"):
         assert figure["max"][t] == sorted(figure["max"][t])  # the max among K never falls as K grows
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "sweep" not in p.parts} == stamp

@@ -20,6 +20,7 @@ from alignment.stages.reward_model import (encode_pairs, format_accuracy_table, 
                                            run_rm, score_pairs)
 
 from conftest import WORDS, write_jsonl
+from pngcheck import assert_plot
 
 REPO = Path(__file__).resolve().parents[1]
 FILLER = [w for w in WORDS if w not in ("green", "red")]
@@ -241,7 +242,7 @@ def test_margin_ablation_trains_one_run_per_margin_and_compares(tmp_path, nano_m
     for scale in ("none", "large"):
         done = json.loads((out / f"margin-{scale}" / "done.json").read_text())
         assert done["margin_scale"] == scale
-        assert (out / f"margin-{scale}" / "scores.png").stat().st_size > 0
+        assert_plot(out / f"margin-{scale}" / "scores.png", series=2, alpha=0.6)  # chosen and rejected histograms
     table = json.loads((out / "ablation.json").read_text())
     assert set(table) == {"none", "large"} and "by_rating" in table["none"]["helpful"]
     text = (out / "ablation.md").read_text()
