@@ -1,12 +1,14 @@
 """The pipeline: skip what is done, re-run a changed stage and only what depends on it, resume a killed stage."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from alignment.config import ConfigError, load_config
+from alignment.data import toyworld
 from alignment.lineage import toyworld_code_hash
 from alignment.pipeline import run_pipeline
 from alignment.pipeline_recipe import PipelineConfig, plan_pipeline
@@ -111,10 +113,6 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
 
 def test_data_lineage_follows_the_files_a_stage_reads(tmp_path, monkeypatch):
     """A stage's key changes when a toy-world file it reads changes, not when another file does."""
-    import shutil
-
-    from alignment.data import toyworld
-
     cfg = load_config(PipelineConfig, "recipes/tiny/pipeline.yaml", [f"output.dir={tmp_path}"])
     names = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "eval_helpful.jsonl", "rl_prompts.jsonl"]
     digests = {n: "a" * 64 for n in names}
