@@ -31,13 +31,12 @@ from pathlib import Path
 
 from alignment.chat import encode_prompt
 from alignment.data.io import load_records
-from alignment.data.schemas import category_of, prompt_context, row_problems
+from alignment.data.schemas import RATINGS, category_of, prompt_context, row_problems
 from alignment.data.stats import annotator_agreement
 from alignment.generation import generate
 from alignment.runs import write_json_atomic
 from alignment.talk import load_policy
 
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 SLOTS = ("A", "B")
 
 

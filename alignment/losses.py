@@ -19,7 +19,9 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from alignment.chat import IGNORE_INDEX
+from alignment.data.schemas import RATINGS
+
 
 Metrics = dict[str, torch.Tensor]
 
@@ -119,8 +121,6 @@ def sft_loss(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reward-model ranking loss with a margin (3.2.2)
-
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 
 # Margin m(r) by preference rating for each scale (3.2.2; Table 27 in appendix A.3.3).
 MARGINS = MappingProxyType(

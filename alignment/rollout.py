@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from alignment.losses import (IGNORE_INDEX, KL_ESTIMATORS, KLEstimator, entropy_from_logits, gae, masked_mean,
-                              masked_var, masked_whiten, token_logprobs)
+from alignment.chat import IGNORE_INDEX
+from alignment.losses import (KL_ESTIMATORS, KLEstimator, entropy_from_logits, gae, masked_mean, masked_var,
+                              masked_whiten, token_logprobs)
 from alignment.rewards import combine, ppo_score, token_rewards
 
 

@@ -91,6 +91,7 @@ def worker(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     from alignment.batching import StepPlan, pack_balanced
+    from alignment.chat import IGNORE_INDEX
     from alignment.config import DistributedSection
     from alignment.models.tokenizer import load_tokenizer
     from alignment.runs import RunDir
@@ -114,7 +115,7 @@ def worker(argv: list[str] | None = None) -> None:
         for g in groups:  # the step's rows, dealt out to the processes
             rows = pack_balanced(lengths, g, spec.sft.max_length, min_rows=world_size)
             steps.append([rows[r::world_size] for r in range(world_size)])
-        plan = StepPlan(steps, [sum(sum(t != -100 for t in examples[i]["labels"]) for i in g) for g in groups])
+        plan = StepPlan(steps, [sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"]) for i in g) for g in groups])
         cfg = loop_config(spec, Path(args.root) / "work" / f"scaling-{world_size}-{size}")
         cfg = dataclasses.replace(cfg, distributed=DistributedSection(deepspeed=args.deepspeed, mixed_precision="no"))
         run = RunDir(cfg.output.dir, cfg, overwrite=True)

@@ -64,6 +64,7 @@ def logged_losses(path: Path) -> list[float]:
 
 def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     from alignment.batching import StepPlan, pack_balanced
+    from alignment.chat import IGNORE_INDEX
     from alignment.models.tokenizer import load_tokenizer
     from alignment.stages.sft import lm_step_fn
     from transformers import AutoModelForCausalLM
@@ -73,7 +74,7 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     lengths = [len(e["input_ids"]) for e in examples]
     # one micro-batch per step: every packed row of the step's dialogs
     plan = StepPlan(steps=[[pack_balanced(lengths, g, spec.sft.max_length)] for g in groups],
-                    items=[sum(sum(t != -100 for t in examples[i]["labels"]) for i in g) for g in groups])
+                    items=[sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"]) for i in g) for g in groups])
     model = AutoModelForCausalLM.from_pretrained(world.policy(spec.size), local_files_only=True,
                                                  attn_implementation="sdpa")
     clock, losses = train_ours(spec, tokenizer, out_dir, model, lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),

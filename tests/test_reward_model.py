@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from alignment.config import ModelSection, RMConfig, load_config
-from alignment.data.schemas import DataValidationError
-from alignment.losses import RATINGS
+from alignment.data.schemas import RATINGS, DataValidationError
 from alignment.runs import read_metrics
 from alignment.stages.reward_model import (encode_pairs, format_accuracy_table, preference_metrics, rm_step_fn,
                                            run_rm, score_pairs)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from alignment.batching import attention_inputs, collate, pack, pack_balanced
+from alignment.chat import IGNORE_INDEX
 from alignment.config import SFTConfig, load_config
 from alignment.runs import read_metrics
 from alignment.stages.sft import encode_dialogs, run_sft
@@ -99,7 +100,7 @@ def test_hand_computed_loss_on_two_examples(tokenizer, nano_model_dir):
     for ex in examples:
         logits = model(torch.tensor([ex["input_ids"]])).logits[0]
         for t in range(1, len(ex["input_ids"])):
-            if ex["labels"][t] != -100:
+            if ex["labels"][t] != IGNORE_INDEX:
                 nll -= torch.log_softmax(logits[t - 1], -1)[ex["labels"][t]].item()
                 count += 1
     loss, metrics = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa")(model, [[0, 1]], count)

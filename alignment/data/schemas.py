@@ -24,6 +24,8 @@ SCHEMA_NAMES = tuple(sorted(p.stem for p in SCHEMA_DIR.glob("*.json")))
 MAX_SHOWN = 10
 ROW = "<row>"    # field name of a problem with the whole row (not an object, unreadable line)
 FILE = "<file>"  # field name of a problem with the whole file; its row number is 0
+# The paper's preference ratings, strongest first (3.2.2): the `rating` enum of data_schemas/preference_pair.json.
+RATINGS = tuple(json.loads((SCHEMA_DIR / "preference_pair.json").read_text())["properties"]["rating"]["enum"])
 
 # (chosen_safe, rejected_safe) each safety category stands for.
 CATEGORY_LABELS = {

@@ -14,8 +14,8 @@ from itertools import combinations
 from alignment.config import DataSource, RMConfig, load_config
 from alignment.data.adapters import ADAPTERS
 from alignment.data.mixing import count_by, prompt_key
+from alignment.data.schemas import RATINGS
 from alignment.data.sources import load_sources
-from alignment.losses import RATINGS
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import write_json_atomic
 from alignment.stages.reward_model import SCHEMA, mix_rm_data

@@ -4,6 +4,7 @@ Real models skip this stage: their recipes point `model.path` at Llama-2 weights
 from __future__ import annotations
 
 
+from alignment.chat import IGNORE_INDEX
 from alignment.config import PretrainConfig
 from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import heldout_loss
@@ -24,7 +25,7 @@ def encode_documents(tokenizer, texts: list[str], max_length: int) -> list[dict]
         for start in range(0, len(ids), max_length):
             piece = ids[start:start + max_length]
             if len(piece) > 1:
-                examples.append({"input_ids": piece, "labels": [-100, *piece[1:]]})
+                examples.append({"input_ids": piece, "labels": [IGNORE_INDEX, *piece[1:]]})
     return examples
 
 

@@ -23,9 +23,9 @@ import torch
 from alignment.batching import build_plan
 from alignment.config import RMConfig
 from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
-from alignment.data.schemas import pair_context
+from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_sources, source_hashes
-from alignment.losses import RATINGS, preference_margin, ranking_loss
+from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import load_reward_model
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic

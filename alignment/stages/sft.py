@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from alignment.batching import attention_inputs, build_plan, collate
-from alignment.chat import encode_dialog, truncate_example
+from alignment.chat import IGNORE_INDEX, encode_dialog, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
@@ -53,7 +53,7 @@ def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
 
 def make_plan(cfg, examples: list[dict], world: int):
     lengths = [len(e["input_ids"]) for e in examples]
-    items = [sum(label != -100 for label in e["labels"]) for e in examples]
+    items = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples]
     return build_plan(lengths, items, seed=cfg.seed, epochs=cfg.train.epochs,
                       micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
                       packing=cfg.train.packing, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)

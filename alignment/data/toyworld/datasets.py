@@ -15,13 +15,14 @@ import json
 import os
 import tempfile
 
+from alignment.data.schemas import RATINGS
+
 from .gatt import apply_instruction, gatt_instruction
 from .generators import PROMPT_MIX, pick, pretrain_corpus, rng_for, sample_prompt
 from .safety import category_of
 from .scoring import _parsed, gold_helpfulness, gold_safety, sample_answer
 
 SOURCE = "toyworld"
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
 SAFETY_CATEGORIES = ("both_safe", "only_chosen_safe", "both_unsafe")
 SAFETY_CATEGORY_SHARES = (0.18, 0.47, 0.35)  # the paper's Meta Safety proportions
 LABEL_NOISE = 0.04  # std of the annotator noise added to each gold score before labelling
