@@ -12,7 +12,7 @@ import torch
 
 from alignment.batching import attention_inputs, collate
 from alignment.chat import encode_prompt
-from alignment.config import DEFAULT_REFUSAL_MARKERS
+from alignment.config import DEFAULT_REFUSAL_MARKERS, SAFETY_THRESHOLD
 from alignment.data import toyworld
 from alignment.data.schemas import prompt_context
 from alignment.data.toyworld import gold_helpfulness
@@ -20,7 +20,7 @@ from alignment.generation import generate
 from alignment.losses import sft_loss
 from alignment.models.loading import resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
-from alignment.rewards import SAFETY_THRESHOLD, combine
+from alignment.rewards import combine
 from alignment.scoring import reward_scores
 
 KINDS = ("helpful", "adversarial", "borderline")

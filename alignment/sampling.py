@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from alignment.config import SAFETY_THRESHOLD
 from alignment.data.io import write_jsonl
-from alignment.rewards import SAFETY_THRESHOLD, combine
+from alignment.rewards import combine
 from alignment.runs import write_json_atomic
 
 

@@ -194,14 +194,14 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
     rm_paths = {"combined": ("helpful", "safety"), "helpful": ("helpful",), "safety": ("safety",)}[cfg.reward.mode]
     rms = []
     for name in rm_paths:
-        path = getattr(cfg.reward, name)
+        path = getattr(cfg.reward, f"{name}_rm")
         if path is None:
-            raise ValueError(f"reward.{name} is not set; reward.mode={cfg.reward.mode!r} needs it")
-        rms.append(_frozen(setup, path, f"{name} RM", Head.SCORE, cfg.model.dtype, default))
+            raise ValueError(f"reward.{name}_rm is not set; reward.mode={cfg.reward.mode!r} needs it")
+        rms.append(_frozen(setup, path, f"{name} RM", Head.SCORE, cfg.reward.dtype, default))
     items = [(f"{m.role} {m.shape}: weights", m.gpu) for m in [sampler, *rms]]
     items += _generation_items(setup, resolve_shape(sampler_path, default), cfg.generation.batch_size,
                                cfg.generation.max_new_tokens, "sampler")
-    rm_shape = resolve_shape(getattr(cfg.reward, rm_paths[0]), default)
+    rm_shape = resolve_shape(getattr(cfg.reward, f"{rm_paths[0]}_rm"), default)
     items.append((f"RM scoring: one layer's activations, {cfg.reward.batch_size} x {cfg.reward.max_length} tokens",
                   layer_activation_bytes(rm_shape, cfg.reward.batch_size, cfg.reward.max_length, act_bytes=setup.act_bytes)))
     sample = Phase("sample", tuple(items + [RESERVED]))

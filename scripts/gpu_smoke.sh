@@ -85,7 +85,7 @@ done
 run rejection_sampling rejection-sampling recipes/tiny/rejection_sampling.yaml --set "model.path=$OUT/sft/final" \
   --set "model.dtype=$DTYPE" --set "data.prompts=[{path: $DATA/rl_prompts.jsonl, limit: 128}]" \
   --set "data.eval=[{path: $DATA/sft_eval.jsonl, limit: 100}]" --set "iterations=[{num_samples: 4}]" \
-  --set best_of_all_from=null --set "reward.helpful=$OUT/rm_helpful/final" --set "reward.safety=$OUT/rm_safety/final" \
+  --set best_of_all_from=null --set "reward.helpful_rm=$OUT/rm_helpful/final" --set "reward.safety_rm=$OUT/rm_safety/final" \
   --set "eval.prompts=[]" --set train.max_steps=10
 run ppo ppo recipes/tiny/ppo.yaml --set "model.path=$OUT/rejection_sampling/iterations/v1/final" \
   --set "model.dtype=$DTYPE" --set "critic.dtype=$DTYPE" --set "reward.dtype=$DTYPE" \

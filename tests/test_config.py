@@ -99,3 +99,34 @@ def test_llama2_recipes_have_every_stage_and_their_pipeline_resolves(size, monke
     for path in folder.glob("*.yaml"):
         for ref in re.findall(r"recipes/(?:deepspeed|accelerate)/[\w.]+", path.read_text()):
             assert (REPO / ref).is_file(), f"{path.name} names {ref}, which does not exist"
+
+
+def test_a_section_given_in_part_keeps_the_stages_own_defaults():
+    """A stage's defaults that differ from its section's (PPO's AdamW eps, a greedy distillation, the RM's
+    warm-up) hold for the keys a recipe leaves out, at any depth; the keys it gives win."""
+    from alignment.config import GenerationSection, PPOConfig, RMConfig, SafetyDistillConfig
+
+    ppo = from_dict(PPOConfig, {"model": {"path": "m"}, "data": {"prompts": []}, "output": {"dir": "o"},
+                                "reward": {"helpful_rm": "h", "safety_rm": "s"}, "optim": {"lr": 1e-4},
+                                "rollout": {"batch_size": 8}})
+    assert (ppo.optim.lr, ppo.optim.eps, ppo.rollout.max_new_tokens, ppo.rollout.batch_size) == (1e-4, 1e-5, 256, 8)
+    distill = from_dict(SafetyDistillConfig, {"model": {"path": "m"}, "data": {"prompts": []}, "output": {"dir": "o"},
+                                              "judge": {"safety_rm": "s"}, "generation": {"max_new_tokens": 8}})
+    assert distill.generation == GenerationSection(max_new_tokens=8, temperature=0.0)
+    rm = from_dict(RMConfig, {"model": {"path": "m", "lora": {"r": 4}}, "data": {"primary": []}, "output": {"dir": "o"},
+                              "schedule": {"warmup_ratio": 0.1}, "train": {"micro_batch_size": 2}})
+    assert (rm.schedule.warmup_ratio, rm.schedule.min_warmup_steps, rm.schedule.min_lr_ratio) == (0.1, 5, 0.1)
+    assert (rm.train.micro_batch_size, rm.train.packing) == (2, False) and rm.model.lora.alpha == 32
+
+
+@pytest.mark.parametrize("section, key, near", [
+    ("reward", "helpful", "helpful_rm"), ("reward", "threshold", "safety_threshold"),
+    ("generation", "temprature", "temperature"), ("generation", "prompts_per_shards", "prompts_per_shard")])
+def test_shared_sections_reject_old_and_misspelt_names_inside_a_stage_section(section, key, near):
+    """The reward judge and generation keys a stage section inherits are checked like its own keys, and the
+    error names the one set of names (`helpful_rm`, `safety_threshold`)."""
+    from alignment.config import RejectionSamplingConfig
+
+    raw = {"model": {"path": "m"}, "data": {"prompts": []}, "output": {"dir": "o"}, section: {key: 1}}
+    with pytest.raises(ConfigError, match=rf"{section}: unknown key '{key}'; did you mean '{near}'"):
+        from_dict(RejectionSamplingConfig, raw)

@@ -120,7 +120,7 @@ def ppo_recipe(tmp_path, base, *, prompts=None, eval_prompts=None, **sections) -
         "rollout": {"max_new_tokens": 8, "batch_size": 16},
         "ppo": {"iterations": 4, "batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 2},
         "early_stopping": {"every_iterations": 0},
-        "optim": {"lr": 3e-3},
+        "optim": {"lr": 3e-3, "eps": 1e-8},  # eps given: PPO's own default is 1e-5
         "logging": {"every_steps": 1, "progress": False, "tensorboard": False},
         "output": {"dir": str(tmp_path / "run")},
     }

@@ -4,16 +4,17 @@ Every name is re-exported here, so `from alignment.config import SFTConfig, load
 """
 from alignment.config.loader import (apply_overrides, config_hash, ConfigError, from_dict, load_config, read_recipe,
                                      to_dict)
-from alignment.config.sections import (DataSource, DistributedSection, EvalSection, LoggingSection, LoraSection,
-                                       ModelSection, OptimSection, OutputSection, RatingThresholds, ScheduleSection,
+from alignment.config.sections import (AttnImplementation, DataSource, DistributedSection, Dtype, EvalSection,
+                                       FineTuneSections, GenerationSection, LoggingSection, LoraSection,
+                                       ModelSection, OptimSection, OutputSection, RatingThresholds,
+                                       RewardJudgeSection, RewardModelRunSection, SAFETY_THRESHOLD, ScheduleSection,
                                        TrainSection)
-from alignment.config.stages import (CollectConfig, CollectData, CollectGenerationSection, CriticSection,
-                                     DEFAULT_REFUSAL_MARKERS, DistillGenerationSection, EarlyStoppingSection,
-                                     EvalConfig, EvalGenerationSection, EvalJudgeSection, EvalOutputSection,
-                                     EvalPromptSets, GAttConfig, GAttData, GAttEvalSection, GAttSamplingSection,
-                                     MarginScale, MixSection, PPOConfig, PPOData, PPORewardSection, PPOSection,
-                                     PretrainConfig, PretrainData, RejectionSamplingConfig, RMAblationSection,
-                                     RMConfig, RMData, RMEvalSection, RolloutSection, RSData, RSGenerationSection,
-                                     RSIteration, RSPolicySection, RSRewardSection, RSSweepSection,
-                                     SafetyDistillConfig, SafetyDistillData, SafetyJudgeSection,
+from alignment.config.stages import (CollectConfig, CollectData, CriticSection, DEFAULT_REFUSAL_MARKERS,
+                                     EarlyStoppingSection, EvalConfig, EvalGenerationSection, EvalJudgeSection,
+                                     EvalOutputSection, EvalPromptSets, GAttConfig, GAttData, GAttEvalSection,
+                                     GAttSamplingSection, MarginScale, MixSection, PPOConfig, PPOData,
+                                     PPORewardSection, PPOSection, PretrainConfig, PretrainData,
+                                     RejectionSamplingConfig, RMAblationSection, RMConfig, RMData, RMEvalSection,
+                                     RSData, RSGenerationSection, RSIteration, RSPolicySection, RSRewardSection,
+                                     RSSweepSection, SafetyDistillConfig, SafetyDistillData, SafetyJudgeSection,
                                      SafetyPrepromptSection, SFTConfig, SFTData, TinyModelSection)

@@ -38,8 +38,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp` and build nested dataclasses."""
+def _convert(value: Any, tp: Any, where: str, base: Any = None) -> Any:
+    """Check `value` against the annotation `tp` and build nested dataclasses (keys `value` leaves out
+    take their value in `base`, the field's default, when that is an instance of the dataclass)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -50,7 +51,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, where)
+                return _convert(value, arg, where, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
@@ -59,7 +60,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, base if isinstance(base, tp) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -91,8 +92,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {_type_name(tp)}")
 
 
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types at any depth."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types at any depth.
+
+    Keys the mapping leaves out take their values in `base` (an instance of `cls`) when given, else the
+    field defaults. A section given in part keeps its other values from the section's default in the
+    enclosing config, so a stage's own defaults (the RM's schedule, a greedy evaluation) hold for the keys a
+    recipe does not set."""
     label = where or cls.__name__
     if data is None:
         data = {}
@@ -107,7 +119,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], path)
+            kwargs[name] = _convert(data[name], hints[name], path, getattr(base, name) if base is not None else _default(f))
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = from_dict(hints[name], {}, path)

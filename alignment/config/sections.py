@@ -1,4 +1,10 @@
-"""The shared config sections every stage config is composed of (model, data, optim, train, ...)."""
+"""The shared config sections every stage config is composed of (model, data, optim, train, generation, reward
+judges, ...), and the fine-tune group of the stages that train with the shared loop.
+
+A stage whose defaults differ from a section's (a greedy evaluation, the RM's learning rate) gives them in its
+config's `default_factory`; a recipe that sets only some keys of such a section keeps the stage's values for the
+others (alignment.config.loader.from_dict).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,6 +12,12 @@ from typing import Literal
 
 from alignment.config.loader import ConfigError
 
+# The paper's safety switch (3.2.3): Rc = Rs where sigmoid(Rs) is below it (precision 0.89, recall 0.55 on
+# unsafe responses of the Meta Safety test set); alignment.rewards.combine and every reward judge default to it.
+SAFETY_THRESHOLD = 0.15
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": bf16 on a GPU that has it, else fp32
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 @dataclass(frozen=True)
 class LoraSection:
@@ -22,9 +34,9 @@ class LoraSection:
 class ModelSection:
     path: str  # a local directory or a hub id (loaded offline)
     tokenizer: str | None = None  # defaults to `path`
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -111,3 +123,45 @@ class EvalSection:
     max_new_tokens: int = 64
     batch_size: int = 64
     compare_base: bool = False  # also evaluate the starting checkpoint, for a before/after table
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSection:
+    """Sampling settings of one generate() pass (alignment.generation). Stages extend it with their own keys."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generate call (per process)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardModelRunSection:
+    """How frozen reward models (HF seq-cls dirs, one label) are run: scoring batch, input length, dtype."""
+
+    batch_size: int = 32  # RM scoring batch
+    max_length: int = 1024  # RM input tokens (left-truncated, the answer is kept)
+    dtype: Dtype = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardJudgeSection(RewardModelRunSection):
+    """The helpfulness and safety RMs that judge answers, combined by the safety switch of 3.2.3:
+    Rc = Rs if is_safety or sigmoid(Rs) < safety_threshold else Rh (alignment.rewards.combine)."""
+
+    helpful_rm: str | None = None
+    safety_rm: str | None = None
+    safety_threshold: float = SAFETY_THRESHOLD
+
+
+@dataclass(frozen=True, kw_only=True)
+class FineTuneSections:
+    """The sections of a stage that fine-tunes a model with the shared loop (alignment.training); a stage
+    config extends it (its own defaults: a field given again with another default_factory)."""
+
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    seed: int = 0

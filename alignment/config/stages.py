@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignment.config.sections import (DataSource, DistributedSection, EvalSection, LoggingSection, ModelSection,
-                                       OptimSection, OutputSection, ScheduleSection, TrainSection)
+from alignment.config.sections import (AttnImplementation, DataSource, Dtype, EvalSection, FineTuneSections,
+                                       GenerationSection, LoggingSection, ModelSection, OptimSection, OutputSection,
+                                       RewardJudgeSection, RewardModelRunSection, ScheduleSection, TrainSection,
+                                       DistributedSection)
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,12 @@ class PretrainData:
     eval_fraction: float = 0.02
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(FineTuneSections):
     data: PretrainData
     output: OutputSection
     model: TinyModelSection = field(default_factory=TinyModelSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, weight_decay=0.1))
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,18 +40,12 @@ class SFTData:
     train_on: Literal["all", "last"] = "all"  # "last": loss on the final answer only (GAtt)
 
 
-@dataclass(frozen=True)
-class SFTConfig:
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(FineTuneSections):
     model: ModelSection
     data: SFTData
     output: OutputSection
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- reward models
@@ -94,8 +85,8 @@ class RMAblationSection:
     margin_scales: list[MarginScale] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class RMConfig:
+@dataclass(frozen=True, kw_only=True)
+class RMConfig(FineTuneSections):
     model: ModelSection  # path: the SFT checkpoint the RM starts from
     data: RMData
     output: OutputSection
@@ -105,11 +96,8 @@ class RMConfig:
     schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(
         kind="cosine", warmup_ratio=0.03, min_warmup_steps=5, min_lr_ratio=0.1))
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=1.0, packing=False))
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
     eval: RMEvalSection = field(default_factory=RMEvalSection)
     ablation: RMAblationSection = field(default_factory=RMAblationSection)
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,8 @@ class RSIteration:
     """One rejection-sampling iteration (RLHF-V1, V2, ...): K samples per prompt at one temperature."""
 
     num_samples: int  # K; the paper grows it with each iteration
-    temperature: float = 1.0  # best for 10-100 samples is 1.2-1.3 and drifts as the model changes
+    # None: generation.temperature. Best for 10-100 samples is 1.2-1.3 and drifts as the model changes
+    temperature: float | None = None
     sample_from: str | None = None  # this iteration's sampler (distillation from the large model's Vn)
 
 
@@ -135,23 +124,18 @@ class RSPolicySection:
     sample_from: str | None = None
 
 
-@dataclass(frozen=True)
-class RSRewardSection:
-    """The reward models that rank the samples (HF seq-cls dirs with one label) and how they combine."""
+@dataclass(frozen=True, kw_only=True)
+class RSRewardSection(RewardJudgeSection):
+    """The reward models that rank the samples and which of them decide: "combined" is the switch of 3.2.3."""
 
-    helpful: str | None = None
-    safety: str | None = None
-    mode: Literal["combined", "helpful", "safety"] = "combined"  # combined: the PPO switch of 3.2.3
-    threshold: float = 0.15  # safety RM wins when its sigmoid score is below this (or on safety prompts)
-    batch_size: int = 32
-    max_length: int = 1024
+    mode: Literal["combined", "helpful", "safety"] = "combined"
 
 
-@dataclass(frozen=True)
-class RSGenerationSection:
-    max_new_tokens: int = 128
-    top_p: float = 1.0
-    batch_size: int = 64  # sequences per generate() call: the K samples of a prompt share a batch
+@dataclass(frozen=True, kw_only=True)
+class RSGenerationSection(GenerationSection):
+    """batch_size: sequences per generate() call (the K samples of a prompt share a batch); temperature: of
+    the iterations that give none."""
+
     prompts_per_shard: int = 64  # one atomically written sample shard per chunk of prompts
     # hf: batched KV-cache sampling (alignment.generation); vllm: a vLLM engine (needs vllm + CUDA, one
     # process); auto: vllm where usable, else hf. Both write the same shard records.
@@ -170,10 +154,10 @@ class RSSweepSection:
     num_prompts: int = 32  # the first N prompts of data.prompts
 
 
-@dataclass(frozen=True)
-class RejectionSamplingConfig:
+@dataclass(frozen=True, kw_only=True)
+class RejectionSamplingConfig(FineTuneSections):
     """Stage 3, rejection sampling (RLHF-V1..Vn). `model` is the checkpoint fine-tuned in V1; iteration n
-    fine-tunes the checkpoint of iteration n-1 with the shared SFT sections below."""
+    fine-tunes the checkpoint of iteration n-1 with the shared fine-tune sections."""
 
     model: ModelSection
     data: RSData
@@ -184,13 +168,11 @@ class RejectionSamplingConfig:
     reward: RSRewardSection = field(default_factory=RSRewardSection)
     generation: RSGenerationSection = field(default_factory=RSGenerationSection)
     sweep: RSSweepSection = field(default_factory=RSSweepSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    seed: int = 0
+
+    def temperature(self, iteration: RSIteration) -> float:
+        """The sampling temperature of one iteration: its own, else generation.temperature."""
+        return self.generation.temperature if iteration.temperature is None else iteration.temperature
 
 
 # --------------------------------------------------------------------------------------------- PPO (3.2.3)
@@ -202,24 +184,20 @@ class CriticSection:
 
     path: str | None = None  # default: reward.helpful_rm
     lr: float | None = None  # default: optim.lr
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     gradient_checkpointing: bool = False
 
 
-@dataclass(frozen=True)
-class PPORewardSection:
-    """The frozen models of the reward `WHITEN(LOGIT(Rc)) - beta * KL(pi || pi_0)`: two HF seq-cls RMs
-    (num_labels=1) and the reference policy pi_0, all in inference mode."""
+@dataclass(frozen=True, kw_only=True)
+class PPORewardSection(RewardJudgeSection):
+    """The frozen models of the reward `WHITEN(LOGIT(Rc)) - beta * KL(pi || pi_0)`: the two RMs and the
+    reference policy pi_0, all in inference mode (`dtype` is of the RMs and the reference)."""
 
     helpful_rm: str
     safety_rm: str
     reference: str | None = None  # default: model.path (ignored with a LoRA actor: adapters off = reference)
-    safety_threshold: float = 0.15  # Rc = Rs if is_safety or Rs < threshold else Rh
     kl_beta: float = 0.01  # 0.01 for 7B/13B, 0.005 for 34B/70B
     kl_estimator: Literal["k1", "k3"] = "k1"
-    max_length: int = 1024  # RM input tokens (left-truncated, the answer is kept)
-    batch_size: int = 32  # RM scoring batch
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of the RMs and the reference
     offload: bool = False  # keep RMs and reference on CPU outside their phase (GPU runs)
 
 
@@ -227,14 +205,6 @@ class PPORewardSection:
 class PPOData:
     prompts: list[DataSource]  # rl_prompt rows sampled for rollouts
     eval_prompts: list[DataSource] = field(default_factory=list)  # held-out rl_prompt rows (early stopping)
-
-
-@dataclass(frozen=True)
-class RolloutSection:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 64  # sequences per generate call (per process)
 
 
 @dataclass(frozen=True)
@@ -271,7 +241,7 @@ class PPOConfig:
     data: PPOData
     output: OutputSection
     critic: CriticSection = field(default_factory=CriticSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rollout: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=256))
     ppo: PPOSection = field(default_factory=PPOSection)
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, eps=1e-5))  # constant lr (3.2.3)
@@ -291,8 +261,8 @@ class GAttData:
     replay: list[DataSource] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class GAttSamplingSection:
+@dataclass(frozen=True, kw_only=True)
+class GAttSamplingSection(GenerationSection):
     """How the multi-turn dialogs are built and answered (alignment.stages.gatt)."""
 
     num_dialogs: int = 200
@@ -303,10 +273,6 @@ class GAttSamplingSection:
     # rewritten by the toy world's `apply_instruction` to obey
     answers: Literal["sample", "rewrite"] = "sample"
     samples_per_turn: int = 1  # k > 1: best of k by the checker (the first obeying sample)
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    batch_size: int = 64
     every_turn_examples: bool = True  # loss on every turn's answer as a 'last' turn (gatt.gatt_train_on), not only the final one
 
 
@@ -326,8 +292,8 @@ class GAttEvalSection:
     seed: int = 1
 
 
-@dataclass(frozen=True)
-class GAttConfig:
+@dataclass(frozen=True, kw_only=True)
+class GAttConfig(FineTuneSections):
     """GAtt (paper 3.3): sample multi-turn dialogs with the instruction on every user turn, fine-tune on
     them with the instruction as first-turn system prompt and the loss on the last answer, or on every
     answer as a last one (sampling.every_turn_examples, see gatt.gatt_train_on)."""
@@ -335,14 +301,9 @@ class GAttConfig:
     model: ModelSection  # the latest RLHF model: it samples the answers and is fine-tuned
     data: GAttData
     output: OutputSection
-    sampling: GAttSamplingSection = field(default_factory=GAttSamplingSection)
+    sampling: GAttSamplingSection = field(default_factory=lambda: GAttSamplingSection(temperature=0.7,
+                                                                                      max_new_tokens=32))
     eval: GAttEvalSection = field(default_factory=GAttEvalSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- preference batches
@@ -352,21 +313,14 @@ class CollectData:
 
 
 @dataclass(frozen=True)
-class CollectGenerationSection:
-    temperature: float = 1.0  # the two answers of a pair are independent samples
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 64
-
-
-@dataclass(frozen=True)
 class CollectConfig:
     """`align collect`: preference pairs on the model's own answers, labelled by the toy world's annotators."""
 
     model: ModelSection  # the latest policy (the paper: the latest Llama 2-Chat)
     data: CollectData
     output: OutputSection
-    generation: CollectGenerationSection = field(default_factory=CollectGenerationSection)
+    # the two answers of a pair are independent samples (temperature > 0)
+    generation: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=64))
     seed: int = 0
 
 
@@ -397,28 +351,17 @@ class SafetyDistillData:
     only_adversarial: bool = True
 
 
-@dataclass(frozen=True)
-class SafetyJudgeSection:
+@dataclass(frozen=True, kw_only=True)
+class SafetyJudgeSection(RewardModelRunSection):
     """The safety RM that decides which distilled answers are kept (4.2.4, Figure 16b)."""
 
     safety_rm: str  # HF seq-cls dir, one label
     min_gain: float = 0.0  # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain
     min_kept: int = 1  # fewer kept answers than this: no fine-tune, final/ is the model unchanged
-    batch_size: int = 32
-    max_length: int = 1024
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-@dataclass(frozen=True)
-class DistillGenerationSection:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # the same for the original and the preprompted answer; 0: greedy
-    top_p: float = 1.0
-    batch_size: int = 64
-
-
-@dataclass(frozen=True)
-class SafetyDistillConfig:
+@dataclass(frozen=True, kw_only=True)
+class SafetyDistillConfig(FineTuneSections):
     """Safety context distillation: answer adversarial prompts with and without a safety preprompt, keep the
     preprompted answer where the safety RM scores it above the original, fine-tune without the preprompt."""
 
@@ -427,14 +370,9 @@ class SafetyDistillConfig:
     judge: SafetyJudgeSection
     output: OutputSection
     preprompt: SafetyPrepromptSection = field(default_factory=SafetyPrepromptSection)
-    generation: DistillGenerationSection = field(default_factory=DistillGenerationSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    # the same temperature for the original and the preprompted answer; 0: greedy
+    generation: GenerationSection = field(default_factory=lambda: GenerationSection(temperature=0.0))
     eval: EvalSection = field(default_factory=EvalSection)
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -453,28 +391,21 @@ DEFAULT_REFUSAL_MARKERS = ["can not help", "cannot help", "can't help", "can not
                            "i'm sorry, but", "i am sorry, but", "i apologize, but", "as an ai"]
 
 
-@dataclass(frozen=True)
-class EvalJudgeSection:
-    """The reward-model judges and the thresholds of the metrics (alignment.evaluate)."""
+@dataclass(frozen=True, kw_only=True)
+class EvalJudgeSection(RewardJudgeSection):
+    """The reward-model judges and the thresholds of the metrics (alignment.evaluate); an RM violation is
+    sigmoid(Rs) below safety_threshold."""
 
-    helpful_rm: str | None = None
-    safety_rm: str | None = None
-    safety_threshold: float = 0.15  # RM violation: sigmoid(Rs) below it; also the combined-reward switch
     tie_margin: float = 0.0  # win/tie/loss: |score_a - score_b| <= tie_margin is a tie
     refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS))  # non-toy answers
-    batch_size: int = 32
-    max_length: int = 1024
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-@dataclass(frozen=True)
-class EvalGenerationSection:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    batch_size: int = 64
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+@dataclass(frozen=True, kw_only=True)
+class EvalGenerationSection(GenerationSection):
+    """The answers of every checkpoint; `dtype` and `attn_implementation` are of the loaded checkpoints."""
+
+    dtype: Dtype = "auto"
+    attn_implementation: AttnImplementation = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -495,6 +426,6 @@ class EvalConfig:
     pipeline: str | None = None  # a pipeline run directory: its policy checkpoints come first, in order
     against: str | None = None  # the reference every checkpoint is compared with (paper Figure 11: ChatGPT)
     judges: EvalJudgeSection = field(default_factory=EvalJudgeSection)
-    generation: EvalGenerationSection = field(default_factory=EvalGenerationSection)
+    generation: EvalGenerationSection = field(default_factory=lambda: EvalGenerationSection(temperature=0.0))
     gatt: GAttEvalSection = field(default_factory=GAttEvalSection)  # adherence by turn where instructions are set
     seed: int = 0

@@ -92,10 +92,10 @@ def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
 
     rms = {}
     for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
-        path = getattr(cfg.reward, name)
+        path = getattr(cfg.reward, f"{name}_rm")
         tokenizer = load_tokenizer(path)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True)
+            path, num_labels=1, dtype=resolve_dtype(cfg.reward.dtype), local_files_only=True)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         rms[name] = (model.to(_device()).eval(), tokenizer)
@@ -115,7 +115,7 @@ def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], ans
     raw = {name: reward_scores(model, tok, contexts, answers, batch_size=cfg.reward.batch_size,
                                max_length=cfg.reward.max_length) for name, (model, tok) in rms.items()}
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows])
-    score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, cfg.reward.threshold)
+    score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, cfg.reward.safety_threshold)
     out = {"score": score.tolist()}
     for name in ("helpful", "safety"):
         out[f"{name}_raw"] = raw[name].tolist() if name in raw else [None] * len(answers)
@@ -174,7 +174,7 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
                    dynamic_ncols=True, disable=not (cfg.logging.progress and is_main_process()))
         for written, index in enumerate(todo, start=1):
             records = sample_chunk(cfg, sampler, tokenizer, rms, chunks[index], iteration=iteration,
-                                   num_samples=spec.num_samples, temperature=spec.temperature,
+                                   num_samples=spec.num_samples, temperature=cfg.temperature(spec),
                                    seed=chunk_seed(cfg.seed, iteration, index))
             fault_point("sampling.scored")
             store.write_shard(index, records)
@@ -300,14 +300,14 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
         check_disk_before_sampling(run, start, cfg.output, f"rs-v{iteration}")
         if is_main_process():
             store.check_meta({"sampled_by": sampler, "num_samples": spec.num_samples,
-                              "temperature": spec.temperature, "seed": cfg.seed,
+                              "temperature": cfg.temperature(spec), "seed": cfg.seed,
                               "generation": dataclasses.asdict(cfg.generation),
                               "reward": dataclasses.asdict(cfg.reward), "prompt_ids": [r["id"] for r in rows]})
             store.remove_temp_files()
         else:
             _wait_for(lambda: (store.path / "meta.json").is_file(), "the sample store")
         print(f"[rejection-sampling] v{iteration}: {spec.num_samples} samples x {len(rows)} prompts at "
-              f"T={spec.temperature} from {sampler}")
+              f"T={cfg.temperature(spec)} from {sampler}")
         sampling = sample_iteration(cfg, iteration, sampler, rows, store)
     else:
         sampling = store.summary()
@@ -321,7 +321,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     else:
         _wait_for(kept_path.is_file, "the kept answers")
     summary = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)}, desc=f"rs-v{iteration}")
-    report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": spec.temperature,
+    report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": cfg.temperature(spec),
               "sampled_by": sampler, "fine_tuned_from": start,
               "candidate_iterations": sorted(candidate_iterations(iteration, cfg.best_of_all_from)),
               "prompts": len(rows), "sampling": sampling, "samples": sample_report(rows, records, kept, iteration),
@@ -339,16 +339,16 @@ def _check_inputs(cfg: RejectionSamplingConfig, rows: list[dict]) -> None:
     if not cfg.iterations:
         raise ValueError("iterations: at least one iteration is needed")
     for i, it in enumerate(cfg.iterations):
-        if it.num_samples < 1 or it.temperature < 0:
+        if it.num_samples < 1 or cfg.temperature(it) < 0:
             raise ValueError(f"iterations[{i}]: num_samples must be >= 1 and temperature >= 0")
     if cfg.best_of_all_from is not None and cfg.best_of_all_from < 1:
         raise ValueError("best_of_all_from: iterations count from 1 (the paper: 4)")
     for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
-        path = getattr(cfg.reward, name)
+        path = getattr(cfg.reward, f"{name}_rm")
         if path is None:
-            raise ValueError(f"reward.{name}: a reward model directory is required for reward.mode={cfg.reward.mode}")
+            raise ValueError(f"reward.{name}_rm: a reward model directory is required for reward.mode={cfg.reward.mode}")
         if not Path(path).exists():
-            raise FileNotFoundError(f"reward.{name}: {path} not found")
+            raise FileNotFoundError(f"reward.{name}_rm: {path} not found")
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         if row["id"] in seen:

@@ -108,7 +108,7 @@ def rejection_sampling(fix: Fixtures, out: Path) -> list[str]:
     return _args("rejection-sampling", TINY / "rejection_sampling.yaml", {
         "model.path": str(fix.base), "data.prompts": _src(fix, "rl_prompts"), "data.eval": _src(fix, "sft_eval"),
         "iterations": [{"num_samples": 2, "temperature": 1.0}, {"num_samples": 3, "temperature": 1.0}],
-        "reward.helpful": str(fix.rm("helpful")), "reward.safety": str(fix.rm("safety")), "reward.max_length": 128,
+        "reward.helpful_rm": str(fix.rm("helpful")), "reward.safety_rm": str(fix.rm("safety")), "reward.max_length": 128,
         "generation.max_new_tokens": 8, "generation.prompts_per_shard": 2, "generation.batch_size": 16,
         "eval.prompts": _src(fix, "eval_helpful"), "eval.max_new_tokens": 8, "eval.compare_base": False,
         "train.max_steps": 3, "train.micro_batch_size": 4, "train.max_length": 128,
