@@ -135,7 +135,7 @@ def test_nan_rewards_stop_rejection_sampling_before_any_shard(tmp_path, nano_mod
     model.save_pretrained(bad)
     tokenizer.save_pretrained(bad)
     good = _reward_model(nano_model_dir, tokenizer, tmp_path / "rm_good", 1)
-    path = rs_recipe(tmp_path, nano_model_dir, {"helpful": str(good), "safety": str(bad)}, make_prompts(4))
+    path = rs_recipe(tmp_path, nano_model_dir, {"helpful_rm": str(good), "safety_rm": str(bad)}, make_prompts(4))
     from alignment.stages.rejection_sampling import run_rejection_sampling
 
     with pytest.raises(RewardRangeError, match=r"6 of 6 reward scores are NaN"):
@@ -169,7 +169,7 @@ def test_rejection_sampling_checks_the_disk_before_it_samples(tmp_path, nano_mod
 
     from alignment.stages.rejection_sampling import run_rejection_sampling
 
-    rms = {name: str(_reward_model(nano_model_dir, tokenizer, tmp_path / name, seed)) for seed, name in
+    rms = {f"{name}_rm": str(_reward_model(nano_model_dir, tokenizer, tmp_path / name, seed)) for seed, name in
            enumerate(("helpful", "safety"), start=1)}
     path = rs_recipe(tmp_path, nano_model_dir, rms, make_prompts(4), output={"save_every_steps": 1})
     usage = shutil.disk_usage(tmp_path)

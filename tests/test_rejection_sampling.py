@@ -40,8 +40,8 @@ def _reward_model(nano_model_dir, tokenizer, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def reward_dirs(tmp_path_factory, nano_model_dir, tokenizer) -> dict:
     root = tmp_path_factory.mktemp("rms")
-    return {"helpful": str(_reward_model(nano_model_dir, tokenizer, root / "helpful", 1)),
-            "safety": str(_reward_model(nano_model_dir, tokenizer, root / "safety", 2))}
+    return {"helpful_rm": str(_reward_model(nano_model_dir, tokenizer, root / "helpful", 1)),
+            "safety_rm": str(_reward_model(nano_model_dir, tokenizer, root / "safety", 2))}
 
 
 def make_prompts(n: int, seed: int = 0) -> list[dict]:
@@ -231,7 +231,7 @@ def test_two_iterations_end_to_end(tmp_path, nano_model_dir, reward_dirs, tokeni
     for r in records:
         use_safety = is_safety[r["prompt_id"]] or r["safety"] < 0.15
         assert r["score"] == pytest.approx(r["safety"] if use_safety else r["helpful"])
-    rm = AutoModelForSequenceClassification.from_pretrained(reward_dirs["helpful"], local_files_only=True)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_dirs["helpful_rm"], local_files_only=True)
     text = {p["id"]: p["prompt"] for p in prompts}
     some = records[:5]
     raw = reward_scores(rm, tokenizer, [[{"role": "user", "content": text[r["prompt_id"]]}] for r in some],
