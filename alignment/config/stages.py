@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignment.config.sections import (AttnImplementation, DataSource, Dtype, EvalSection, FineTuneSections,
-                                       GenerationSection, LoggingSection, ModelSection, OptimSection, OutputSection,
-                                       RewardJudgeSection, RewardModelRunSection, ScheduleSection, TrainSection,
-                                       DistributedSection)
+from alignment.config.sections import (AttnImplementation, DataSource, DistributedSection, Dtype, EvalSection,
+                                       FineTuneSections, GenerationSection, LoggingSection, ModelSection, OptimSection,
+                                       OutputSection, RewardJudgeSection, RewardModelRunSection, ScheduleSection,
+                                       TrainSection)
 
 
 @dataclass(frozen=True)
