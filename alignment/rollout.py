@@ -50,7 +50,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def response_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B, L + 1]`` labels for `token_logprobs` on the last L + 1 logits: -100, then the response tokens."""
+    """``[B, L + 1]`` labels for `token_logprobs` on the last L + 1 logits: IGNORE_INDEX, then the response tokens."""
     length = batch["response_mask"].size(1)
     tokens = batch["input_ids"][:, -length:]
     labels = torch.where(batch["response_mask"], tokens, torch.full_like(tokens, IGNORE_INDEX))

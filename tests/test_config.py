@@ -121,7 +121,7 @@ def test_a_section_given_in_part_keeps_the_stages_own_defaults():
 
 @pytest.mark.parametrize("section, key, near", [
     ("reward", "helpful", "helpful_rm"), ("reward", "threshold", "safety_threshold"),
-    ("generation", "temprature", "temperature"), ("generation", "prompts_per_shards", "prompts_per_shard")])
+    ("generation", "max_new_token", "max_new_tokens"), ("generation", "prompts_per_shards", "prompts_per_shard")])
 def test_shared_sections_reject_old_and_misspelt_names_inside_a_stage_section(section, key, near):
     """The reward judge and generation keys a stage section inherits are checked like its own keys, and the
     error names the one set of names (`helpful_rm`, `safety_threshold`)."""

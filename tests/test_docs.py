@@ -3,8 +3,8 @@ heading of it, and the note must carry the numbers the code takes from the paper
 import re
 from pathlib import Path
 
+from alignment.config import SAFETY_THRESHOLD
 from alignment.losses import MARGINS
-from alignment.rewards import SAFETY_THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = ROOT / "docs" / "method.md"

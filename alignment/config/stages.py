@@ -105,8 +105,7 @@ class RSIteration:
     """One rejection-sampling iteration (RLHF-V1, V2, ...): K samples per prompt at one temperature."""
 
     num_samples: int  # K; the paper grows it with each iteration
-    # None: generation.temperature. Best for 10-100 samples is 1.2-1.3 and drifts as the model changes
-    temperature: float | None = None
+    temperature: float = 1.0  # best for 10-100 samples is 1.2-1.3 and drifts as the model changes
     sample_from: str | None = None  # this iteration's sampler (distillation from the large model's Vn)
 
 
@@ -131,11 +130,14 @@ class RSRewardSection(RewardJudgeSection):
     mode: Literal["combined", "helpful", "safety"] = "combined"
 
 
-@dataclass(frozen=True, kw_only=True)
-class RSGenerationSection(GenerationSection):
-    """batch_size: sequences per generate() call (the K samples of a prompt share a batch); temperature: of
-    the iterations that give none."""
+@dataclass(frozen=True)
+class RSGenerationSection:
+    """The sampling of every iteration. Not the shared GenerationSection: the temperature is each
+    iteration's own (`iterations[].temperature`, paper 3.2.3)."""
 
+    max_new_tokens: int = 128
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences per generate() call: the K samples of a prompt share a batch
     prompts_per_shard: int = 64  # one atomically written sample shard per chunk of prompts
     # hf: batched KV-cache sampling (alignment.generation); vllm: a vLLM engine (needs vllm + CUDA, one
     # process); auto: vllm where usable, else hf. Both write the same shard records.
@@ -169,10 +171,6 @@ class RejectionSamplingConfig(FineTuneSections):
     generation: RSGenerationSection = field(default_factory=RSGenerationSection)
     sweep: RSSweepSection = field(default_factory=RSSweepSection)
     eval: EvalSection = field(default_factory=EvalSection)
-
-    def temperature(self, iteration: RSIteration) -> float:
-        """The sampling temperature of one iteration: its own, else generation.temperature."""
-        return self.generation.temperature if iteration.temperature is None else iteration.temperature
 
 
 # --------------------------------------------------------------------------------------------- PPO (3.2.3)

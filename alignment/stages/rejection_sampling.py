@@ -174,7 +174,7 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
                    dynamic_ncols=True, disable=not (cfg.logging.progress and is_main_process()))
         for written, index in enumerate(todo, start=1):
             records = sample_chunk(cfg, sampler, tokenizer, rms, chunks[index], iteration=iteration,
-                                   num_samples=spec.num_samples, temperature=cfg.temperature(spec),
+                                   num_samples=spec.num_samples, temperature=spec.temperature,
                                    seed=chunk_seed(cfg.seed, iteration, index))
             fault_point("sampling.scored")
             store.write_shard(index, records)
@@ -300,14 +300,14 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
         check_disk_before_sampling(run, start, cfg.output, f"rs-v{iteration}")
         if is_main_process():
             store.check_meta({"sampled_by": sampler, "num_samples": spec.num_samples,
-                              "temperature": cfg.temperature(spec), "seed": cfg.seed,
+                              "temperature": spec.temperature, "seed": cfg.seed,
                               "generation": dataclasses.asdict(cfg.generation),
                               "reward": dataclasses.asdict(cfg.reward), "prompt_ids": [r["id"] for r in rows]})
             store.remove_temp_files()
         else:
             _wait_for(lambda: (store.path / "meta.json").is_file(), "the sample store")
         print(f"[rejection-sampling] v{iteration}: {spec.num_samples} samples x {len(rows)} prompts at "
-              f"T={cfg.temperature(spec)} from {sampler}")
+              f"T={spec.temperature} from {sampler}")
         sampling = sample_iteration(cfg, iteration, sampler, rows, store)
     else:
         sampling = store.summary()
@@ -321,7 +321,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     else:
         _wait_for(kept_path.is_file, "the kept answers")
     summary = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)}, desc=f"rs-v{iteration}")
-    report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": cfg.temperature(spec),
+    report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": spec.temperature,
               "sampled_by": sampler, "fine_tuned_from": start,
               "candidate_iterations": sorted(candidate_iterations(iteration, cfg.best_of_all_from)),
               "prompts": len(rows), "sampling": sampling, "samples": sample_report(rows, records, kept, iteration),
@@ -339,7 +339,7 @@ def _check_inputs(cfg: RejectionSamplingConfig, rows: list[dict]) -> None:
     if not cfg.iterations:
         raise ValueError("iterations: at least one iteration is needed")
     for i, it in enumerate(cfg.iterations):
-        if it.num_samples < 1 or cfg.temperature(it) < 0:
+        if it.num_samples < 1 or it.temperature < 0:
             raise ValueError(f"iterations[{i}]: num_samples must be >= 1 and temperature >= 0")
     if cfg.best_of_all_from is not None and cfg.best_of_all_from < 1:
         raise ValueError("best_of_all_from: iterations count from 1 (the paper: 4)")
