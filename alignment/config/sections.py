@@ -19,6 +19,7 @@ SAFETY_THRESHOLD = 0.15
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # "auto": bf16 on a GPU that has it, else fp32
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
+
 @dataclass(frozen=True)
 class LoraSection:
     enabled: bool = False
