@@ -1,4 +1,5 @@
-"""The Llama-2 chat format (docs/method.md#chat-format; Meta's reference `chat_completion`).
+"""Chat formats: the Llama-2 format (docs/method.md#chat-format; Meta's reference `chat_completion`)
+on any tokenizer's own BOS/EOS, or the model's own chat template (`chat.template: llama2 | model`).
 
     <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {answer_1} </s><s>[INST] {user_2} [/INST]
 
@@ -6,9 +7,18 @@ Every (user, assistant) pair is its own sequence: BOS + "[INST] {user} [/INST] {
 unanswered user turn is BOS + "[INST] {user} [/INST]" with no EOS. A system prompt is folded into the first
 user message. BOS/EOS are token ids added here, never parsed out of text: a user who types "</s>" gets the
 characters "</s>", not an end of sequence.
+
+The `model` template renders with the tokenizer's own Jinja chat template (ChatML for SmolLM2); answer
+labels come from each message's character span in the rendered text. In both formats a message's text
+never becomes a special token id. The choice travels with every checkpoint (`chat_format.json`, written
+and read by `alignment.models.tokenizer`) and rides on the loaded tokenizer, so `encode`, `encode_prompt`
+and `stop_token_id` encode a model's inputs the way it was trained.
 """
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Literal
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -16,6 +26,9 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+TEMPLATES = ("llama2", "model")
+TEMPLATE_FILE = "chat_format.json"  # {"template": "llama2" | "model"} beside a checkpoint's weights
+_TEMPLATE_ATTR = "alignment_chat_template"  # where a loaded tokenizer carries its checkpoint's choice
 
 
 def validate_roles(messages: list[dict], final: Literal["assistant", "user", "any"] = "any") -> None:
@@ -113,10 +126,145 @@ def encode_dialog(tokenizer, messages: list[dict], train_on: Literal["all", "las
     return {"input_ids": input_ids, "labels": labels}
 
 
+# ------------------------------------------------------------------------------ the model's own template
+def _check_template(template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"chat template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    return template
+
+
+def _special_pattern(tokenizer) -> re.Pattern:
+    """A regex matching the tokenizer's special tokens as text (longest first)."""
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t))
+
+
+def _render(tokenizer, messages: list[dict], generation: bool) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of `messages` (contents stripped) and each message's content span in it.
+
+    The template is rendered once with a placeholder per content, so each span is found by position and
+    never by searching for the text (a content "user" must not match the header "user").
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat.template 'model' needs a tokenizer with a chat_template; this one has none")
+    contents = [m["content"].strip() for m in messages]
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    layout = tokenizer.apply_chat_template([{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)],
+                                           tokenize=False, add_generation_prompt=generation)
+    pieces = re.split("(\ue000\\d+\ue001)", layout)
+    if sorted(pieces[1::2]) != sorted(marks):
+        raise ValueError("the tokenizer's chat template must show each message's content exactly once")
+    text, spans = "", [(0, 0)] * len(messages)
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            i = marks.index(piece)
+            spans[i] = (len(text), len(text) + len(contents[i]))
+            piece = contents[i]
+        text += piece
+    return text, spans
+
+
+def _encode_rendered(tokenizer, text: str, spans: list[tuple[int, int]]):
+    """Token ids, character offsets and is-template-special flags of rendered text: the template's special
+    tokens (outside every content span) become their ids; everything between them, message text included,
+    is tokenized as plain text, as a tokenizer splits on special tokens before anything else."""
+    inside = lambda a, b: any(s <= a and b <= e for s, e in spans)  # noqa: E731
+    cuts = [m for m in _special_pattern(tokenizer).finditer(text) if not inside(m.start(), m.end())]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    special: list[bool] = []
+    pos = 0
+    for m in [*cuts, None]:
+        end = m.start() if m is not None else len(text)
+        if end > pos:
+            piece_ids, piece_offsets = _encode_text(tokenizer, text[pos:end])
+            ids += piece_ids
+            offsets += [(pos + a, pos + b) for a, b in piece_offsets]
+            special += [False] * len(piece_ids)
+        if m is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(m.group()))
+            offsets.append((m.start(), m.end()))
+            special.append(True)
+            pos = m.end()
+    return ids, offsets, special
+
+
+def encode_dialog_model(tokenizer, messages: list[dict], train_on: Literal["all", "last"] = "all") -> dict:
+    """Token ids and labels of a dialog rendered by the tokenizer's own chat template.
+
+    `labels` equal `input_ids` on the tokens of each trained answer (those overlapping its character span)
+    and on every token after it up to and including the first special token the template puts after it
+    (the end-of-turn token: `<|im_end|>` in ChatML), and IGNORE_INDEX elsewhere, as `encode_dialog` does.
+    """
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    validate_roles(messages)
+    text, spans = _render(tokenizer, messages, generation=False)
+    ids, offsets, special = _encode_rendered(tokenizer, text, spans)
+    answers = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last":
+        answers = answers[-1:] if messages[-1]["role"] == "assistant" else []
+    labels = [IGNORE_INDEX] * len(ids)
+    for k in answers:
+        start, end = spans[k]
+        first = next(j for j, (a, b) in enumerate(offsets) if b > start)
+        stop = next((j for j in range(first, len(ids)) if special[j] and offsets[j][0] >= end), None)
+        if stop is None:
+            raise ValueError("the tokenizer's chat template puts no special token (end of turn) after an answer")
+        labels[first:stop + 1] = ids[first:stop + 1]
+    return {"input_ids": ids, "labels": labels}
+
+
+# ------------------------------------------------------------------------------ one entry per template
+_ENCODERS = {"llama2": encode_dialog, "model": encode_dialog_model}
+
+
+def template_of(tokenizer) -> str:
+    """The chat template a loaded tokenizer's model was trained with ("llama2" where none was stored)."""
+    return getattr(tokenizer, _TEMPLATE_ATTR, None) or "llama2"
+
+
+def set_template(tokenizer, template: str) -> None:
+    """Make `tokenizer` encode with `template` from now on (and save it with the tokenizer)."""
+    setattr(tokenizer, _TEMPLATE_ATTR, _check_template(template))
+
+
+def encode(tokenizer, messages: list[dict], train_on: Literal["all", "last"] = "all") -> dict:
+    """`{"input_ids", "labels"}` of a dialog in the tokenizer's chat template (`template_of`)."""
+    return _ENCODERS[template_of(tokenizer)](tokenizer, messages, train_on=train_on)
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a dialog that ends with a user turn, ready for generation of the next answer."""
+    """Token ids of a dialog that ends with a user turn, ready for generation of the next answer: the
+    Llama-2 format up to the final `[/INST]`, or the chat template with its assistant header."""
     validate_roles(messages, final="user")
-    return encode_dialog(tokenizer, messages)["input_ids"]
+    if template_of(tokenizer) == "llama2":
+        return encode_dialog(tokenizer, messages)["input_ids"]
+    text, spans = _render(tokenizer, messages, generation=True)
+    return _encode_rendered(tokenizer, text, spans)[0]
+
+
+def stop_token_id(tokenizer) -> int:
+    """The token that ends an answer in generation: EOS in the Llama-2 format, the end-of-turn token of the
+    model's chat template (the first special token after an answer) in the `model` format."""
+    if template_of(tokenizer) == "llama2":
+        return tokenizer.eos_token_id
+    enc = encode_dialog_model(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}])
+    return [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX][-1]
+
+
+def read_template(checkpoint: str | Path) -> str | None:
+    """The chat template stored with a checkpoint, None where none is (a base or imported model)."""
+    path = Path(checkpoint) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    return _check_template(json.loads(path.read_text())["template"])
+
+
+def write_template(checkpoint: str | Path, tokenizer) -> None:
+    """Store the tokenizer's chat template choice beside a checkpoint's weights."""
+    (Path(checkpoint) / TEMPLATE_FILE).write_text(json.dumps({"template": template_of(tokenizer)}) + "\n")
 
 
 def truncate_example(example: dict, max_length: int) -> dict | None:

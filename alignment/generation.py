@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignment.chat import stop_token_id
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -36,7 +38,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+    pad, stop = tokenizer.pad_token_id, stop_token_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     jobs = [(i, k) for i in order for k in range(num_samples)]
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
@@ -51,16 +53,16 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
+                      eos_token_id=stop, use_cache=True)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = out[:, width:].tolist()
         for b, (i, k) in enumerate(chunk):
             toks = new[b]
-            finished = tokenizer.eos_token_id in toks
+            finished = stop in toks
             if finished:
-                toks = toks[:toks.index(tokenizer.eos_token_id)]
+                toks = toks[:toks.index(stop)]
             toks = [t for t in toks if t != pad]
             results[i][k] = Sample(i, k, toks, tokenizer.decode(toks, skip_special_tokens=True).strip(), finished)
     if was_training:
@@ -99,7 +101,7 @@ def pick_backend(requested: str, world_size: int = 1) -> str:
 class VLLMSampler:
     """A vLLM engine over a checkpoint directory, answering `generate`'s calls with the same `Sample`s.
 
-    Prompts go in as token ids (our Llama-2 encoding, never vLLM's chat template) and answers are decoded
+    Prompts go in as token ids (our `alignment.chat` encoding, never vLLM's chat template) and answers are decoded
     with our tokenizer, so shards written from either backend read the same."""
 
     def __init__(self, path: str, dtype: str = "auto", gpu_memory_utilization: float = 0.5, max_model_len: int | None = None):
@@ -113,14 +115,15 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[tokenizer.eos_token_id],
+                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[stop_token_id(tokenizer)],
                                 skip_special_tokens=True)
+        stop = stop_token_id(tokenizer)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         results = []
         for i, out in enumerate(outputs):
             per_prompt = []
             for k, completion in enumerate(out.outputs):
-                toks = [t for t in completion.token_ids if t != tokenizer.eos_token_id]
+                toks = [t for t in completion.token_ids if t != stop]
                 per_prompt.append(Sample(i, k, toks, tokenizer.decode(toks, skip_special_tokens=True).strip(),
                                          completion.finish_reason == "stop"))
             results.append(per_prompt)

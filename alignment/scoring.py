@@ -1,6 +1,7 @@
 """Scoring (prompt, answer) pairs with a reward model: one encoding for training, sampling and PPO.
 
-A reward model reads the whole dialog in the Llama-2 format, the answer closed by EOS, and its scalar
+A reward model reads the whole dialog in its chat format (`alignment.chat.encode`: the Llama-2 format or
+the model's own template, as stored with the checkpoint), the answer closed by EOS, and its scalar
 head's output at the last real token is the reward (`AutoModelForSequenceClassification` with one
 label). Encoding lives here only, so the RM is trained and used on exactly the same token sequences.
 """
@@ -11,14 +12,14 @@ import contextlib
 import torch
 
 from alignment.batching import attention_inputs, collate, pack_balanced
-from alignment.chat import encode_dialog
+from alignment.chat import encode
 from alignment.rewards import check_reward_range
 
 
 def encode_for_reward(tokenizer, context: list[dict], answer: str, max_length: int) -> list[int]:
     """Token ids of `context` (ending with a user turn) answered by `answer`, cut to the last
     `max_length` tokens so the answer (and the EOS the score is read at) is always kept."""
-    ids = encode_dialog(tokenizer, [*context, {"role": "assistant", "content": answer}])["input_ids"]
+    ids = encode(tokenizer, [*context, {"role": "assistant", "content": answer}])["input_ids"]
     return ids[-max_length:]
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from alignment.chat import encode_prompt
+from alignment.chat import encode_prompt, stop_token_id
 from alignment.models.loading import resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 
@@ -68,7 +68,7 @@ class _TextStream:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.ids += [t for t in value.reshape(-1).tolist() if t != self.tokenizer.eos_token_id]
+        self.ids += [t for t in value.reshape(-1).tolist() if t != stop_token_id(self.tokenizer)]
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
         if text.startswith(self.shown) and not text.endswith("\ufffd"):
             self.emit(text[len(self.shown):])
@@ -120,7 +120,7 @@ class ChatSession:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         kwargs = dict(max_new_tokens=self.settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                      eos_token_id=stop_token_id(self.tokenizer), use_cache=True,
                       do_sample=self.settings.temperature > 0)
         if kwargs["do_sample"]:
             kwargs.update(temperature=self.settings.temperature, top_p=self.settings.top_p, top_k=0)
@@ -128,8 +128,9 @@ class ChatSession:
             kwargs["streamer"] = _TextStream(self.tokenizer, stream)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         new = out[0, ids.shape[1]:].tolist()
-        if self.tokenizer.eos_token_id in new:
-            new = new[:new.index(self.tokenizer.eos_token_id)]
+        stop = stop_token_id(self.tokenizer)
+        if stop in new:
+            new = new[:new.index(stop)]
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer

@@ -22,6 +22,7 @@ from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
 from alignment.faults import fault_point
+from alignment.models.tokenizer import save_tokenizer
 from alignment.runs import (GIB, OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
                             commit_dir, model_bytes, saved_model_size, write_json_atomic)
 
@@ -336,6 +337,6 @@ def save_final(accelerator, model, tokenizer, run: RunDir, merge_lora: bool = Tr
             unwrapped.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
         else:
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         commit_dir(tmp, run.final_dir)
     accelerator.wait_for_everyone()

@@ -74,3 +74,27 @@ def nano_reward_model(nano_model_dir: Path, tokenizer, out: Path, seed: int, std
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+SMOLLM2_DIR = Path(__file__).parent / "fixtures" / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's own tokenizer (ChatML template; BOS <|im_start|> 1, EOS/pad <|im_end|> 2)."""
+    from alignment.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(SMOLLM2_DIR)
+
+
+@pytest.fixture(scope="session")
+def smollm2_random_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A randomly initialised LlamaForCausalLM with SmolLM2-135M's config (seeded), saved with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("smollm2_random")
+    torch.manual_seed(0)
+    LlamaForCausalLM(AutoConfig.from_pretrained(SMOLLM2_DIR)).save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out

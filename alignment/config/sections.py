@@ -166,3 +166,13 @@ class FineTuneSections:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChatSection:
+    """How dialogs become tokens (alignment.chat): "llama2" (the Llama-2 format with the tokenizer's own
+    BOS/EOS) or "model" (the tokenizer's own chat template). Unset: the template stored with the checkpoint
+    in `model.path`, "llama2" where none is; a checkpoint's stored template always wins, and naming another
+    one is an error. The choice is stored with every checkpoint the stage writes."""
+
+    template: Literal["llama2", "model"] | None = None

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignment.config.sections import (AttnImplementation, DataSource, DistributedSection, Dtype, EvalSection,
-                                       FineTuneSections, GenerationSection, LoggingSection, ModelSection, OptimSection,
-                                       OutputSection, RewardJudgeSection, RewardModelRunSection, ScheduleSection,
-                                       TrainSection)
+from alignment.config.sections import (AttnImplementation, ChatSection, DataSource, DistributedSection, Dtype,
+                                       EvalSection, FineTuneSections, GenerationSection, LoggingSection, ModelSection,
+                                       OptimSection, OutputSection, RewardJudgeSection, RewardModelRunSection,
+                                       ScheduleSection, TrainSection)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class SFTConfig(FineTuneSections):
     model: ModelSection
     data: SFTData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
@@ -90,6 +91,7 @@ class RMConfig(FineTuneSections):
     model: ModelSection  # path: the SFT checkpoint the RM starts from
     data: RMData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     margin_scale: MarginScale = "small"
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
     # the paper's RM schedule: cosine to 10% of max lr, warm-up 3% of steps (at least 5)
@@ -164,6 +166,7 @@ class RejectionSamplingConfig(FineTuneSections):
     model: ModelSection
     data: RSData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     iterations: list[RSIteration] = field(default_factory=lambda: [RSIteration(num_samples=4)])
     best_of_all_from: int | None = None  # from this iteration on (paper: 4), pick among all iterations' samples
     policy: RSPolicySection = field(default_factory=RSPolicySection)
@@ -238,6 +241,7 @@ class PPOConfig:
     reward: PPORewardSection
     data: PPOData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     critic: CriticSection = field(default_factory=CriticSection)
     rollout: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=256))
     ppo: PPOSection = field(default_factory=PPOSection)
@@ -299,6 +303,7 @@ class GAttConfig(FineTuneSections):
     model: ModelSection  # the latest RLHF model: it samples the answers and is fine-tuned
     data: GAttData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     sampling: GAttSamplingSection = field(default_factory=lambda: GAttSamplingSection(temperature=0.7,
                                                                                       max_new_tokens=32))
     eval: GAttEvalSection = field(default_factory=GAttEvalSection)
@@ -317,6 +322,7 @@ class CollectConfig:
     model: ModelSection  # the latest policy (the paper: the latest Llama 2-Chat)
     data: CollectData
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     # the two answers of a pair are independent samples (temperature > 0)
     generation: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=64))
     seed: int = 0
@@ -367,6 +373,7 @@ class SafetyDistillConfig(FineTuneSections):
     data: SafetyDistillData
     judge: SafetyJudgeSection
     output: OutputSection
+    chat: ChatSection = field(default_factory=ChatSection)
     preprompt: SafetyPrepromptSection = field(default_factory=SafetyPrepromptSection)
     # the same temperature for the original and the preprompted answer; 0: greedy
     generation: GenerationSection = field(default_factory=lambda: GenerationSection(temperature=0.0))

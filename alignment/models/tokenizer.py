@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from alignment.chat import read_template, set_template, write_template
 from alignment.runs import commit_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -54,12 +55,28 @@ def _chain(*iterables):
         yield from it
 
 
-def load_tokenizer(path: str | Path):
-    """Load any HF tokenizer offline (the tiny one or a Llama-2 one); pad falls back to EOS... never to BOS."""
+def load_tokenizer(path: str | Path, template: str | None = None):
+    """Load any HF tokenizer offline (the tiny one or a Llama-2 one); pad falls back to EOS... never to BOS.
+
+    The tokenizer carries the chat template its checkpoint was trained with (`chat_format.json`, see
+    `alignment.chat`), or `template` (a recipe's `chat.template`) where none is stored; a recipe that names
+    another template than the checkpoint's stored one is refused in one line.
+    """
     from transformers import AutoTokenizer
 
+    stored = read_template(path)
+    if template is not None and stored is not None and template != stored:
+        raise ValueError(f"chat.template: {path} was trained with {stored!r}, the recipe says {template!r}")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token_id is None:
         # Llama-2's tokenizer ships without a pad token; padding is always masked, so UNK/EOS is safe.
         tok.pad_token = tok.unk_token or tok.eos_token
+    if stored or template:
+        set_template(tok, stored or template)
     return tok
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """The one way a checkpoint's tokenizer is written: its files plus the chat template choice."""
+    tokenizer.save_pretrained(str(out_dir))
+    write_template(out_dir, tokenizer)

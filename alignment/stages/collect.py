@@ -69,7 +69,7 @@ def run_collect(cfg: CollectConfig) -> dict:
         raise ValueError("data.prompts: the toy world's annotators label only toy-world prompts (source "
                          "'toyworld'); for other prompts collect judgements with `align annotate`")
     run.prepare(source_hashes(cfg.data.prompts))
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.chat.template)
     g = cfg.generation
     print(f"[collect] {len(rows)} prompts x 2 answers from {cfg.model.path} (temperature {g.temperature})")
     samples = generate(model, tokenizer, [encode_prompt(tokenizer, prompt_context(r)) for r in rows],

@@ -75,13 +75,14 @@ def _device():
     return torch.device("cpu")
 
 
-def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"):
-    """A causal LM for inference on this process's device, and its tokenizer."""
+def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None):
+    """A causal LM for inference on this process's device, and its tokenizer (chat template: the one stored
+    with `path`, else `template`, see `load_tokenizer`)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
                                                  attn_implementation=attn_implementation)
-    return model.to(_device()).eval(), load_tokenizer(path)
+    return model.to(_device()).eval(), load_tokenizer(path, template)
 
 
 def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 0.0,
@@ -228,7 +229,7 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
     s = cfg.sampling
     plans = plan_dialogs(instructions, prompts, s.num_dialogs, s.min_turns, s.max_turns,
                          random.Random(f"gatt|{cfg.seed}"))
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.chat.template)
     respond = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=s.samples_per_turn,
                               temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed)
     mode = AnswerMode(s.answers)

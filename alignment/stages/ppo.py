@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.chat import encode_prompt
+from alignment.chat import encode_prompt, read_template, stop_token_id, template_of
 from alignment.config import PPOConfig, TrainSection
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
@@ -45,7 +45,7 @@ from alignment.faults import fault_point
 from alignment.generation import generate
 from alignment.losses import masked_mean, policy_loss, value_loss
 from alignment.models.loading import load_causal_lm, resolve_dtype
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models.tokenizer import load_tokenizer, save_tokenizer
 from alignment.rewards import combine
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, masked_row_sum, model_inputs,
@@ -191,7 +191,8 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
                            batch_size=cfg.rollout.batch_size,
                            seed=cfg.seed * 1_000_003 + iteration * acc.num_processes + acc.process_index)
     answers = [s[0] for s in samples]
-    responses = [a.token_ids + ([tok.eos_token_id] if a.finished else []) for a in answers]
+    stop = stop_token_id(tok)
+    responses = [a.token_ids + ([stop] if a.finished else []) for a in answers]
     batch = {k: v.to(acc.device) for k, v in build_batch(prompts, responses, tok.pad_token_id).items()}
     t1 = time.perf_counter()
 
@@ -338,7 +339,7 @@ def save_actor(ctx, path: Path) -> None:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         actor.save_pretrained(str(tmp), state_dict=actor_state, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(ctx.tokenizer, tmp)
         commit_dir(tmp, path)
     acc.wait_for_everyone()
 
@@ -375,7 +376,7 @@ def finish(ctx, run: RunDir) -> None:
 
             base = AutoModelForCausalLM.from_pretrained(cfg.model.path, local_files_only=True)
             PeftModel.from_pretrained(base, str(best)).merge_and_unload().save_pretrained(str(tmp))
-            ctx.tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(ctx.tokenizer, tmp)
         else:
             shutil.copytree(best, tmp)
         commit_dir(tmp, run.final_dir)
@@ -516,6 +517,16 @@ def check_model_dirs(cfg: PPOConfig) -> None:
                                     "(make sft, make rm-helpful, make rm-safety, make rejection-sampling)")
 
 
+def check_rm_templates(cfg: PPOConfig, actor_template: str) -> None:
+    """Both RMs score the actor's dialogs encoded with the actor's tokenizer, so they must have been trained
+    in the actor's chat template (one line naming the RM otherwise)."""
+    for key, path in (("reward.helpful_rm", cfg.reward.helpful_rm), ("reward.safety_rm", cfg.reward.safety_rm)):
+        template = read_template(path) or "llama2"
+        if template != actor_template:
+            raise ValueError(f"{key}: {path} was trained with chat template {template!r}, the actor with "
+                             f"{actor_template!r}; train the RM from the same SFT model")
+
+
 def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     """`align ppo`: validate prompts, load the five models, run (or resume) PPO, keep the best actor."""
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
@@ -528,7 +539,8 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
         raise ValueError("[ppo] data.prompts holds no prompt")
     check_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_model_dirs(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
+    check_rm_templates(cfg, template_of(tokenizer))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
     torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run

@@ -77,13 +77,14 @@ def load_sampler(path: str, cfg: RejectionSamplingConfig):
     engine where `generation.backend` picks it."""
     from transformers import AutoModelForCausalLM
 
+    template = cfg.chat.template if path == cfg.model.path else None  # other checkpoints carry their own
     if pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1"))) == "vllm":
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
-        return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path)
+        return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path, template)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True,
                                                  attn_implementation=cfg.model.attn_implementation)
-    return model.to(_device()).eval(), load_tokenizer(path)
+    return model.to(_device()).eval(), load_tokenizer(path, template)
 
 
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:

@@ -269,7 +269,7 @@ def run_rm(cfg: RMConfig) -> dict:
 
 def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: dict[str, str], mix: dict) -> dict:
     """Train a scalar-head RM from `cfg.model` on `pairs` into `run` with the shared loop."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
     examples = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(cfg, examples, world)

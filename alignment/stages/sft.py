@@ -1,7 +1,7 @@
-"""Stage 1: supervised fine-tuning in the Llama-2 chat format (docs/method.md#supervised-fine-tuning).
+"""Stage 1: supervised fine-tuning in the recipe's chat format (docs/method.md#supervised-fine-tuning).
 
-Dialogs are encoded with `alignment.chat.encode_dialog` (loss on every assistant answer, or on the last
-one only), packed padding-free into rows with a block-diagonal mask, and trained by the shared loop with
+Dialogs are encoded with `alignment.chat.encode` (the Llama-2 format or the model's own template; loss on
+every assistant answer, or on the last one only), packed padding-free into rows with a block-diagonal mask, and trained by the shared loop with
 `alignment.losses.sft_loss` normalised by the trained tokens of the whole optimizer step. Rejection
 sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from alignment.batching import attention_inputs, build_plan, collate
-from alignment.chat import IGNORE_INDEX, encode_dialog, truncate_example
+from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
 from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
@@ -29,7 +29,7 @@ def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: st
     """Encoded examples and the number dropped because truncation left no trained answer token."""
     examples, dropped = [], 0
     for row in dialogs:
-        ex = truncate_example(encode_dialog(tokenizer, row["messages"], train_on=train_on), max_length)
+        ex = truncate_example(encode(tokenizer, row["messages"], train_on=train_on), max_length)
         if ex is None:
             dropped += 1
         else:
@@ -66,7 +66,7 @@ def loop_config(cfg) -> LoopConfig:
 
 def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
     """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
     examples, dropped = encode_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
     if not examples:
         raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
