@@ -29,6 +29,17 @@ ROLES = ("system", "user", "assistant")
 TEMPLATES = ("llama2", "model")
 TEMPLATE_FILE = "chat_format.json"  # {"template": "llama2" | "model"} beside a checkpoint's weights
 _TEMPLATE_ATTR = "alignment_chat_template"  # where a loaded tokenizer carries its checkpoint's choice
+# The Llama-2 format as a Jinja chat template (BOS/EOS = the tokenizer's own): a tokenizer that encodes in
+# the Llama-2 format carries it, so `apply_chat_template` on a saved checkpoint renders what we trained on.
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] | trim -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{%- set content = m['content'] | trim -%}"
+    "{%- if loop.first and system is not none -%}"
+    "{%- set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content -%}{%- endif -%}"
+    "{{- bos_token + '[INST] ' + content + ' [/INST]' -}}"
+    "{%- else -%}{{- ' ' + (m['content'] | trim) + ' ' + eos_token -}}{%- endif -%}{%- endfor -%}"
+)
 
 
 def validate_roles(messages: list[dict], final: Literal["assistant", "user", "any"] = "any") -> None:
@@ -144,14 +155,13 @@ def _render(tokenizer, messages: list[dict], generation: bool) -> tuple[str, lis
     """The chat-template text of `messages` (contents stripped) and each message's content span in it.
 
     The template is rendered once with a placeholder per content, so each span is found by position and
-    never by searching for the text (a content "user" must not match the header "user").
+    never by searching for the text (a content "user" must not match the header "user"), and once with
+    the contents, which must give the same text.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat.template 'model' needs a tokenizer with a chat_template; this one has none")
     contents = [m["content"].strip() for m in messages]
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-    layout = tokenizer.apply_chat_template([{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)],
-                                           tokenize=False, add_generation_prompt=generation)
+    layout = _template_text(tokenizer, [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)],
+                            generation)
     pieces = re.split("(\ue000\\d+\ue001)", layout)
     if sorted(pieces[1::2]) != sorted(marks):
         raise ValueError("the tokenizer's chat template must show each message's content exactly once")
@@ -162,7 +172,16 @@ def _render(tokenizer, messages: list[dict], generation: bool) -> tuple[str, lis
             spans[i] = (len(text), len(text) + len(contents[i]))
             piece = contents[i]
         text += piece
+    if text != _template_text(tokenizer, [{"role": m["role"], "content": c} for m, c in zip(messages, contents)],
+                              generation):
+        raise ValueError("the tokenizer's chat template changes the text of messages; it cannot give exact labels")
     return text, spans
+
+
+def _template_text(tokenizer, messages: list[dict], generation: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat.template 'model' needs a tokenizer with a chat_template; this one has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
 
 def _encode_rendered(tokenizer, text: str, spans: list[tuple[int, int]]):
@@ -193,9 +212,11 @@ def _encode_rendered(tokenizer, text: str, spans: list[tuple[int, int]]):
 def encode_dialog_model(tokenizer, messages: list[dict], train_on: Literal["all", "last"] = "all") -> dict:
     """Token ids and labels of a dialog rendered by the tokenizer's own chat template.
 
-    `labels` equal `input_ids` on the tokens of each trained answer (those overlapping its character span)
-    and on every token after it up to and including the first special token the template puts after it
-    (the end-of-turn token: `<|im_end|>` in ChatML), and IGNORE_INDEX elsewhere, as `encode_dialog` does.
+    `labels` equal `input_ids` on what the model generates for each trained answer, and IGNORE_INDEX
+    elsewhere, as `encode_dialog` does: from the end of the generation prompt (the dialog before the answer
+    rendered with `add_generation_prompt`; where that text is not a prefix of the dialog's, from the answer's
+    first character) through the first special token after the answer (its end of turn: `<|im_end|>` in
+    ChatML, EOS in the Llama-2 template). A token that straddles the start is labelled.
     """
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
@@ -208,12 +229,28 @@ def encode_dialog_model(tokenizer, messages: list[dict], train_on: Literal["all"
     labels = [IGNORE_INDEX] * len(ids)
     for k in answers:
         start, end = spans[k]
+        prompt = _template_text(tokenizer, [{"role": m["role"], "content": m["content"].strip()} for m in messages[:k]],
+                                generation=True)
+        if text.startswith(prompt) and len(prompt) <= start:
+            start = len(prompt)
         first = next(j for j, (a, b) in enumerate(offsets) if b > start)
         stop = next((j for j in range(first, len(ids)) if special[j] and offsets[j][0] >= end), None)
         if stop is None:
             raise ValueError("the tokenizer's chat template puts no special token (end of turn) after an answer")
         labels[first:stop + 1] = ids[first:stop + 1]
     return {"input_ids": ids, "labels": labels}
+
+
+def model_content_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
+    """[start, end) of the tokens of `messages[index]`'s content in `encode_dialog_model`'s input_ids."""
+    validate_roles(messages)
+    text, spans = _render(tokenizer, messages, generation=False)
+    _, offsets, _ = _encode_rendered(tokenizer, text, spans)
+    start, end = spans[index]
+    inside = [j for j, (a, b) in enumerate(offsets) if b > start and a < end]
+    if not inside:
+        raise ValueError(f"messages[{index}] has no token")
+    return inside[0], inside[-1] + 1
 
 
 # ------------------------------------------------------------------------------ one entry per template
@@ -226,8 +263,11 @@ def template_of(tokenizer) -> str:
 
 
 def set_template(tokenizer, template: str) -> None:
-    """Make `tokenizer` encode with `template` from now on (and save it with the tokenizer)."""
+    """Make `tokenizer` encode with `template` from now on (and save it with the tokenizer); with "llama2"
+    its Jinja chat template becomes LLAMA2_CHAT_TEMPLATE, which renders exactly that format."""
     setattr(tokenizer, _TEMPLATE_ATTR, _check_template(template))
+    if template == "llama2":
+        tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
 
 
 def encode(tokenizer, messages: list[dict], train_on: Literal["all", "last"] = "all") -> dict:

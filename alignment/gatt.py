@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from alignment.chat import B_INST, B_SYS, E_SYS
+from alignment.chat import B_INST, B_SYS, E_SYS, model_content_span, template_of
 
 TABLE_30_TURNS = (1, 2, 4, 6, 10, 20)
 
@@ -264,10 +264,12 @@ def sampling_counts(plans: list[DialogPlan]) -> dict:
 
 
 def system_token_positions(tokenizer, messages: list[dict]) -> tuple[int, int]:
-    """[start, end) of the system prompt's tokens in `encode_dialog(tokenizer, messages)["input_ids"]`
+    """[start, end) of the system prompt's tokens in `chat.encode(tokenizer, messages)["input_ids"]`
     (the Figure 10 attention plots read the attention paid to these positions)."""
     if not messages or messages[0]["role"] != "system":
         raise ValueError("dialog has no system prompt")
+    if template_of(tokenizer) == "model":
+        return model_content_span(tokenizer, messages, 0)
     system = messages[0]["content"].strip()
     first_user = messages[1]["content"].strip() if len(messages) > 1 else ""
     # the first turn's text as chat.encode_dialog tokenizes it, up to the end of the first user message

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from alignment.chat import encode_dialog, encode_prompt
+from alignment.chat import encode, encode_prompt
 from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
 from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
@@ -316,7 +316,7 @@ def run_gatt(cfg: GAttConfig) -> dict:
 def system_attention(model, tokenizer, messages: list[dict]) -> dict:
     """Attention paid to the system prompt's tokens over a whole dialog (paper Figure 10, in form).
 
-    One forward pass over the encoded dialog (`encode_dialog`, every turn) with `output_attentions=True`
+    One forward pass over the encoded dialog (`chat.encode`, every turn) with `output_attentions=True`
     (the model must use attn_implementation="eager"). For query position q, layer l and head h,
     mass[l, h, q] = sum over system-prompt keys k of softmax attention a[l, h, q, k]. Returns
       "max_per_token": [T] max over layers and heads (the paper's "maximum activations across the
@@ -327,12 +327,12 @@ def system_attention(model, tokenizer, messages: list[dict]) -> dict:
     """
     import torch
 
-    ids = encode_dialog(tokenizer, messages)["input_ids"]
+    ids = encode(tokenizer, messages)["input_ids"]
     s, e = system_token_positions(tokenizer, messages)
     body = messages[1:]
     bounds, start = [], 0
-    for t in range(0, len(body), 2):  # each (user, answer) pair is its own BOS ... EOS sequence
-        end = len(encode_dialog(tokenizer, [messages[0], *body[:t + 2]])["input_ids"])
+    for t in range(0, len(body), 2):  # a turn ends where the dialog cut after its answer ends
+        end = len(encode(tokenizer, [messages[0], *body[:t + 2]])["input_ids"])
         bounds.append((start, end))
         start = end
     device = next(model.parameters()).device
