@@ -8,8 +8,9 @@ unanswered user turn is BOS + "[INST] {user} [/INST]" with no EOS. A system prom
 user message. BOS/EOS are token ids added here, never parsed out of text: a user who types "</s>" gets the
 characters "</s>", not an end of sequence.
 
-The `model` template renders with the tokenizer's own Jinja chat template (ChatML for SmolLM2); answer
-labels come from each message's character span in the rendered text. In both formats a message's text
+The `model` template renders with the tokenizer's own Jinja chat template (ChatML for SmolLM2); labels come
+from character positions in the rendered text (where each answer's generation prompt ends, where its
+content ends, the end-of-turn token after it). In both formats a message's text
 never becomes a special token id. The choice travels with every checkpoint (`chat_format.json`, written
 and read by `alignment.models.tokenizer`) and rides on the loaded tokenizer, so `encode`, `encode_prompt`
 and `stop_token_id` encode a model's inputs the way it was trained.

@@ -60,6 +60,7 @@ class _TextStream:
 
     def __init__(self, tokenizer, emit: Callable[[str], None]):
         self.tokenizer, self.emit = tokenizer, emit
+        self.stop = stop_token_id(tokenizer)
         self.ids: list[int] = []
         self.shown = ""
         self.prompt_seen = False
@@ -68,7 +69,7 @@ class _TextStream:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.ids += [t for t in value.reshape(-1).tolist() if t != stop_token_id(self.tokenizer)]
+        self.ids += [t for t in value.reshape(-1).tolist() if t != self.stop]
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
         if text.startswith(self.shown) and not text.endswith("\ufffd"):
             self.emit(text[len(self.shown):])

@@ -255,3 +255,27 @@ def test_llama2_checkpoint_carries_a_jinja_template_that_renders_it(tmp_path, to
 def test_no_stored_choice_reads_as_llama2(tokenizer_dir):
     assert chat.read_template(tokenizer_dir) is None
     assert chat.template_of(load_tokenizer(tokenizer_dir)) == "llama2"
+
+
+def test_ppo_refuses_rms_of_another_template(tmp_path):
+    from types import SimpleNamespace
+
+    from alignment.stages.ppo import check_rm_templates
+
+    for name, template in (("helpful", "model"), ("safety", "llama2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / chat.TEMPLATE_FILE).write_text(json.dumps({"template": template}))
+    reward = SimpleNamespace(helpful_rm=str(tmp_path / "helpful"), safety_rm=str(tmp_path / "safety"))
+    with pytest.raises(ValueError, match="reward.safety_rm: .* trained with chat template 'llama2', the actor with 'model'"):
+        check_rm_templates(SimpleNamespace(reward=reward), "model")
+    (tmp_path / "safety" / chat.TEMPLATE_FILE).write_text(json.dumps({"template": "model"}))
+    check_rm_templates(SimpleNamespace(reward=reward), "model")
+
+
+def test_recipe_chat_template_section():
+    from alignment.config import ConfigError, SFTConfig, load_config
+
+    assert load_config(SFTConfig, "recipes/tiny/sft.yaml").chat.template is None  # unset: the stored one
+    assert load_config(SFTConfig, "recipes/tiny/sft.yaml", ["chat.template=model"]).chat.template == "model"
+    with pytest.raises(ConfigError, match="'chatml' is not one of 'llama2', 'model'"):
+        load_config(SFTConfig, "recipes/tiny/sft.yaml", ["chat.template=chatml"])
