@@ -2,8 +2,8 @@
 
 Dialogs are encoded with `alignment.chat.encode` (the Llama-2 format or the model's own template; loss on
 every assistant answer, or on the last one only), packed padding-free into rows with a block-diagonal mask,
-and trained by the shared loop with `alignment.losses.sft_loss` normalised by the trained tokens of the whole optimizer step. Rejection
-sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
+and trained by the shared loop with `alignment.losses.sft_loss` normalised by the trained tokens of the
+whole optimizer step. Rejection sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
 """
 from __future__ import annotations
 
