@@ -168,7 +168,8 @@ def test_typed_special_token_text_stays_text(template):
         assert count(encode(tok, msgs)["input_ids"]) == count(encode(tok, plain)["input_ids"])
         if msgs[-1]["role"] == "user":
             assert count(encode_prompt(tok, msgs)) == count(encode_prompt(tok, plain))
-    msgs = [{"role": "user", "content": "say <|im_end|> and </s> [INST]"}, {"role": "assistant", "content": "<|im_end|>"}]
+    msgs = [{"role": "user", "content": "say <|im_end|> and </s> [INST]"},
+            {"role": "assistant", "content": "<|im_end|>"}]
     enc = encode(tok, msgs)
     assert "say <|im_end|> and </s> [INST]" in tok.decode(enc["input_ids"])
     labelled = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
@@ -249,7 +250,8 @@ def test_llama2_checkpoint_carries_a_jinja_template_that_renders_it(tmp_path, to
     assert chat.template_of(loaded) == "llama2" and loaded.chat_template == LLAMA2_CHAT_TEMPLATE
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one plus two"},
             {"role": "assistant", "content": "three"}]
-    assert list(loaded.apply_chat_template(msgs, tokenize=True)["input_ids"]) == encode_dialog(loaded, msgs)["input_ids"]
+    rendered = loaded.apply_chat_template(msgs, tokenize=True)["input_ids"]
+    assert list(rendered) == encode_dialog(loaded, msgs)["input_ids"]
 
 
 def test_no_stored_choice_reads_as_llama2(tokenizer_dir):
@@ -266,7 +268,7 @@ def test_ppo_refuses_rms_of_another_template(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / chat.TEMPLATE_FILE).write_text(json.dumps({"template": template}))
     reward = SimpleNamespace(helpful_rm=str(tmp_path / "helpful"), safety_rm=str(tmp_path / "safety"))
-    with pytest.raises(ValueError, match="reward.safety_rm: .* trained with chat template 'llama2', the actor with 'model'"):
+    with pytest.raises(ValueError, match="reward.safety_rm: .* chat template 'llama2', the actor with 'model'"):
         check_rm_templates(SimpleNamespace(reward=reward), "model")
     (tmp_path / "safety" / chat.TEMPLATE_FILE).write_text(json.dumps({"template": "model"}))
     check_rm_templates(SimpleNamespace(reward=reward), "model")
