@@ -45,6 +45,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # two child processes in lock step
 def test_lock_step_sides_never_run_a_timed_step_at_the_same_time(tmp_path):
     from benchmarks.lockstep import side_by_side
 
@@ -58,6 +59,7 @@ def test_lock_step_sides_never_run_a_timed_step_at_the_same_time(tmp_path):
         assert all(0.04 < x < 5 for x in side["timed"]["step_seconds"])  # the waits are not counted
 
 
+@pytest.mark.slow  # two child processes in lock step
 def test_a_failing_side_is_reported_with_its_log(tmp_path):
     from benchmarks.lockstep import SideFailed, side_by_side
 
@@ -74,7 +76,8 @@ def _readme(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("scaling", ["", pytest.param("nano", marks=pytest.mark.slow)])
+@pytest.mark.slow  # benchmark runs in child processes: minutes (`make bench` is the real run)
+@pytest.mark.parametrize("scaling", ["", "nano"])
 def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     from benchmarks.report import update_readmes
 

@@ -93,6 +93,7 @@ def _cli(path, env=None):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
+@pytest.mark.slow  # a killed child process, then resumed; the skip logic itself is tested above
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, nano_model_dir, capsys):
     rows = make_dialogs(48)
     sections = {"train": {"micro_batch_size": 4, "max_steps": 6}, "output": {"save_every_steps": 2, "keep_last": 3}}

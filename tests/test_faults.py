@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alignment.faults import AT_ENV, TRACE_ENV, read_trace
 from alignment.runs import commit_dir
 
@@ -57,6 +59,7 @@ def test_the_oracle_sees_torn_checkpoints_lost_and_duplicated_rows_and_changed_m
     assert torn(other / "checkpoints" / "step-00000002") == "model.safetensors differs from the manifest"
 
 
+@pytest.mark.slow  # killed and restarted processes; PPO resume stays in test_ppo.py
 def test_ppo_killed_before_its_first_checkpoint_starts_over_with_the_same_metrics(tmp_path, nano_model_dir,
                                                                                   monkeypatch):
     """A kill after the step-0 evaluation but before checkpoint 1: the fresh start must not log step 0 twice."""
@@ -84,6 +87,7 @@ def test_ppo_killed_before_its_first_checkpoint_starts_over_with_the_same_metric
     assert metrics(part) == metrics(tmp_path / "run")
 
 
+@pytest.mark.slow  # a killed and resumed process per stage (`make test-faults` runs more trials)
 def test_one_seeded_kill_trial_per_stage(tmp_path):
     """The fast subset of `make test-faults`: every stage but the pipeline (tests/test_pipeline.py kills
     that one), one trial each."""

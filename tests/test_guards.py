@@ -216,6 +216,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow  # a whole stage in a child process
 def test_a_stage_runs_with_the_network_disabled(tmp_path, nano_model_dir):
     from test_rejection_sampling import make_prompts
 
