@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignment.chat import write_template
 from alignment.config import config_hash, to_dict
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.faults import fault_point
@@ -154,6 +155,36 @@ def commit_dir(tmp: Path, final: Path, extra: dict | None = None) -> None:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
     fault_point("commit.renamed")
+
+
+def save_pretrained_atomic(path: Path, model=None, tokenizer=None, state_dict: dict | None = None,
+                           chat_template: bool = True) -> None:
+    """An HF checkpoint (`model.save_pretrained`, safetensors, with `state_dict` when given, e.g. gathered
+    from ZeRO-3 shards) and/or a tokenizer with its chat template choice (`alignment.chat.write_template`,
+    off for a base tokenizer), written into a temp directory beside `path` and made visible by `commit_dir`
+    (manifest, fsync, rename): a killed save never leaves a half-written model."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
+    tmp.mkdir(parents=True)
+    if model is not None:
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+        if chat_template:
+            write_template(tmp, tokenizer)
+    commit_dir(tmp, path)
+
+
+def copy_dir_atomic(source: Path, path: Path) -> None:
+    """A copy of the checkpoint directory `source` as `path`, committed like a save (its old manifest and
+    completion mark are written anew)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARK, MANIFEST))
+    commit_dir(tmp, path)
 
 
 class RunDir:

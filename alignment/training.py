@@ -22,9 +22,8 @@ from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
 from alignment.faults import fault_point
-from alignment.models.tokenizer import save_tokenizer
 from alignment.runs import (GIB, OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
-                            commit_dir, model_bytes, saved_model_size, write_json_atomic)
+                            commit_dir, model_bytes, save_pretrained_atomic, saved_model_size, write_json_atomic)
 
 
 # Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
@@ -329,14 +328,9 @@ def save_final(accelerator, model, tokenizer, run: RunDir, merge_lora: bool = Tr
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        tmp = run.path / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
-        tmp.mkdir(parents=True)
         if hasattr(unwrapped, "merge_and_unload") and merge_lora:
             unwrapped.load_state_dict(state_dict)
-            unwrapped.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
+            save_pretrained_atomic(run.final_dir, unwrapped.merge_and_unload(), tokenizer)
         else:
-            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-        commit_dir(tmp, run.final_dir)
+            save_pretrained_atomic(run.final_dir, unwrapped, tokenizer, state_dict=state_dict)
     accelerator.wait_for_everyone()

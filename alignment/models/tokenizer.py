@@ -6,12 +6,11 @@ are ordinary text, as in Llama 2; only BOS/EOS/PAD/UNK are special tokens.
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from alignment.chat import read_template, set_template, write_template
-from alignment.runs import commit_dir
+from alignment.runs import save_pretrained_atomic
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_MARKERS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
@@ -41,12 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
         padding_side="right", clean_up_tokenization_spaces=False,
     )
     # written whole or not at all: a run killed mid-save must not find a tokenizer with half its files
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp))
-    commit_dir(tmp, out_dir)
+    save_pretrained_atomic(Path(out_dir), tokenizer=hf, chat_template=False)  # a base tokenizer: no chat format
     return hf
 
 

@@ -38,9 +38,7 @@ its checkpoints; a finished run (done.json) is not touched.
 from __future__ import annotations
 
 import json
-import os
 import random
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +48,7 @@ from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.data.toyworld import CONSTRAINT_TYPES, apply_instruction, check_instruction, undo_instruction
+from alignment.distributed import is_main_process, local_device, main_process_does
 from alignment.faults import fault_point
 from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching, gatt_train_on,
                             measure_adherence_sets, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
@@ -58,7 +57,7 @@ from alignment.generation import generate
 from alignment.models.loading import resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
-from alignment.stages.sft import fine_tune, is_main_process
+from alignment.stages.sft import fine_tune
 from alignment.training import check_disk_before_sampling
 
 EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "final"),
@@ -67,14 +66,6 @@ EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "fin
 
 
 # ----------------------------------------------------------------------------------------- models
-def _device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None):
     """A causal LM for inference on this process's device, and its tokenizer (chat template: the one stored
     with `path`, else `template`, see `load_tokenizer`)."""
@@ -82,7 +73,7 @@ def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
                                                  attn_implementation=attn_implementation)
-    return model.to(_device()).eval(), load_tokenizer(path, template)
+    return model.to(local_device()).eval(), load_tokenizer(path, template)
 
 
 def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 0.0,
@@ -251,11 +242,6 @@ def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
                      distributed=cfg.distributed, logging=cfg.logging, eval=EvalSection(), seed=cfg.seed)
 
 
-def _wait_for(path: Path) -> None:
-    while not path.is_file():  # other processes meet the main one on its files
-        time.sleep(2.0)
-
-
 def run_gatt(cfg: GAttConfig) -> dict:
     """`align gatt`: sample dialogs, keep those that obey, fine-tune, evaluate adherence by turn."""
     run = RunDir(cfg.output.dir, cfg, overwrite=cfg.output.overwrite)
@@ -275,10 +261,13 @@ def run_gatt(cfg: GAttConfig) -> dict:
     run.prepare(inputs, is_main=is_main_process())  # refuses a directory of another config before sampling
 
     counts_path, dialogs_path = run.path / "sampling.json", run.path / "dialogs.jsonl"
-    reuse = counts_path.is_file() and json.loads(counts_path.read_text()).get("config_hash") == run.hash
-    if not reuse:
+    def sampled() -> bool:  # by this config: a file left by another config is redone, never read
+        return counts_path.is_file() and json.loads(counts_path.read_text()).get("config_hash") == run.hash
+
+    if not sampled():
         check_disk_before_sampling(run, cfg.model.path, cfg.output, "gatt")
-    if is_main_process() and not reuse:
+
+    def sample() -> None:
         mode = cfg.sampling.answers
         print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"
               f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
@@ -294,7 +283,8 @@ def run_gatt(cfg: GAttConfig) -> dict:
         print(f"[gatt] kept {counts['complete']} of {counts['dialogs']} dialogs ({counts['failed']} broke the "
               f"instruction, {counts['cut']} too long, {counts['rewritten']} answers rewritten): "
               f"{len(rows)} training examples")
-    _wait_for(counts_path)
+
+    main_process_does(sample, sampled, "the sampled dialogs")
     dialogs = load_records(dialogs_path, "sft_dialog")
     if not dialogs:
         raise ValueError(f"[gatt] no sampled dialog obeyed its instruction (see {counts_path}); raise "

@@ -49,6 +49,7 @@ from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.distributed import is_main_process, local_device, main_process_does, rank, wait_for, world_size
 from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.generation import VLLMSampler, generate_with, pick_backend
@@ -58,33 +59,27 @@ from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
 from alignment.scoring import reward_scores
-from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
+from alignment.stages.sft import evaluate_policy, fine_tune, print_eval_table
 from alignment.training import check_disk_before_sampling
 
+DESC = "rejection-sampling"
 STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after this many shards are written
-POLL_SECONDS = 2.0
 
 
 # ----------------------------------------------------------------------------------------- models
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def load_sampler(path: str, cfg: RejectionSamplingConfig):
     """The policy that draws samples and its tokenizer: a plain HF causal LM (inference only), or a vLLM
     engine where `generation.backend` picks it."""
     from transformers import AutoModelForCausalLM
 
     template = cfg.chat.template if path == cfg.model.path else None  # other checkpoints carry their own
-    if pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1"))) == "vllm":
+    if pick_backend(cfg.generation.backend, world_size()) == "vllm":
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
         return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path, template)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True,
                                                  attn_implementation=cfg.model.attn_implementation)
-    return model.to(_device()).eval(), load_tokenizer(path, template)
+    return model.to(local_device()).eval(), load_tokenizer(path, template)
 
 
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
@@ -99,7 +94,7 @@ def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
             path, num_labels=1, dtype=resolve_dtype(cfg.reward.dtype), local_files_only=True)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        rms[name] = (model.to(_device()).eval(), tokenizer)
+        rms[name] = (model.to(local_device()).eval(), tokenizer)
     return rms
 
 
@@ -148,14 +143,6 @@ def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def _wait_for(condition, what: str) -> None:
-    """Processes meet on files (no collective: sampling can outlast any barrier timeout)."""
-    if not condition():
-        print(f"[rejection-sampling] rank {os.environ.get('RANK', '0')} waiting for {what}")
-    while not condition():
-        time.sleep(POLL_SECONDS)
-
-
 def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path: str, rows: list[dict],
                      store: ShardStore) -> dict:
     """Write every missing shard of one iteration (this process's chunks), then mark the samples done."""
@@ -163,8 +150,8 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
 
     spec = cfg.iterations[iteration - 1]
     chunks = _chunks(rows, cfg.generation.prompts_per_shard)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    todo = [i for i in range(len(chunks)) if i % world == rank and not store.has_shard(i)]
+    me, world = rank(), world_size()
+    todo = [i for i in range(len(chunks)) if i % world == me and not store.has_shard(i)]
     stop_after = int(os.environ.get(STOP_AFTER_SHARD_ENV, "0"))
     samples = tokens = 0
     t0 = time.perf_counter()
@@ -191,7 +178,7 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
         _release_memory()
     seconds = time.perf_counter() - t0
     if is_main_process():
-        _wait_for(lambda: all(store.has_shard(i) for i in range(len(chunks))), "every rank's shards")
+        wait_for(lambda: all(store.has_shard(i) for i in range(len(chunks))), "every rank's shards", DESC)
         records = store.read()
         store.mark_done({
             "shards": len(chunks), "samples": len(records), "shards_sampled_by_this_session": len(todo),
@@ -199,7 +186,7 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
             "tokens_per_s": tokens / seconds if samples else None,
             "finished_rate": sum(r["finished"] for r in records) / max(len(records), 1)})
     else:
-        _wait_for(store.done, "the main process to close the samples")
+        wait_for(store.done, "the main process to close the samples", DESC)
     return store.summary()
 
 
@@ -306,7 +293,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
                               "reward": dataclasses.asdict(cfg.reward), "prompt_ids": [r["id"] for r in rows]})
             store.remove_temp_files()
         else:
-            _wait_for(lambda: (store.path / "meta.json").is_file(), "the sample store")
+            wait_for(lambda: (store.path / "meta.json").is_file(), "the sample store", DESC)
         print(f"[rejection-sampling] v{iteration}: {spec.num_samples} samples x {len(rows)} prompts at "
               f"T={spec.temperature} from {sampler}")
         sampling = sample_iteration(cfg, iteration, sampler, rows, store)
@@ -317,10 +304,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
                for r in ShardStore(iteration_dir(root, n) / "samples").read()]
     kept = select_best(records)
     dialogs = kept_dialogs(rows, kept, iteration)
-    if is_main_process() and not kept_path.is_file():
-        write_jsonl(kept_path, dialogs)
-    else:
-        _wait_for(kept_path.is_file, "the kept answers")
+    main_process_does(lambda: write_jsonl(kept_path, dialogs), kept_path.is_file, "the kept answers", DESC)
     summary = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)}, desc=f"rs-v{iteration}")
     report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": spec.temperature,
               "sampled_by": sampler, "fine_tuned_from": start,
@@ -366,7 +350,7 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
     _check_inputs(cfg, rows)
 
-    pick_backend(cfg.generation.backend, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any compute
+    pick_backend(cfg.generation.backend, world_size())  # fails here, before any compute
     if cfg.sweep.enabled:
         return run_sweep(cfg, rows)
     # The sweep section is a separate tool: switching it does not make this another run.

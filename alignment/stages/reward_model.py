@@ -15,7 +15,6 @@ them per rating bucket (Table 28: `ablation.json`, `ablation.md`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from alignment.config import RMConfig
 from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
 from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.distributed import is_main_process, world_size
 from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import load_reward_model
 from alignment.models.tokenizer import load_tokenizer
@@ -33,10 +33,6 @@ from alignment.scoring import encode_for_reward, packed_scores, reward_scores
 from alignment.training import LoopConfig, train
 
 SCHEMA = "preference_pair"
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -271,7 +267,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
     """Train a scalar-head RM from `cfg.model` on `pairs` into `run` with the shared loop."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
     examples = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     plan = make_plan(cfg, examples, world)
     run.prepare(inputs, is_main=is_main_process())
     if is_main_process():

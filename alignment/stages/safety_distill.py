@@ -29,10 +29,7 @@ Layout of `output.dir` (besides the RunDir files and the fine-tune's checkpoints
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import time
 from pathlib import Path
 
 from alignment.config import DataSource, SafetyDistillConfig, SafetyPrepromptSection, SFTConfig, SFTData
@@ -40,11 +37,12 @@ from alignment.data import toyworld
 from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.distributed import is_main_process, main_process_does
 from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
 from alignment.gatt import attach_instruction
-from alignment.runs import RunDir, commit_dir, write_json_atomic
+from alignment.runs import RunDir, copy_dir_atomic, write_json_atomic
 from alignment.stages.gatt import load_policy
-from alignment.stages.sft import evaluate_policy, fine_tune, is_main_process, print_eval_table
+from alignment.stages.sft import evaluate_policy, fine_tune, print_eval_table
 
 PLACEHOLDERS = {"generic": ("{adjective}",), "template_preprompt": ("{category}", "{template}", "{generic}")}
 
@@ -207,15 +205,15 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     def sampled() -> bool:  # by this config: a file left by another config is redone, never read
         return summary_path.is_file() and json.loads(summary_path.read_text()).get("config_hash") == run.hash
 
-    if is_main_process() and not sampled():
+    def sample() -> None:
         samples = sample_answers(cfg, rows)
         write_jsonl(samples_path, samples)
         write_jsonl(kept_path, distilled_dialogs(rows, samples))
         counts = {**sampling_summary(samples), "config_hash": run.hash}
         write_json_atomic(summary_path, counts)  # last: marks the sampling finished
         print_sampling(counts)
-    while not sampled():  # other processes meet the main one on its files
-        time.sleep(2.0)
+
+    main_process_does(sample, sampled, "the distilled samples")
     dialogs = load_records(kept_path, "sft_dialog")
     sft_cfg = distill_sft_config(cfg, kept_path)
     if dialogs and len(dialogs) >= cfg.judge.min_kept:
@@ -245,10 +243,7 @@ def keep_unchanged(cfg: SafetyDistillConfig, run: RunDir, samples_path: Path, ke
                          f"directory to copy as final/")
     print(f"[safety-distill] {why} (see {samples_path}); final/ is the starting model unchanged")
     if is_main_process() and not (run.final_dir / "config.json").is_file():
-        tmp = run.path / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("COMPLETE"))
-        commit_dir(tmp, run.final_dir)
+        copy_dir_atomic(source, run.final_dir)
     return {"examples": 0, "kept_below_min": kept, "fine_tuned": False}
 
 

@@ -7,22 +7,17 @@ whole optimizer step. Rejection sampling, GAtt and safety distillation fine-tune
 """
 from __future__ import annotations
 
-import os
-
 from alignment.batching import attention_inputs, build_plan, collate
 from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
+from alignment.distributed import is_main_process, world_size
 from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
 from alignment.losses import sft_loss
 from alignment.models.loading import load_causal_lm
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.training import LoopConfig, train
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
@@ -70,7 +65,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
     examples, dropped = encode_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
     if not examples:
         raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     plan = make_plan(cfg, examples, world)
     run.prepare(inputs, is_main=is_main_process())
     if dropped and is_main_process():
