@@ -184,6 +184,109 @@ def _fused_adamw_on_cpu() -> bool:
     return version >= (2, 4)
 
 
+# ----------------------------------------------------------------------------------------- the engine
+class Engine:
+    """An accelerate-prepared model and optimizer and the run they write to: the micro-step, resume, metrics,
+    progress bar, checkpoints and stop hook of every training loop (`train` below, PPO's iterations).
+    Made by `start_engine`."""
+
+    def __init__(self, accelerator, model, optimizer, run: RunDir, desc: str, optim: OptimSection,
+                 logging: LoggingSection, output: OutputSection):
+        self.accelerator, self.model, self.optimizer, self.run, self.desc = accelerator, model, optimizer, run, desc
+        self.optim, self.logging, self.output = optim, logging, output
+        self.log: MetricsLog | None = None
+        self.bar = None
+
+    def setup(self) -> str:
+        """"N process(es), engine, precision" for the stage's first line."""
+        acc = self.accelerator
+        engine = acc.distributed_type.name.lower()
+        if acc.state.deepspeed_plugin is not None:
+            engine += f" ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
+        return f"{acc.num_processes} process(es), {engine}, {acc.mixed_precision} precision"
+
+    def resume(self, key: str, total: int) -> dict | None:
+        """Load the newest intact checkpoint (model, optimizer, RNG) and return its loop state (`state.json`,
+        whose `key` counts the steps done), or None on a fresh start."""
+        latest = self.run.resume_checkpoint(self.accelerator.print)
+        if latest is None:
+            return None
+        self.accelerator.load_state(str(latest))
+        state = json.loads((latest / "state.json").read_text())
+        self.accelerator.print(f"[{self.desc}] resuming from {latest} ({key} {state[key]}/{total})")
+        return state
+
+    def open_progress(self, total: int, start: int, resume_step: int) -> None:
+        """metrics.jsonl (records past `resume_step` dropped) and the progress bar, on the main process."""
+        from tqdm.auto import tqdm
+
+        main = self.accelerator.is_main_process
+        self.log = MetricsLog(self.run.path, self.logging.tensorboard, enabled=main, resume_step=resume_step)
+        self.bar = tqdm(total=total, initial=start, desc=self.desc, dynamic_ncols=True,
+                        disable=not (main and self.logging.progress))
+
+    def micro_step(self, compute: Callable[[], tuple[torch.Tensor, dict]], where: str, examples=None,
+                   site: str = "train.backward", norm_where: str | None = None) -> dict:
+        """One micro-batch under gradient accumulation: `compute()` gives (loss, metrics); the loss is checked
+        before backward (under DeepSpeed the update happens inside backward), gradients are clipped and the
+        optimizer steps when the accumulation is complete. Returns the metrics."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            loss, metrics = compute()
+            check_loss(loss, where, self.run, examples)
+            acc.backward(loss)
+            fault_point(site)
+            if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
+                norm = acc.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+                check_loss(norm, norm_where or where, self.run, what="the gradient norm")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def reduce(self, values: dict, reduction: str = "sum") -> dict:
+        """Scalars (tensors or numbers) summed or averaged over all processes, as floats."""
+        keys = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=self.accelerator.device)
+                               for k in keys])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction=reduction)
+        return dict(zip(keys, stacked.tolist()))
+
+    def log_due(self, done: int, total: int) -> bool:
+        return done % self.logging.every_steps == 0 or done == total
+
+    def end_step(self, done: int, total: int, state: dict | None = None) -> None:
+        """After step `done`: advance the bar, save a checkpoint when due (with the loop's `state`), and die
+        here when a test asked for it (ALIGN_STOP_AFTER_STEP)."""
+        self.bar.update(1)
+        every = self.output.save_every_steps
+        if every and done % every == 0 and done < total:
+            save_checkpoint(self.accelerator, self.run, done, self.output.keep_last, state)
+        if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
+            os._exit(99)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+def start_engine(model, optimizer_for: Callable[[torch.nn.Module], torch.optim.Optimizer], *, run: RunDir, desc: str,
+                 distributed: DistributedSection, train: TrainSection, optim: OptimSection, logging: LoggingSection,
+                 output: OutputSection, seed: int) -> Engine:
+    """The accelerator (DeepSpeed from the recipe or the launcher), the seed, `optimizer_for(model)`, and
+    both prepared together."""
+    accelerator = make_accelerator(distributed, train, optim)
+    torch.manual_seed(seed)
+    optimizer = optimizer_for(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Engine(accelerator, model, optimizer, run, desc, optim, logging, output)
+
+
+def saves_checkpoints(output: OutputSection, total: int) -> bool:
+    """Whether a run of `total` steps writes a checkpoint before its end."""
+    return bool(output.save_every_steps) and output.save_every_steps < total
+
+
 # ----------------------------------------------------------------------------------------- the loop
 StepFn = Callable[[torch.nn.Module, list, float], tuple[torch.Tensor, dict]]
 
@@ -198,29 +301,18 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
     over the micro-batch: "loss_sum" and any "x_sum", reported as means over the step's items).
     Returns a summary (steps, final metrics, throughput).
     """
-    from tqdm.auto import tqdm
-
     total = len(plan.steps)
-    check_disk_for_run(run, model, bool(cfg.output.save_every_steps) and cfg.output.save_every_steps < total, desc)
-    accelerator = make_accelerator(cfg.distributed, cfg.train, cfg.optim)
-    torch.manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    check_disk_for_run(run, model, saves_checkpoints(cfg.output, total), desc)
+    engine = start_engine(model, lambda m: make_optimizer(m, cfg.optim), run=run, desc=desc,
+                          distributed=cfg.distributed, train=cfg.train, optim=cfg.optim, logging=cfg.logging,
+                          output=cfg.output, seed=cfg.seed)
+    accelerator, model, optimizer = engine.accelerator, engine.model, engine.optimizer
     world, rank = accelerator.num_processes, accelerator.process_index
-    engine = accelerator.distributed_type.name.lower()
-    if accelerator.state.deepspeed_plugin is not None:
-        engine += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    accelerator.print(f"[{desc}] {total} steps on {world} process(es), {engine}, {accelerator.mixed_precision} precision")
+    accelerator.print(f"[{desc}] {total} steps on {engine.setup()}")
 
-    start = 0
-    latest = run.resume_checkpoint(accelerator.print)
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        start = json.loads((latest / "state.json").read_text())["step"]
-        accelerator.print(f"[{desc}] resuming from {latest} (step {start}/{total})")
-    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=accelerator.is_main_process, resume_step=start)
-    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-               disable=not (accelerator.is_main_process and cfg.logging.progress))
+    state = engine.resume("step", total)
+    start = state["step"] if state is not None else 0
+    engine.open_progress(total, start, resume_step=start)
 
     model.train()
     last: dict = {}
@@ -232,54 +324,37 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
         scale = plan.items[step] / (cfg.train.grad_accum * world)
         sums: dict[str, torch.Tensor] = {}
         for i, rows in enumerate(plan.micro_batches(step, rank, world)):
-            with accelerator.accumulate(model):
-                loss, metrics = step_fn(model, rows, scale)
-                # before backward: under DeepSpeed the update happens inside backward
-                check_loss(loss, f"[{desc}] step {step + 1}/{total}, micro-batch {i}", run, rows)
-                accelerator.backward(loss)
-                fault_point("train.backward")
-                if accelerator.sync_gradients and accelerator.distributed_type.name != "DEEPSPEED":
-                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    check_loss(norm, f"[{desc}] step {step + 1}/{total}", run, what="the gradient norm")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            metrics = engine.micro_step(lambda: step_fn(model, rows, scale),
+                                        f"[{desc}] step {step + 1}/{total}, micro-batch {i}", rows,
+                                        norm_where=f"[{desc}] step {step + 1}/{total}")
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
         items_done += plan.items[step]
-        bar.update(1)
         done = step + 1
         fault_point("train.step")
-        if done % cfg.logging.every_steps == 0 or done == total:
-            last = _reduce_metrics(accelerator, sums, plan.items[step])
+        if engine.log_due(done, total):
+            last = _step_metrics(engine.reduce(sums), plan.items[step])
             if not math.isfinite(last["loss"]):
                 raise NonFiniteLossError(f"[{desc}] step {done}: loss is {last['loss']}; the last good checkpoint "
                                          f"is {run.latest_checkpoint()}")
             rate = items_done / max(1e-9, time.perf_counter() - t0)
             last.update(step=done, lr=lr, **{f"{unit}_per_s": rate})
-            log.log(last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"})
-        if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done < total:
-            save_checkpoint(accelerator, run, done, cfg.output.keep_last)
-        if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
-            os._exit(99)
-    bar.close()
-    log.close()
+            engine.log.log(last)
+            engine.bar.set_postfix(loss=f"{last['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"})
+        engine.end_step(done, total)
+    engine.close()
     save_final(accelerator, model, tokenizer, run, merge_lora=merge_lora)
-    _leave_zero3()
+    leave_zero3()
     elapsed = time.perf_counter() - t0
     return {"steps": total, "resumed_from": start, "final": last, f"{unit}_per_s": items_done / max(elapsed, 1e-9),
             "seconds": elapsed}
 
 
-def _reduce_metrics(accelerator, sums: dict, step_items: int) -> dict:
-    """Step metrics over all processes. Step functions report sums: "x_sum" becomes "x", the mean over the
-    step's trained items (tokens or pairs); other entries (counts) are summed."""
-    keys = sorted(sums)
-    stacked = torch.stack([sums[k] for k in keys]).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        stacked = accelerator.reduce(stacked, reduction="sum")
+def _step_metrics(totals: dict, step_items: int) -> dict:
+    """Step metrics from the sums over all processes: "x_sum" becomes "x", the mean over the step's trained
+    items (tokens or pairs); other entries (counts) stay sums."""
     out = {}
-    for k, v in zip(keys, stacked.tolist()):
+    for k, v in totals.items():
         if k.endswith("_sum"):
             out[k[:-4]] = v / max(step_items, 1)
         else:
@@ -288,7 +363,7 @@ def _reduce_metrics(accelerator, sums: dict, step_items: int) -> dict:
     return out
 
 
-def _leave_zero3() -> None:
+def leave_zero3() -> None:
     """After training, models loaded for evaluation (on the main process only) must not be partitioned
     by the ZeRO-3 context that accelerate registered with transformers."""
     try:

@@ -26,10 +26,7 @@ are gathered once per generation round (`alignment.rollout.gathered_for_generati
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,20 +37,21 @@ from alignment.chat import encode_prompt, read_template, stop_token_id, template
 from alignment.config import PPOConfig, TrainSection
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
+from alignment.distributed import is_main_process, world_size
 from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.generation import generate
 from alignment.losses import masked_mean, policy_loss, value_loss
 from alignment.models.loading import load_causal_lm, resolve_dtype
-from alignment.models.tokenizer import load_tokenizer, save_tokenizer
+from alignment.models.tokenizer import load_tokenizer
 from alignment.rewards import combine
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, masked_row_sum, model_inputs,
                                policy_outputs, response_logprobs)
-from alignment.runs import MetricsLog, RunDir, commit_dir, model_bytes, write_json_atomic
+from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import reward_scores
-from alignment.training import (_STOP_AFTER_STEP, NonFiniteLossError, _leave_zero3, check_disk_for_run, check_loss,
-                                make_accelerator, make_optimizer, save_checkpoint)
+from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, leave_zero3, make_optimizer,
+                                saves_checkpoints, start_engine)
 
 
 class KLBlowUpError(FloatingPointError):
@@ -136,12 +134,12 @@ class FrozenPlacement:
                 torch.cuda.empty_cache()
 
 
-def make_ppo_optimizer(models: PPOModels, cfg: PPOConfig) -> torch.optim.Optimizer:
+def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
     """One AdamW over actor and critic parameter groups (decay / no decay each), critic at `critic.lr`."""
-    optimizer = make_optimizer(models.actor, cfg.optim)
+    optimizer = make_optimizer(policy.actor, cfg.optim)
     for group in optimizer.param_groups:
         group["role"] = "actor"
-    for group in make_optimizer(models.critic, cfg.optim).param_groups:
+    for group in make_optimizer(policy.critic, cfg.optim).param_groups:
         optimizer.add_param_group({**group, "lr": cfg.critic.lr or cfg.optim.lr, "role": "critic"})
     return optimizer
 
@@ -176,8 +174,9 @@ def _rows(batch: dict, idx) -> dict:
     return {k: v[idx] for k, v in batch.items()}
 
 
-def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
-    """Generate, score and compute advantages for this process's prompt rows.
+def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
+    """Generate, score and compute advantages for this process's prompt rows (the batch tensors themselves
+    are built by `alignment.rollout`).
 
     Returns (batch tensors for training, per-row stats, timings)."""
     cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
@@ -241,7 +240,7 @@ def rollout(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
                               "time_reward_models": t2 - t1}
 
 
-def train_on_rollout(ctx, batch: dict, iteration: int, run: RunDir) -> dict:
+def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
     """`ppo.epochs` passes over shuffled mini-batches; one optimizer step per mini-batch."""
     cfg, acc = ctx.cfg, ctx.accelerator
     rows = batch["input_ids"].size(0)
@@ -251,45 +250,30 @@ def train_on_rollout(ctx, batch: dict, iteration: int, run: RunDir) -> dict:
     sums: dict[str, float] = {}
     count = 0
     ctx.policy.train()
+
+    def losses(chunk: dict):
+        mask = chunk["response_mask"]
+        logits, values = ctx.policy(**model_inputs(chunk), response_length=mask.size(1))
+        logprobs, _ = response_logprobs(logits, chunk)
+        pg, pg_metrics = policy_loss(logprobs, chunk["old_logprobs"], chunk["advantages"], mask, clip=cfg.ppo.clip)
+        vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask, clip=cfg.ppo.value_clip)
+        return pg + cfg.ppo.vf_coef * vf, {
+            "policy_loss": pg_metrics["loss"], "value_loss": vf_metrics["loss"],
+            "clip_fraction": pg_metrics["clip_fraction"], "approx_kl": pg_metrics["approx_kl"],
+            "value_clip_fraction": vf_metrics["value_clip_fraction"]}
+
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(rows, generator=generator).to(acc.device)
         for m0 in range(0, rows, per_mini):
             for u0 in range(m0, m0 + per_mini, micro):
                 chunk = _rows(batch, order[u0:u0 + micro])
-                mask = chunk["response_mask"]
-                with acc.accumulate(ctx.policy):
-                    logits, values = ctx.policy(**model_inputs(chunk), response_length=mask.size(1))
-                    logprobs, _ = response_logprobs(logits, chunk)
-                    pg, pg_metrics = policy_loss(logprobs, chunk["old_logprobs"], chunk["advantages"], mask,
-                                                 clip=cfg.ppo.clip)
-                    vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask,
-                                                clip=cfg.ppo.value_clip)
-                    loss = pg + cfg.ppo.vf_coef * vf
-                    where = f"[ppo] iteration {iteration + 1}, epoch {epoch}, mini-batch {m0 // per_mini}"
-                    check_loss(loss, where, run, order[u0:u0 + micro].tolist())
-                    acc.backward(loss)
-                    fault_point("ppo.backward")
-                    if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
-                        norm = acc.clip_grad_norm_(ctx.policy.parameters(), cfg.optim.grad_clip)
-                        check_loss(norm, where, run, what="the gradient norm")
-                    ctx.optimizer.step()
-                    ctx.optimizer.zero_grad(set_to_none=True)
-                metrics = {"policy_loss": pg_metrics["loss"], "value_loss": vf_metrics["loss"],
-                           "clip_fraction": pg_metrics["clip_fraction"], "approx_kl": pg_metrics["approx_kl"],
-                           "value_clip_fraction": vf_metrics["value_clip_fraction"]}
+                where = f"[ppo] iteration {iteration + 1}, epoch {epoch}, mini-batch {m0 // per_mini}"
+                metrics = ctx.engine.micro_step(lambda: losses(chunk), where, order[u0:u0 + micro].tolist(),
+                                                site="ppo.backward")
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 count += 1
     return {k: v / count for k, v in sums.items()}
-
-
-def _reduce_mean(acc, stats: dict) -> dict:
-    """Means over processes (every process holds the same number of rows)."""
-    keys = sorted(stats)
-    stacked = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=acc.device) for k in keys])
-    if acc.num_processes > 1:
-        stacked = acc.reduce(stacked, reduction="mean")
-    return dict(zip(keys, stacked.tolist()))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -327,6 +311,11 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- saving
+def _part_state(state: dict, part: str) -> dict:
+    """The entries of one sub-module (`actor` or `critic`) of an ActorCritic state dict, prefix removed."""
+    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(f"{part}.")}
+
+
 def save_actor(ctx, path: Path) -> None:
     """The actor, HF-native (ZeRO-3 shards gathered), with the tokenizer, written atomically. A LoRA actor
     is saved as adapters; `finish` merges them into `final/` when `model.lora.merge_on_save`."""
@@ -335,18 +324,8 @@ def save_actor(ctx, path: Path) -> None:
     state = acc.get_state_dict(ctx.policy)
     if acc.is_main_process:
         actor = acc.unwrap_model(ctx.policy).actor
-        actor_state = {k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")}
-        tmp = path.with_name(f".tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        actor.save_pretrained(str(tmp), state_dict=actor_state, safe_serialization=True)
-        save_tokenizer(ctx.tokenizer, tmp)
-        commit_dir(tmp, path)
+        save_pretrained_atomic(path, actor, ctx.tokenizer, state_dict=_part_state(state, "actor"))
     acc.wait_for_everyone()
-
-
-def save_ppo_checkpoint(ctx, run: RunDir, state: dict) -> None:
-    """Actor, critic, optimizer, RNG (accelerate; ZeRO shards per rank) and the loop state, atomically."""
-    save_checkpoint(ctx.accelerator, run, state["iteration"], ctx.cfg.output.keep_last, state)
 
 
 def finish(ctx, run: RunDir) -> None:
@@ -359,27 +338,19 @@ def finish(ctx, run: RunDir) -> None:
     state = acc.get_state_dict(ctx.policy)
     if acc.is_main_process:
         critic = acc.unwrap_model(ctx.policy).critic
-        tmp = run.path / ".tmp-critic"
-        shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
-        critic.save_pretrained(str(tmp), state_dict={k[len("critic."):]: v for k, v in state.items()
-                                                     if k.startswith("critic.")}, safe_serialization=True)
-        commit_dir(tmp, run.path / "critic")
+        save_pretrained_atomic(run.path / "critic", critic, state_dict=_part_state(state, "critic"))
     acc.wait_for_everyone()
-
-    _leave_zero3()
+    leave_zero3()
     if acc.is_main_process:
-        tmp = run.path / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
         if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
             base = AutoModelForCausalLM.from_pretrained(cfg.model.path, local_files_only=True)
-            PeftModel.from_pretrained(base, str(best)).merge_and_unload().save_pretrained(str(tmp))
-            save_tokenizer(ctx.tokenizer, tmp)
+            merged = PeftModel.from_pretrained(base, str(best)).merge_and_unload()
+            save_pretrained_atomic(run.final_dir, merged, ctx.tokenizer)
         else:
-            shutil.copytree(best, tmp)
-        commit_dir(tmp, run.final_dir)
+            copy_dir_atomic(best, run.final_dir)
     acc.wait_for_everyone()
 
 
@@ -387,12 +358,18 @@ def finish(ctx, run: RunDir) -> None:
 @dataclass
 class _Context:
     cfg: PPOConfig
-    accelerator: object
-    policy: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Engine  # the ActorCritic (`engine.model`) and its optimizer
     models: PPOModels
     tokenizer: object
     frozen: FrozenPlacement
+
+    @property
+    def accelerator(self):
+        return self.engine.accelerator
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.engine.model
 
 
 def _check_finite(iteration: int, stats: dict, run: RunDir, max_kl: float | None) -> None:
@@ -408,42 +385,31 @@ def _check_finite(iteration: int, stats: dict, run: RunDir, max_kl: float | None
 
 def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts: list[dict],
               eval_rows: list[dict]) -> dict:
-    """Run (or resume) the PPO iterations; returns a summary. `models` come from `load_models` (tests may
+    """Run (or resume) the PPO iterations on the shared engine (`alignment.training.Engine`: micro-step,
+    resume, metrics, progress, checkpoints); returns a summary. `models` come from `load_models` (tests may
     pass stand-ins)."""
-    from tqdm.auto import tqdm
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = check_sizes(cfg, world)
-    train_section = TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=accum)
-    acc = make_accelerator(cfg.distributed, train_section, cfg.optim)
-    torch.manual_seed(cfg.seed)
+    total = cfg.ppo.iterations
+    accum = check_sizes(cfg, world_size())
     for m in (models.actor, models.critic):
         disable_dropout(m)
     actor_critic = ActorCritic(models.actor, models.critic)
-    saves = bool(cfg.output.save_every_steps) and cfg.output.save_every_steps < cfg.ppo.iterations
     actor_bytes, critic_bytes = model_bytes(models.actor)[0], model_bytes(models.critic)[0]
-    check_disk_for_run(run, actor_critic, saves, "ppo", saved_bytes=2 * actor_bytes + critic_bytes)  # best, final, critic
-    optimizer = make_ppo_optimizer(models, cfg)
-    policy, optimizer = acc.prepare(actor_critic, optimizer)
+    check_disk_for_run(run, actor_critic, saves_checkpoints(cfg.output, total), "ppo",
+                       saved_bytes=2 * actor_bytes + critic_bytes)  # best, final, critic
+    engine = start_engine(actor_critic, lambda policy: make_ppo_optimizer(policy, cfg), run=run, desc="ppo",
+                          distributed=cfg.distributed,
+                          train=TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=accum),
+                          optim=cfg.optim, logging=cfg.logging, output=cfg.output, seed=cfg.seed)
+    acc = engine.accelerator
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
-    ctx = _Context(cfg, acc, policy, optimizer, models, tokenizer, FrozenPlacement(frozen_models, acc.device,
-                                                                                    cfg.reward.offload))
-    engine = acc.distributed_type.name.lower()
-    if acc.state.deepspeed_plugin is not None:
-        engine += f" ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
-    acc.print(f"[ppo] {cfg.ppo.iterations} iterations x {cfg.ppo.batch_size} prompts on {acc.num_processes} "
-              f"process(es), {engine}, {acc.mixed_precision} precision")
+    ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload))
+    acc.print(f"[ppo] {total} iterations x {cfg.ppo.batch_size} prompts on {engine.setup()}")
 
-    state = {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0, "stopped": None,
-             "evaluations": []}
-    latest = run.resume_checkpoint(acc.print)
-    if latest is not None:
-        acc.load_state(str(latest))
-        state = json.loads((latest / "state.json").read_text())
-        acc.print(f"[ppo] resuming from {latest} (iteration {state['iteration']}/{cfg.ppo.iterations})")
+    resumed = engine.resume("iteration", total)
+    state = resumed or {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0,
+                        "stopped": None, "evaluations": []}
     # a fresh start drops everything a killed run logged, its step-0 evaluation included
-    log = MetricsLog(run.path, cfg.logging.tensorboard, enabled=acc.is_main_process,
-                     resume_step=state["iteration"] if latest is not None else -1)
+    engine.open_progress(total, state["iteration"], resume_step=state["iteration"] if resumed else -1)
     es = cfg.early_stopping
     evaluate = es.every_iterations > 0 and bool(eval_rows)
 
@@ -463,10 +429,8 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         return result
 
     if evaluate and not state["evaluations"]:  # the starting actor: the baseline to beat
-        log.log({"step": 0, **do_eval(0)})
-    bar = tqdm(total=cfg.ppo.iterations, initial=state["iteration"], desc="ppo", dynamic_ncols=True,
-               disable=not (acc.is_main_process and cfg.logging.progress))
-    for iteration in range(state["iteration"], cfg.ppo.iterations):
+        engine.log.log({"step": 0, **do_eval(0)})
+    for iteration in range(state["iteration"], total):
         if state["stopped"]:
             break
         done = iteration + 1
@@ -474,12 +438,12 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         indices = iteration_prompts(len(prompts), cfg.ppo.batch_size, iteration, cfg.seed)
         per_process = cfg.ppo.batch_size // acc.num_processes
         mine = indices[acc.process_index * per_process:(acc.process_index + 1) * per_process]
-        batch, rollout_stats, timings = rollout(ctx, [prompts[i] for i in mine], iteration)
+        batch, rollout_stats, timings = make_experience(ctx, [prompts[i] for i in mine], iteration)
         fault_point("ppo.rollout")
-        stats = _reduce_mean(acc, rollout_stats)
+        stats = engine.reduce(rollout_stats, "mean")  # every process holds the same number of rows
         _check_finite(done, stats, run, cfg.ppo.max_kl)  # before any update from a bad batch
         t1 = time.perf_counter()
-        stats.update(_reduce_mean(acc, train_on_rollout(ctx, batch, iteration, run)))
+        stats.update(engine.reduce(train_on_rollout(ctx, batch, iteration), "mean"))
         _check_finite(done, stats, run, None)
         elapsed = time.perf_counter() - t0
         stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size / elapsed,
@@ -488,16 +452,11 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
             stats.update(do_eval(done))
         state["iteration"] = done
         fault_point("ppo.iteration")
-        if done % cfg.logging.every_steps == 0 or done == cfg.ppo.iterations or state["stopped"]:
-            log.log(stats)
-        bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward_combined']:.3f}", kl=f"{stats['kl']:.3f}")
-        if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done < cfg.ppo.iterations:
-            save_ppo_checkpoint(ctx, run, state)
-        if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
-            os._exit(99)
-    bar.close()
-    log.close()
+        if engine.log_due(done, total) or state["stopped"]:
+            engine.log.log(stats)
+        engine.bar.set_postfix(reward=f"{stats['reward_combined']:.3f}", kl=f"{stats['kl']:.3f}")
+        engine.end_step(done, total, state)
+    engine.close()
     if state["stopped"]:
         acc.print(f"[ppo] {state['stopped']}")
     finish(ctx, run)
@@ -537,11 +496,11 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     eval_rows = load_sources(cfg.data.eval_prompts, "rl_prompt")[:cfg.early_stopping.max_prompts]
     if not prompts:
         raise ValueError("[ppo] data.prompts holds no prompt")
-    check_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_sizes(cfg, world_size())
     check_model_dirs(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
     check_rm_templates(cfg, template_of(tokenizer))
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = is_main_process()
     run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
     torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run
     summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer), tokenizer, prompts, eval_rows)
