@@ -117,6 +117,18 @@ def build_plan(lengths: list[int], items_per_example: list[int], *, seed: int, e
     return StepPlan(steps, items)
 
 
+def iteration_prompts(num_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of an iteration: consecutive slices of a seeded permutation per pass over the set, so
+    the data position is a function of the iteration number (what a resumed run restarts from)."""
+    out, start = [], iteration * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, num_prompts)
+        order = list(range(num_prompts))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
 def collate(examples: list[dict], rows: list[list[int]], pad_id: int, keys=("input_ids", "labels")) -> dict:
     """Tensors for a micro-batch: rows of concatenated examples, right-padded to the longest row.
 

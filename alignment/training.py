@@ -1,9 +1,11 @@
-"""The one training loop every stage shares (pretrain, SFT, reward models, rejection sampling, GAtt, ...).
+"""The one training engine every stage shares (pretrain, SFT, reward models, rejection sampling, GAtt, PPO).
 
 A stage hands over a model, a deterministic `StepPlan` and a `step_fn(model, micro_batch_rows, scale)`
-that returns `(loss_to_backward, metrics)`; this module owns the rest: accelerate / DeepSpeed ZeRO,
-AdamW, the learning-rate schedule, gradient accumulation, checkpoints, resume, logging and the final
-HF-native save. Nothing here knows what the loss is.
+that returns `(loss_to_backward, metrics)`; `train` owns the rest: accelerate / DeepSpeed ZeRO, AdamW,
+the learning-rate schedule, gradient accumulation, checkpoints, resume, logging and the final HF-native
+save. PPO, whose step is a rollout followed by several optimizer steps, drives the same `Engine` (the
+micro-step, resume, metrics, progress bar, checkpoints and stop hook `train` is built from) with its own
+iterations. Nothing here knows what the loss is.
 """
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ partitioning of both models and gloo CPU runs working unchanged. Consequence: gr
 actor and critic gradients together. The frozen models are plain modules in eval mode on every process
 (dtype `reward.dtype`, moved to CPU between phases with `reward.offload`). Under ZeRO-3 the actor's weights
 are gathered once per generation round (`alignment.rollout.gathered_for_generation`).
+
+Training runs on the shared engine (`alignment.training.Engine`): its micro-step, resume, metrics log,
+progress bar, checkpoints and stop hook are those of every other stage; this module adds the rollout, the
+PPO losses and early stopping.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.batching import iteration_prompts
 from alignment.chat import encode_prompt, read_template, stop_token_id, template_of
 from alignment.config import PPOConfig, TrainSection
 from alignment.data.schemas import prompt_context
@@ -144,21 +149,7 @@ def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optim
     return optimizer
 
 
-# ----------------------------------------------------------------------------------------- schedule of prompts
-def iteration_prompts(num_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
-    """Prompt indices of an iteration: consecutive slices of a seeded permutation per pass over the set, so
-    the data position is a function of the iteration number (what a resumed run restarts from)."""
-    import random
-
-    out, start = [], iteration * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, num_prompts)
-        order = list(range(num_prompts))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[offset])
-    return out
-
-
+# ----------------------------------------------------------------------------------------- sizes
 def check_sizes(cfg: PPOConfig, world: int) -> int:
     """Gradient-accumulation steps per mini-batch; rejects sizes that do not divide."""
     p = cfg.ppo
@@ -172,6 +163,14 @@ def check_sizes(cfg: PPOConfig, world: int) -> int:
 # ----------------------------------------------------------------------------------------- one iteration
 def _rows(batch: dict, idx) -> dict:
     return {k: v[idx] for k, v in batch.items()}
+
+
+def _rm_scores(ctx, contexts: list[list[dict]], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw helpfulness and safety RM scores of `answers` (the RMs on the device meanwhile)."""
+    rms, kw = ctx.models, {"batch_size": ctx.cfg.reward.batch_size, "max_length": ctx.cfg.reward.max_length}
+    with ctx.frozen.active(rms.helpful_rm, rms.safety_rm):
+        return (reward_scores(rms.helpful_rm, ctx.tokenizer, contexts, answers, **kw),
+                reward_scores(rms.safety_rm, ctx.tokenizer, contexts, answers, **kw))
 
 
 def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
@@ -195,11 +194,7 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
     batch = {k: v.to(acc.device) for k, v in build_batch(prompts, responses, tok.pad_token_id).items()}
     t1 = time.perf_counter()
 
-    texts = [a.text for a in answers]
-    with ctx.frozen.active(models.helpful_rm, models.safety_rm):
-        kw = {"batch_size": cfg.reward.batch_size, "max_length": cfg.reward.max_length}
-        helpful_raw = reward_scores(models.helpful_rm, tok, contexts, texts, **kw)
-        safety_raw = reward_scores(models.safety_rm, tok, contexts, texts, **kw)
+    helpful_raw, safety_raw = _rm_scores(ctx, contexts, [a.text for a in answers])
     t2 = time.perf_counter()
     old_logprobs, ref_logprobs, values, entropy = [], [], [], []
     micro = cfg.ppo.micro_batch_size
@@ -282,7 +277,7 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     world prompts, the gold metrics (`alignment.evaluate.gold_metrics`)."""
     from accelerate.utils import gather_object
 
-    cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
+    cfg, acc, tok = ctx.cfg, ctx.accelerator, ctx.tokenizer
     es = cfg.early_stopping
     mine = list(range(acc.process_index, len(rows), acc.num_processes))
     contexts = [prompt_context(rows[i]) for i in mine]
@@ -293,16 +288,11 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     answers = [s[0].text for s in samples]
     combined = torch.zeros(0)
     if mine:
-        with ctx.frozen.active(models.helpful_rm, models.safety_rm):
-            kw = {"batch_size": cfg.reward.batch_size, "max_length": cfg.reward.max_length}
-            h = torch.sigmoid(reward_scores(models.helpful_rm, tok, contexts, answers, **kw))
-            s = torch.sigmoid(reward_scores(models.safety_rm, tok, contexts, answers, **kw))
+        h, s = (torch.sigmoid(raw) for raw in _rm_scores(ctx, contexts, answers))
         is_safety = torch.tensor([bool(rows[i]["is_safety"]) for i in mine])
         combined = combine(h, s, is_safety, cfg.reward.safety_threshold)
-    totals = torch.tensor([combined.sum().item(), float(len(mine))], device=acc.device)
-    if acc.num_processes > 1:
-        totals = acc.reduce(totals, reduction="sum")
-    result = {"eval_reward_combined": totals[0].item() / max(totals[1].item(), 1.0)}
+    totals = ctx.engine.reduce({"combined": combined.sum().item(), "rows": float(len(mine))})
+    result = {"eval_reward_combined": totals["combined"] / max(totals["rows"], 1.0)}
     pairs = gather_object(list(zip(mine, answers))) if acc.num_processes > 1 else list(zip(mine, answers))
     if acc.is_main_process and from_toyworld(rows):
         ordered = [a for _, a in sorted(pairs)]
