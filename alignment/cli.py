@@ -37,10 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     toy = data_sub.add_parser("toyworld", help="write the toy world's data files (schema-valid JSONL)")
     toy.add_argument("--out", required=True, help="output directory")
     toy.add_argument("--seed", type=int, default=0)
-    check = data_sub.add_parser("validate", help="check a data file against a schema (file:row: field: reason)")
+    check = data_sub.add_parser("validate", help="check a data file against a schema, or an upstream file through "
+                                "its adapter (file:row: field: reason)")
     check.add_argument("path")
-    check.add_argument("--schema", required=True,
-                       choices=["sft_dialog", "preference_pair", "rl_prompt", "gatt_instruction", "text_document"])
+    check.add_argument("--schema", default=None,
+                       choices=["sft_dialog", "preference_pair", "rl_prompt", "gatt_instruction", "text_document"],
+                       help="rows to check (required for native files; default for --source: preference_pair, or "
+                            "the adapter's only schema)")
+    check.add_argument("--source", default="native", help="adapter of the file (default: native; see README)")
+    check.add_argument("--split", default=None, help="split of a directory (train, test, ...), with --source")
     stats = data_sub.add_parser(
         "stats", help="counts per source, rating bucket and safety category, token-length percentiles",
         description="Statistics of data files (any --source adapter) or of an RM recipe's mixed training set "
@@ -52,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--schema", default=None, choices=["sft_dialog", "preference_pair", "rl_prompt"],
                        help="rows to read (default: preference_pair, or the adapter's only schema)")
     stats.add_argument("--recipe", default=None, help="an RM recipe: its training mix (after dedup) and test sets")
+    stats.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the --recipe, as in the stage commands (repeatable)")
     stats.add_argument("--tokenizer", default=None, help="HF tokenizer directory for token lengths (default: words)")
     stats.add_argument("--json", default=None, metavar="OUT", help="also write the statistics as JSON")
     chat = sub.add_parser("chat", help="talk to a checkpoint in the Llama-2 chat format (streamed, multi-turn)")
@@ -151,13 +158,13 @@ def _data(args) -> int:
             print(f"{name:28s} {path}")
         return 0
     if args.data_command == "validate":
-        rows = resolve("alignment.data.io:load_records")(args.path, args.schema)
-        print(f"{args.path}: {len(rows)} rows pass {args.schema}")
+        resolve("alignment.data.stats:validate_file")(args.path, source=args.source, schema=args.schema,
+                                                      split=args.split)
         return 0
     if args.data_command == "stats":
         resolve("alignment.data.stats:run_stats")(
             args.paths, source=args.source, split=args.split, schema=args.schema, recipe=args.recipe,
-            tokenizer=args.tokenizer, json_out=args.json)
+            tokenizer=args.tokenizer, json_out=args.json, overrides=args.overrides)
         return 0
     raise AssertionError(args.data_command)
 

@@ -26,6 +26,8 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 # Compressed JSON Lines: suffix -> open(path, "rb") of the decompressed stream.
 COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _JSON_WHITESPACE = " \t\r\n"
+# The first line of a Git LFS pointer file: what a clone without `git lfs` holds in place of the data.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 # Characters str.splitlines() breaks on that json.dumps(ensure_ascii=False) leaves raw: escaped, so that
 # one row is one line for every reader.
 _LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
@@ -68,6 +70,8 @@ def _open(path: Path, json_lines: bool = False, allow_nan: bool = False) -> Iter
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         return _read_dataset(_load_dataset_dir(path))
+    if is_lfs_pointer(path):
+        raise DataValidationError([Problem(str(path), 0, FILE, "a Git LFS pointer, not the data: run git lfs pull")])
     suffix = path.suffix.lower()
     if suffix in COMPRESSED and Path(path.stem).suffix.lower() == ".jsonl":
         return _read_jsonl(path, COMPRESSED[suffix], allow_nan=allow_nan)
@@ -79,6 +83,12 @@ def _open(path: Path, json_lines: bool = False, allow_nan: bool = False) -> Iter
             f"unsupported file type {suffix or '(no suffix)'!r}: expected {', '.join(SUFFIXES)}, "
             f"{', '.join('.jsonl' + c for c in COMPRESSED)} or a directory written by datasets.Dataset.save_to_disk"))])
     return readers[suffix](path)
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """Whether the file is a Git LFS pointer (a small text file naming the data by hash) rather than the data."""
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 
 def _read_jsonl(path: Path, opener=open, allow_nan: bool = False) -> Iterator[tuple[int, dict | RowError]]:

@@ -17,12 +17,18 @@ def load_source(src: DataSource, schema: str, report: list[dict] | None = None) 
         if src.split is not None or src.thresholds is not None:
             raise ValueError(f"{src.path}: `split` and `thresholds` are for public-data adapters, not source native")
         rows = load_records(src.path, schema)
-    elif src.source in ADAPTERS:
-        rows = load_adapted(src, schema, report)
     else:
-        known = ", ".join(["native", *sorted(ADAPTERS)])
-        raise ValueError(f"data source {src.source!r} for {src.path} is unknown; known sources: {known}")
+        check_source(src.source, src.path)
+        rows = load_adapted(src, schema, report)
     return rows[:src.limit] if src.limit is not None else rows
+
+
+def check_source(name: str, path: str | None = None) -> None:
+    """A one-line ValueError listing the known sources when `name` is neither native nor an adapter."""
+    if name != "native" and name not in ADAPTERS:
+        known = ", ".join(["native", *sorted(ADAPTERS)])
+        where = f" for {path}" if path is not None else ""
+        raise ValueError(f"data source {name!r}{where} is unknown; known sources: {known}")
 
 
 def load_sources(sources: list[DataSource], schema: str, report: list[dict] | None = None) -> list[dict]:

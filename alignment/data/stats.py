@@ -15,7 +15,7 @@ from alignment.config import DataSource, RMConfig, load_config
 from alignment.data.adapters import ADAPTERS
 from alignment.data.mixing import count_by, prompt_key
 from alignment.data.schemas import RATINGS
-from alignment.data.sources import load_sources
+from alignment.data.sources import check_source, load_source, load_sources
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import write_json_atomic
 from alignment.stages.reward_model import SCHEMA, mix_rm_data
@@ -150,11 +150,15 @@ def format_stats(title: str, stats: dict, unit: str = "words") -> str:
 
 
 def run_stats(paths: list[str], *, source: str = "native", split: str | None = None, schema: str | None = None,
-              recipe: str | None = None, tokenizer: str | None = None, json_out: str | None = None) -> dict:
+              recipe: str | None = None, tokenizer: str | None = None, json_out: str | None = None,
+              overrides: list[str] | None = None) -> dict:
     """`align data stats`: statistics of data files read through `source`, or of an RM recipe's training mix
-    (after test-prompt deduplication) and test sets; printed, and written as JSON to `json_out`."""
+    (after test-prompt deduplication) and test sets, with `overrides` (`key=value`, checked as strictly as
+    the stage commands check them) applied to the recipe; printed, and written as JSON to `json_out`."""
     if bool(paths) == bool(recipe):
         raise ValueError("give data paths or --recipe (an RM recipe), not both and not neither")
+    if overrides and recipe is None:
+        raise ValueError("--set overrides a recipe's values: give --recipe")
     count, unit = count_words, "words"
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
@@ -163,7 +167,7 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
     sections: dict[str, dict] = {}
     result: dict = {"unit": unit, "sections": sections, "loaded": loaded}
     if recipe is not None:
-        cfg = load_config(RMConfig, recipe)
+        cfg = load_config(RMConfig, recipe, overrides)
         primary = load_sources(cfg.data.primary, SCHEMA, loaded)
         secondary = load_sources(cfg.data.secondary, SCHEMA, loaded)
         tests = {name: load_sources(srcs, SCHEMA, loaded) for name, srcs in cfg.data.test.items()}
@@ -173,7 +177,7 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
         sections.update({f"test {name}": data_stats(rows, SCHEMA, count) for name, rows in tests.items()})
     else:
         if schema is None:
-            schema = _default_schema(source)
+            schema = default_schema(source)
         rows = load_sources([DataSource(path=p, source=source, split=split) for p in paths], schema, loaded)
         sections[" + ".join(paths)] = data_stats(rows, schema, count)
     print(format_result(result))
@@ -182,7 +186,21 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
     return result
 
 
-def _default_schema(source: str) -> str:
+def validate_file(path: str, *, source: str = "native", schema: str | None = None, split: str | None = None) -> list[dict]:
+    """`align data validate`: every row of `path` checked against `schema`, read as our schema (`native`) or
+    converted from an upstream file by the adapter `source`; DataValidationError gives file:row: field: reason."""
+    if source == "native" and schema is None:
+        raise ValueError("--schema is required for a native file (give --source NAME for an upstream file)")
+    schema = schema or default_schema(source)
+    rows = load_source(DataSource(path=path, source=source, split=split), schema)
+    through = "" if source == "native" else f" through the {source} adapter"
+    print(f"{path}: {len(rows)} rows pass {schema}{through}")
+    return rows
+
+
+def default_schema(source: str) -> str:
+    """The rows a source gives by default: preference pairs where it has them, else its only schema."""
+    check_source(source)
     if source == "native" or "preference_pair" in ADAPTERS[source].schemas:
         return "preference_pair"
     return ADAPTERS[source].schemas[0]

@@ -67,7 +67,7 @@ ADAPTERS: Mapping[str, Adapter] = MappingProxyType({a.name: a for a in (
             thresholds=ultrafeedback.GAP_THRESHOLDS),
     Adapter("ultrafeedback_binarized", "UltraFeedback binarized (HuggingFaceH4)", MappingProxyType({
         "preference_pair": per_row(ultrafeedback.binarized_pairs),
-        "sft_dialog": per_row(ultrafeedback.binarized_dialogs)}), thresholds=ultrafeedback.GAP_THRESHOLDS),
+        "sft_dialog": per_row(ultrafeedback.binarized_dialogs)}), thresholds=ultrafeedback.BINARIZED_GAP_THRESHOLDS),
     Adapter("shp", "Stanford Human Preferences", _pairs(shp.shp_pairs), thresholds=shp.RATIO_THRESHOLDS,
             json_lines=True),
     Adapter("chat_jsonl", "messages JSONL", MappingProxyType({"sft_dialog": per_row(plain.chat_dialogs)})),

@@ -4,8 +4,8 @@ Upstream: `<domain>/{train,validation,test}.json`, JSON Lines despite the suffix
 comments per line: `post_id`, `domain`, `history` (the post), `human_ref_A`, `human_ref_B` (the
 comments), `labels` (1: A preferred, 0: B preferred), `score_A`, `score_B`, `score_ratio`, ... The
 preferred comment is chosen; the rating comes from the score ratio (preferred / other, from `score_A`
-and `score_B`, or `score_ratio` when a score is not positive), thresholds default 8 / 4 / 2.5 (SHP keeps
-only pairs with ratio >= 2, so 2-2.5 is negligibly better). Deleted or removed comments and empty posts
+and `score_B`, or `score_ratio` when a score is not positive), thresholds default 8 / 4 / 2.5; SHP's
+`score_ratio` is >= 1 (preferred over other), so a ratio above 1 and under 2.5 is negligibly better. Deleted or removed comments and empty posts
 drop the pair. All SHP pairs are helpfulness pairs (the "open-source" data of the paper's mixes).
 """
 from __future__ import annotations

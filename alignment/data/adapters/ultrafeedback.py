@@ -13,9 +13,10 @@ the answer), `messages`, `score_chosen`, `score_rejected` (splits train_prefs/te
 train_sft/test_sft for dialogs). `ultrafeedback_binarized` gives the pair (a tie, score_chosen <=
 score_rejected, is dropped) or, as sft_dialog, the `messages` dialog.
 
-Rating from the score gap, on the 1-5 rating scale: thresholds default 2 / 1 / 0.5 (UltraFeedback's 4
-aspects are averaged, so gaps are multiples of 0.25). For a binarized release scored by the 1-10
-`overall_score`, set `thresholds` for that scale.
+Rating from the score gap. `ultrafeedback` scores on the 1-5 aspect scale: thresholds default 2 / 1 / 0.5
+(the 4 aspects are averaged, so gaps are multiples of 0.25). `ultrafeedback_binarized` scores
+(`score_chosen`, `score_rejected`) are on the 1-10 scale: thresholds default 4 / 2 / 1, the same buckets
+on a scale twice as wide.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from alignment.data.adapters.build import has_empty_turn, messages_of, pair_row,
 from alignment.data.adapters.upstream import BadRow, FileContext, Skip, need, text
 
 GAP_THRESHOLDS = RatingThresholds(significantly_better=2.0, better=1.0, slightly_better=0.5)
+BINARIZED_GAP_THRESHOLDS = RatingThresholds(significantly_better=4.0, better=2.0, slightly_better=1.0)  # 1-10 scores
 
 
 def completion_score(completion: dict) -> float | None:
