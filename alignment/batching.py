@@ -15,6 +15,17 @@ import torch
 from alignment.chat import IGNORE_INDEX
 
 
+
+def truncation_counts(lengths: list[int], max_length: int) -> dict:
+    """How many of the rows (encoded `lengths`) are longer than `max_length`, i.e. cut before training."""
+    return {"rows": len(lengths), "truncated": sum(n > max_length for n in lengths), "max_length": max_length}
+
+
+def format_truncation(what: str, counts: dict, side: str = "left") -> str:
+    """The one line a stage prints when rows are cut: `side` is the end the tokens are removed from."""
+    return (f"[data] {what}: {counts['truncated']} of {counts['rows']} rows longer than "
+            f"max_length={counts['max_length']}, truncated from the {side}")
+
 def pack(lengths: list[int], order: list[int], max_length: int) -> list[list[int]]:
     """Greedy first-fit of examples (visited in `order`) into rows of at most `max_length` tokens."""
     rows: list[list[int]] = []

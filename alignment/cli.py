@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the --recipe, as in the stage commands (repeatable)")
     stats.add_argument("--tokenizer", default=None, help="HF tokenizer directory for token lengths (default: words)")
+    stats.add_argument("--max-length", type=int, default=None, metavar="L",
+                       help="with --tokenizer: count rows longer than L tokens as the stages encode them, i.e. "
+                            "truncated in training (default with --recipe: its train.max_length)")
     stats.add_argument("--json", default=None, metavar="OUT", help="also write the statistics as JSON")
     chat = sub.add_parser("chat", help="talk to a checkpoint in the Llama-2 chat format (streamed, multi-turn)")
     chat.add_argument("--checkpoint", required=True, help="a policy checkpoint directory (a stage's final/)")
@@ -164,7 +167,8 @@ def _data(args) -> int:
     if args.data_command == "stats":
         resolve("alignment.data.stats:run_stats")(
             args.paths, source=args.source, split=args.split, schema=args.schema, recipe=args.recipe,
-            tokenizer=args.tokenizer, json_out=args.json, overrides=args.overrides)
+            tokenizer=args.tokenizer, json_out=args.json, overrides=args.overrides,
+            max_length=args.max_length)
         return 0
     raise AssertionError(args.data_command)
 

@@ -8,16 +8,20 @@ annotators agree (`annotator_agreement`).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from itertools import combinations
 
+from alignment.batching import truncation_counts
+from alignment.chat import encode, encode_prompt
 from alignment.config import DataSource, RMConfig, load_config
 from alignment.data.adapters import ADAPTERS
 from alignment.data.mixing import count_by, prompt_key
-from alignment.data.schemas import RATINGS
+from alignment.data.schemas import RATINGS, pair_context, prompt_context
 from alignment.data.sources import check_source, load_source, load_sources
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import write_json_atomic
+from alignment.scoring import encode_for_reward
 from alignment.stages.reward_model import SCHEMA, mix_rm_data
 
 PERCENTILES = (50, 90, 95, 99)
@@ -46,6 +50,19 @@ def length_summary(lengths: list[int]) -> dict:
     out.update({f"p{p}": percentile(values, p) for p in PERCENTILES})
     out["max"] = values[-1]
     return out
+
+
+def encoded_lengths(tokenizer, rows: list[dict], schema: str) -> list[int]:
+    """Token lengths of rows as the stages encode them, before any cut: a dialog (SFT, `train.max_length`),
+    a pair's longer RM input (RM, `train.max_length`), a prompt ready for generation (PPO, `reward.max_length`)."""
+    if schema == "sft_dialog":
+        return [len(encode(tokenizer, r["messages"])["input_ids"]) for r in rows]
+    if schema == "preference_pair":
+        return [max(len(encode_for_reward(tokenizer, pair_context(r), r[side], sys.maxsize)) for side in
+                    ("chosen", "rejected")) for r in rows]
+    if schema == "rl_prompt":
+        return [len(encode_prompt(tokenizer, prompt_context(r))) for r in rows]
+    raise ValueError(f"no stage encoding for schema {schema!r}")
 
 
 def _context_text(row: dict) -> str:
@@ -139,6 +156,11 @@ def format_stats(title: str, stats: dict, unit: str = "words") -> str:
             cells = [str(s["count"])] + (["-"] * (len(head) - 2) if not s["count"] else
                                          [f"{s['mean']:.1f}", *(str(s[f"p{p}"]) for p in PERCENTILES), str(s["max"])])
             lines.append("  " + " | ".join([name, *cells]))
+    if "over_max_length" in stats:
+        t = stats["over_max_length"]
+        share = f" ({100 * t['truncated'] / t['rows']:.1f}%)" if t["rows"] else ""
+        lines.append(f"  over max_length={t['max_length']}: {t['truncated']} of {t['rows']} rows{share} would be "
+                     "truncated (encoded as the stages encode them)")
     if "annotator_agreement" in stats:
         a = stats["annotator_agreement"]
         rate = (lambda x: "-" if x is None else f"{100 * x:.1f}%")
@@ -151,15 +173,18 @@ def format_stats(title: str, stats: dict, unit: str = "words") -> str:
 
 def run_stats(paths: list[str], *, source: str = "native", split: str | None = None, schema: str | None = None,
               recipe: str | None = None, tokenizer: str | None = None, json_out: str | None = None,
-              overrides: list[str] | None = None) -> dict:
+              overrides: list[str] | None = None, max_length: int | None = None) -> dict:
     """`align data stats`: statistics of data files read through `source`, or of an RM recipe's training mix
     (after test-prompt deduplication) and test sets, with `overrides` (`key=value`, checked as strictly as
-    the stage commands check them) applied to the recipe; printed, and written as JSON to `json_out`."""
+    the stage commands check them) applied to the recipe; printed, and written as JSON to `json_out`. With a
+    `tokenizer`, rows over `max_length` (an RM recipe's `train.max_length` by default) are counted."""
     if bool(paths) == bool(recipe):
         raise ValueError("give data paths or --recipe (an RM recipe), not both and not neither")
     if overrides and recipe is None:
         raise ValueError("--set overrides a recipe's values: give --recipe")
-    count, unit = count_words, "words"
+    if max_length is not None and tokenizer is None:
+        raise ValueError("--max-length counts tokens: give --tokenizer")
+    count, unit, tok = count_words, "words", None
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         count, unit = (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), "tokens"
@@ -175,11 +200,17 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
         result["mix"] = {k: v for k, v in mix.items() if k != "ids"}
         sections["train (mixed)"] = data_stats(pairs, SCHEMA, count)
         sections.update({f"test {name}": data_stats(rows, SCHEMA, count) for name, rows in tests.items()})
+        if tok is not None:
+            max_length = max_length or cfg.train.max_length
+            for stats, rows in zip(sections.values(), [pairs, *tests.values()]):
+                stats["over_max_length"] = truncation_counts(encoded_lengths(tok, rows, SCHEMA), max_length)
     else:
         if schema is None:
             schema = default_schema(source)
         rows = load_sources([DataSource(path=p, source=source, split=split) for p in paths], schema, loaded)
-        sections[" + ".join(paths)] = data_stats(rows, schema, count)
+        stats = sections[" + ".join(paths)] = data_stats(rows, schema, count)
+        if max_length is not None:
+            stats["over_max_length"] = truncation_counts(encoded_lengths(tok, rows, schema), max_length)
     print(format_result(result))
     if json_out is not None:
         write_json_atomic(json_out, result)

@@ -1,6 +1,8 @@
 """Loading policies and reward models from a local directory or hub id (offline), with LoRA by option."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from alignment.config import ModelSection
@@ -13,6 +15,35 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return DTYPES[name]
+
+
+def model_available(path: str, filename: str = "config.json") -> bool:
+    """Whether `path` loads offline: a local file or directory, or a hub id whose `filename` is in the local
+    Hugging Face cache (every load here passes local_files_only=True)."""
+    if Path(path).exists():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(path, filename), str)
+    except HFValidationError:  # not a hub id at all (a path such as runs/sft/final)
+        return False
+
+
+def check_model_paths(paths: dict[str, str | None], hint: str = "") -> None:
+    """Stop in one line, naming the recipe key and the path, when a model (or tokenizer) of a recipe is neither
+    a local directory nor a cached hub id: called before any data is loaded. `paths`: key -> path or None."""
+    for key, path in paths.items():
+        filename = "tokenizer_config.json" if key.endswith("tokenizer") else "config.json"
+        if path is not None and not model_available(path, filename):
+            raise FileNotFoundError(f"{key}: {path} does not exist (neither a local directory nor a hub id in the "
+                                    f"local Hugging Face cache){hint}")
+
+
+def model_paths(section: ModelSection, key: str = "model") -> dict[str, str | None]:
+    """The paths of a model section to check: `<key>.path` and `<key>.tokenizer`."""
+    return {f"{key}.path": section.path, f"{key}.tokenizer": section.tokenizer}
 
 
 def _common_kwargs(section: ModelSection) -> dict:

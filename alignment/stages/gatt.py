@@ -54,7 +54,7 @@ from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Re
                             measure_adherence_sets, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
                             training_dialogs)
 from alignment.generation import generate
-from alignment.models.loading import resolve_dtype
+from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.stages.sft import fine_tune
@@ -248,6 +248,7 @@ def run_gatt(cfg: GAttConfig) -> dict:
     done = run.finished_summary("gatt")
     if done is not None:
         return done
+    check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     instructions = load_sources(cfg.data.instructions, "gatt_instruction")  # every input checked first
     prompts = user_messages(load_sources(cfg.data.prompts, "rl_prompt"))
     replay = load_sources(cfg.data.replay, "sft_dialog")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.batching import iteration_prompts
+from alignment.batching import format_truncation, iteration_prompts, truncation_counts
 from alignment.chat import encode_prompt, read_template, stop_token_id, template_of
 from alignment.config import PPOConfig, TrainSection
 from alignment.data.schemas import prompt_context
@@ -47,14 +47,14 @@ from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.generation import generate
 from alignment.losses import masked_mean, policy_loss, value_loss
-from alignment.models.loading import load_causal_lm, resolve_dtype
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models.loading import check_model_paths, load_causal_lm, model_paths, resolve_dtype
+from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.rewards import combine
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, masked_row_sum, model_inputs,
                                policy_outputs, response_logprobs)
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
-from alignment.scoring import reward_scores
+from alignment.scoring import encode_for_reward, reward_scores
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, leave_zero3, make_optimizer,
                                 saves_checkpoints, start_engine)
 
@@ -194,7 +194,11 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
     batch = {k: v.to(acc.device) for k, v in build_batch(prompts, responses, tok.pad_token_id).items()}
     t1 = time.perf_counter()
 
-    helpful_raw, safety_raw = _rm_scores(ctx, contexts, [a.text for a in answers])
+    texts = [a.text for a in answers]
+    helpful_raw, safety_raw = _rm_scores(ctx, contexts, texts)
+    # one token more than the RMs keep tells whether their input lost the start of the dialog
+    cut = [len(encode_for_reward(tok, c, t, cfg.reward.max_length + 1)) > cfg.reward.max_length
+           for c, t in zip(contexts, texts)]
     t2 = time.perf_counter()
     old_logprobs, ref_logprobs, values, entropy = [], [], [], []
     micro = cfg.ppo.micro_batch_size
@@ -229,6 +233,7 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
         "kl": masked_row_sum(stats["kl"], mask).mean(), "kl_per_token": masked_mean(stats["kl"], mask),
         "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
         "value_mean": masked_mean(values, mask), "explained_variance": explained_variance(values, returns, mask),
+        "rm_inputs_truncated": sum(cut) / len(cut),  # share of this iteration's RM inputs cut from the left
     }
     # time_scoring: reward models, then the reference, old-policy and value passes (time_reward_models: the RMs)
     return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1,
@@ -455,15 +460,19 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
 
 
 def check_model_dirs(cfg: PPOConfig) -> None:
-    """A missing local checkpoint stops the run before anything is written (hub ids are left to HF)."""
-    paths = {"model.path": cfg.model.path, "reward.helpful_rm": cfg.reward.helpful_rm,
+    """A missing checkpoint (neither a local directory nor a cached hub id) stops the run in one line before
+    any data is read or anything is written."""
+    paths = {**model_paths(cfg.model), "reward.helpful_rm": cfg.reward.helpful_rm,
              "reward.safety_rm": cfg.reward.safety_rm, "critic.path": cfg.critic.path,
              "reward.reference": cfg.reward.reference}
-    for key, path in paths.items():
-        local = path is not None and (path.startswith((".", "/", "runs/")) or path.count("/") > 1)
-        if local and not Path(path).exists():
-            raise FileNotFoundError(f"{key}: {path} does not exist; run the stage that writes it first "
-                                    "(make sft, make rm-helpful, make rm-safety, make rejection-sampling)")
+    check_model_paths(paths, hint="; run the stage that writes it first (make sft, make rm-helpful, make rm-safety, "
+                                  "make rejection-sampling)")
+
+
+def prompt_truncation(tokenizer, prompts: list[dict], max_length: int) -> dict:
+    """Truncation counts of RL prompts longer than the reward models' `max_length` by themselves: the RMs
+    read every answer to them without the start of the dialog (`alignment.scoring.encode_for_reward`)."""
+    return truncation_counts([len(encode_prompt(tokenizer, prompt_context(r))) for r in prompts], max_length)
 
 
 def check_rm_templates(cfg: PPOConfig, actor_template: str) -> None:
@@ -482,18 +491,25 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     done = run.finished_summary("ppo")
     if done is not None:
         return done
+    check_model_dirs(cfg)
     prompts = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
     eval_rows = load_sources(cfg.data.eval_prompts, "rl_prompt")[:cfg.early_stopping.max_prompts]
     if not prompts:
         raise ValueError("[ppo] data.prompts holds no prompt")
     check_sizes(cfg, world_size())
-    check_model_dirs(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
     check_rm_templates(cfg, template_of(tokenizer))
     is_main = is_main_process()
+    warning = toy_tokenizer_warning(tokenizer, [m["content"] for r in prompts[:500] for m in prompt_context(r)])
+    if warning and is_main:
+        print(f"[ppo] {warning}")
+    truncation = prompt_truncation(tokenizer, prompts, cfg.reward.max_length)
+    if truncation["truncated"] and is_main:
+        print(format_truncation("ppo prompts (reward.max_length)", truncation, side="left"))
     run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
     torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run
     summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer), tokenizer, prompts, eval_rows)
+    summary["truncation"] = truncation
     if is_main:
         run.mark_done(summary)
         for e in summary["evaluations"]:

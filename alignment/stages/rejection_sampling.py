@@ -53,7 +53,7 @@ from alignment.distributed import is_main_process, local_device, main_process_do
 from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.generation import VLLMSampler, generate_with, pick_backend
-from alignment.models.loading import resolve_dtype
+from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
@@ -345,6 +345,8 @@ def _check_inputs(cfg: RejectionSamplingConfig, rows: list[dict]) -> None:
 def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     """`align rejection-sampling`: every iteration of the recipe, resuming where a killed run stopped
     (or the temperature sweep alone, with `sweep.enabled`)."""
+    if not cfg.sweep.enabled:  # the sweep samples from its own checkpoint
+        check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     rows = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     eval_prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]

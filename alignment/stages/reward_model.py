@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from alignment.batching import build_plan
+from alignment.batching import build_plan, format_truncation, truncation_counts
 from alignment.config import RMConfig
 from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
 from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.losses import preference_margin, ranking_loss
-from alignment.models.loading import load_reward_model
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models.loading import check_model_paths, load_reward_model, model_paths
+from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import RunDir, write_json_atomic
 from alignment.scoring import encode_for_reward, packed_scores, reward_scores
 from alignment.training import LoopConfig, train
@@ -38,16 +38,26 @@ SCHEMA = "preference_pair"
 # ----------------------------------------------------------------------------------------- data
 def encode_pairs(tokenizer, pairs: list[dict], max_length: int, margin_scale: str) -> list[dict]:
     """One example per pair: chosen and rejected token ids (same context), its rating and margin."""
-    examples = []
+    return encode_and_count_pairs(tokenizer, pairs, max_length, margin_scale)[0]
+
+
+def encode_and_count_pairs(tokenizer, pairs: list[dict], max_length: int, margin_scale: str) -> tuple[list[dict], dict]:
+    """`encode_pairs` and the truncation counts: a pair is truncated when either of its answers' RM input is
+    longer than `max_length` (the start of the dialog is cut, `alignment.scoring.encode_for_reward`)."""
+    examples, lengths = [], []
     for row in pairs:
         context = pair_context(row)
+        # one token more than kept tells whether the cut removed anything
+        chosen = encode_for_reward(tokenizer, context, row["chosen"], max_length + 1)
+        rejected = encode_for_reward(tokenizer, context, row["rejected"], max_length + 1)
+        lengths.append(max(len(chosen), len(rejected)))
         examples.append({
-            "chosen": encode_for_reward(tokenizer, context, row["chosen"], max_length),
-            "rejected": encode_for_reward(tokenizer, context, row["rejected"], max_length),
+            "chosen": chosen[-max_length:],
+            "rejected": rejected[-max_length:],
             "rating": row["rating"],
             "margin": preference_margin(row["rating"], margin_scale),
         })
-    return examples
+    return examples, truncation_counts(lengths, max_length)
 
 
 def make_plan(cfg: RMConfig, examples: list[dict], world: int):
@@ -248,6 +258,7 @@ def run_rm(cfg: RMConfig) -> dict:
     done = run.finished_summary("rm")
     if done is not None:
         return done
+    check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     primary, secondary, tests = load_rm_data(cfg)
     pairs, mix = mix_rm_data(cfg, primary, secondary, tests)
     inputs = source_hashes([*cfg.data.primary, *cfg.data.secondary, *(s for v in cfg.data.test.values() for s in v)])
@@ -266,11 +277,16 @@ def run_rm(cfg: RMConfig) -> dict:
 def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: dict[str, str], mix: dict) -> dict:
     """Train a scalar-head RM from `cfg.model` on `pairs` into `run` with the shared loop."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
-    examples = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
+    warning = toy_tokenizer_warning(tokenizer, [r[side] for r in pairs[:500] for side in ("chosen", "rejected")])
+    if warning and is_main_process():
+        print(f"[rm] {warning}")
+    examples, truncation = encode_and_count_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
     world = world_size()
     plan = make_plan(cfg, examples, world)
     run.prepare(inputs, is_main=is_main_process())
     if is_main_process():
+        if truncation["truncated"]:
+            print(format_truncation("rm pairs", truncation, side="left"))
         write_json_atomic(run.path / "mix.json", mix)
         c = mix["counts"]
         print(f"[rm] {len(pairs)} pairs: {c['primary']} primary + {c['secondary_drawn']} of "
@@ -284,7 +300,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
     step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=f"rm[{cfg.margin_scale}]", unit="pairs")
-    summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale)
+    summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale, truncation=truncation)
     return summary
 
 

@@ -40,6 +40,7 @@ from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, main_process_does
 from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
 from alignment.gatt import attach_instruction
+from alignment.models.loading import check_model_paths, model_paths
 from alignment.runs import RunDir, copy_dir_atomic, write_json_atomic
 from alignment.stages.gatt import load_policy
 from alignment.stages.sft import evaluate_policy, fine_tune, print_eval_table
@@ -192,6 +193,7 @@ def run_safety_distill(cfg: SafetyDistillConfig) -> dict:
     done = run.finished_summary("safety-distill")
     if done is not None:
         return done
+    check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     rows = load_sources(cfg.data.prompts, "rl_prompt")  # every input is checked before any compute
     if cfg.data.only_adversarial:
         rows = [r for r in rows if row_kind(r) == "adversarial"]

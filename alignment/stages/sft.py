@@ -7,29 +7,39 @@ whole optimizer step. Rejection sampling, GAtt and safety distillation fine-tune
 """
 from __future__ import annotations
 
-from alignment.batching import attention_inputs, build_plan, collate
+from alignment.batching import attention_inputs, build_plan, collate, format_truncation, truncation_counts
 from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
 from alignment.losses import sft_loss
-from alignment.models.loading import load_causal_lm
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models.loading import check_model_paths, load_causal_lm, model_paths
+from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import RunDir, write_json_atomic
 from alignment.training import LoopConfig, train
 
 
 def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
     """Encoded examples and the number dropped because truncation left no trained answer token."""
-    examples, dropped = [], 0
+    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, max_length, train_on)
+    return examples, counts["dropped"]
+
+
+def encode_and_count_dialogs(tokenizer, dialogs: list[dict], max_length: int,
+                             train_on: str = "all") -> tuple[list[dict], dict]:
+    """Encoded examples and counts: `truncated` dialogs longer than `max_length` (their end is cut,
+    `alignment.chat.truncate_example`) of `rows`, and `dropped`, those left without a trained answer token."""
+    examples, lengths, dropped = [], [], 0
     for row in dialogs:
-        ex = truncate_example(encode(tokenizer, row["messages"], train_on=train_on), max_length)
+        full = encode(tokenizer, row["messages"], train_on=train_on)
+        lengths.append(len(full["input_ids"]))
+        ex = truncate_example(full, max_length)
         if ex is None:
             dropped += 1
         else:
             examples.append(ex)
-    return examples, dropped
+    return examples, {**truncation_counts(lengths, max_length), "dropped": dropped}
 
 
 def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
@@ -62,12 +72,18 @@ def loop_config(cfg) -> LoopConfig:
 def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
     """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
-    examples, dropped = encode_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
+    warning = toy_tokenizer_warning(tokenizer, [m["content"] for row in dialogs[:500] for m in row["messages"]])
+    if warning and is_main_process():
+        print(f"[{desc}] {warning}")
+    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
+    dropped = counts["dropped"]
     if not examples:
         raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
     world = world_size()
     plan = make_plan(cfg, examples, world)
     run.prepare(inputs, is_main=is_main_process())
+    if counts["truncated"] and is_main_process():
+        print(format_truncation(f"{desc} dialogs", counts, side="right"))
     if dropped and is_main_process():
         print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
               f"train.max_length={cfg.train.max_length}")
@@ -75,7 +91,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
     step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)
-    summary.update(examples=len(examples), dropped=dropped)
+    summary.update(examples=len(examples), dropped=dropped, truncation=counts)
     return summary
 
 
@@ -112,6 +128,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     done = run.finished_summary("sft")
     if done is not None:
         return done
+    check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     dialogs = load_sources(cfg.data.train, "sft_dialog")  # every input is checked before any compute
     eval_dialogs = load_sources(cfg.data.eval, "sft_dialog")
     prompts = load_sources(cfg.eval.prompts, "rl_prompt")[:cfg.eval.max_prompts]
