@@ -210,6 +210,8 @@ STAGE_INPUTS = {  # stage: (recipe, the data key read first, its schema)
     "ppo": ("ppo.yaml", "data.prompts", "rl_prompt"),
     "gatt": ("gatt.yaml", "data.instructions", "gatt_instruction"),
 }
+# Each stage's models, set to a checkpoint that exists: a missing model stops a stage before its data is read.
+MODEL_KEYS = {"pretrain": (), "ppo": ("model.path", "reward.helpful_rm", "reward.safety_rm")}
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +233,12 @@ def _snapshot(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_INPUTS))
-def test_every_stage_stops_on_a_broken_file_and_keeps_the_finished_run(stage, finished_run, tmp_path, capsys):
+def test_every_stage_stops_on_a_broken_file_and_keeps_the_finished_run(stage, finished_run, nano_model_dir, tmp_path,
+                                                                       capsys):
     from alignment.cli import main
 
     recipe, key, schema = STAGE_INPUTS[stage]
+    models = [arg for k in MODEL_KEYS.get(stage, ("model.path",)) for arg in ("--set", f"{k}={nano_model_dir}")]
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     before = _snapshot(out)
@@ -246,7 +250,7 @@ def test_every_stage_stops_on_a_broken_file_and_keeps_the_finished_run(stage, fi
         lines, row, _ = case
         path = _write(tmp_path, lines)
         rc = main([stage, "--recipe", str(REPO / "recipes" / "tiny" / recipe), "--set", f"{key}=[{{path: {path}}}]",
-                   "--set", f"output.dir={out}"])
+                   "--set", f"output.dir={out}", *models])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, err[-5:]
         assert err[0].startswith(f"align {stage}: data error: {path}:{row}: "), err
