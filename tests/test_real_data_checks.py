@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import make_dialogs, write_jsonl
 
-from alignment.chat import encode_dialog, encode_prompt
+from alignment.batching import format_truncation, truncation_counts
+from alignment.chat import encode, encode_prompt
 from alignment.cli import main
 from alignment.config import DataSource
 from alignment.data.schemas import DataValidationError, pair_context, prompt_context
-from alignment.data.stats import format_truncation, run_stats, truncation_counts
+from alignment.data.stats import run_stats
 from alignment.scoring import encode_for_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_sft_and_rm_encodings_count_the_rows_they_cut(tokenizer):
     from alignment.stages.sft import encode_and_count_dialogs, encode_dialogs
 
     dialogs = make_dialogs(24)
-    full = [len(encode_dialog(tokenizer, d["messages"])["input_ids"]) for d in dialogs]
+    full = [len(encode(tokenizer, d["messages"])["input_ids"]) for d in dialogs]
     limit = sorted(full)[len(full) // 2]  # about half the dialogs are longer
     examples, counts = encode_and_count_dialogs(tokenizer, dialogs, limit)
     assert counts["truncated"] == sum(n > limit for n in full) > 0
@@ -83,7 +84,7 @@ def test_sft_run_prints_and_records_its_truncated_dialogs(tmp_path, nano_model_d
     from alignment.stages.sft import run_sft
 
     dialogs = make_dialogs(12)
-    full = [len(encode_dialog(tokenizer, d["messages"])["input_ids"]) for d in dialogs]
+    full = [len(encode(tokenizer, d["messages"])["input_ids"]) for d in dialogs]
     limit = sorted(full)[len(full) // 2]
     cut = sum(n > limit for n in full)
     train = write_jsonl(tmp_path / "train.jsonl", dialogs)
