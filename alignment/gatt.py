@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from alignment.chat import B_INST, B_SYS, E_SYS, model_content_span, template_of
+from alignment.data.toyworld import CONSTRAINT_TYPES
 
 TABLE_30_TURNS = (1, 2, 4, 6, 10, 20)
 
@@ -281,3 +282,12 @@ def system_token_positions(tokenizer, messages: list[dict]) -> tuple[int, int]:
     if not inside:
         raise ValueError("no token of the system prompt found")
     return 1 + inside[0], 2 + inside[-1]  # 1: the BOS of the first turn
+
+
+def check_constraint_types(instructions: list[dict], where: str) -> None:
+    """Stop before any compute when an instruction has a constraint the checker does not know."""
+    for i, row in enumerate(instructions):
+        for c in row["constraints"]:
+            if c["type"] not in CONSTRAINT_TYPES:
+                raise ValueError(f"{where}[{i}] ({row['id']}): constraint type {c['type']!r} cannot be checked; "
+                                 f"known: {', '.join(CONSTRAINT_TYPES)}")

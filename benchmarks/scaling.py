@@ -95,7 +95,7 @@ def worker(argv: list[str] | None = None) -> None:
     from alignment.config import DistributedSection
     from alignment.models.tokenizer import load_tokenizer
     from alignment.runs import RunDir
-    from alignment.stages.sft import lm_step_fn
+    from alignment.finetune import lm_step_fn
     from alignment.training import train
     from benchmarks.measure import StepClock
     from benchmarks.sft import encoded_examples, loop_config

@@ -17,7 +17,7 @@ from benchmarks.world import World
 
 def encoded_examples(world: World, spec: BenchSpec, tokenizer) -> tuple[list[dict], list[list[int]]]:
     """The encoded dialogs and the example indices of each optimizer step."""
-    from alignment.stages.sft import encode_dialogs
+    from alignment.finetune import encode_dialogs
 
     examples, _ = encode_dialogs(tokenizer, world.sft_dialogs(), spec.sft.max_length)
     return examples, step_groups(len(examples), spec.sft.batch, spec.sft.steps, spec.seed)
@@ -66,7 +66,7 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
     from alignment.batching import StepPlan, pack_balanced
     from alignment.chat import IGNORE_INDEX
     from alignment.models.tokenizer import load_tokenizer
-    from alignment.stages.sft import lm_step_fn
+    from alignment.finetune import lm_step_fn
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(world.policy(spec.size))

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from alignment.config import RejectionSamplingConfig, SFTConfig, load_config
+from alignment.finetune import encode_dialogs, make_plan
 from alignment.rewards import RewardRangeError, check_reward_range
 from alignment.runs import DiskSpaceError, checkpoint_bytes, read_metrics, saved_model_size, verify_dir
-from alignment.stages.sft import encode_dialogs, make_plan, run_sft
+from alignment.stages.sft import run_sft
 from alignment.training import NonFiniteLossError
 
 from conftest import make_dialogs

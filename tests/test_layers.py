@@ -1,5 +1,6 @@
 """The package's layers (STYLE.md rules 13-15), read from the source with `ast`: no import cycle, counting
-imports inside functions; no function-level import of the package's own modules (they hide cycles)."""
+imports inside functions; no function-level import of the package's own modules (they hide cycles); no stage
+imports another stage, and the data layer imports no stage (what they share lives a layer below)."""
 from __future__ import annotations
 
 import ast
@@ -98,3 +99,20 @@ def test_no_function_level_import_of_the_package():
     found = sorted({f"{MODULES[m].relative_to(REPO)}:{line} imports {target}"
              for m in MODULES for target, line, in_function in internal_imports(m) if in_function})
     assert not found, f"{len(found)} function-level imports of alignment modules:\n" + "\n".join(found)
+
+
+def _is_stage(module: str) -> bool:
+    """A stage module (alignment/stages/<name>.py); the package's __init__ is the registry, not a stage."""
+    return module.startswith("alignment.stages.")
+
+
+def test_no_stage_imports_another_stage():
+    found = sorted({f"{m} imports {target}" for m in MODULES if _is_stage(m)
+                    for target, _, _ in internal_imports(m) if _is_stage(target) and target != m})
+    assert not found, "stages importing stages:\n" + "\n".join(found)
+
+
+def test_the_data_layer_imports_no_stage():
+    found = sorted({f"{m} imports {target}" for m in MODULES if m.startswith("alignment.data")
+                    for target, _, _ in internal_imports(m) if target.startswith("alignment.stages")})
+    assert not found, "data modules importing stages:\n" + "\n".join(found)

@@ -49,7 +49,7 @@ def test_llama2_hh_pku_recipes_load_and_resolve_on_the_upstream_layout(recipe, m
         assert any(s.path.endswith("harmless-base") for s in cfg.data.primary)
     # the same recipe on the fixture tree, which mirrors the published layout: every source resolves and mixes
     from alignment.data.sources import load_sources
-    from alignment.stages.reward_model import mix_rm_data
+    from alignment.data.mixing import mix_rm_data
 
     def moved(sources):
         return [{"source": s.source, "path": s.path.replace("data/", "tests/fixtures/upstream/", 1), "split": s.split}

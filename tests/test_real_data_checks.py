@@ -37,8 +37,8 @@ def test_truncation_counts_and_line():
 
 
 def test_sft_and_rm_encodings_count_the_rows_they_cut(tokenizer):
+    from alignment.finetune import encode_and_count_dialogs, encode_dialogs
     from alignment.stages.reward_model import encode_and_count_pairs, encode_pairs
-    from alignment.stages.sft import encode_and_count_dialogs, encode_dialogs
 
     dialogs = make_dialogs(24)
     full = [len(encode(tokenizer, d["messages"])["input_ids"]) for d in dialogs]

@@ -12,8 +12,9 @@ import yaml
 from alignment.batching import attention_inputs, collate, pack, pack_balanced
 from alignment.chat import IGNORE_INDEX
 from alignment.config import SFTConfig, load_config
+from alignment.finetune import encode_dialogs
 from alignment.runs import read_metrics
-from alignment.stages.sft import encode_dialogs, run_sft
+from alignment.stages.sft import run_sft
 
 from conftest import make_dialogs, write_jsonl
 
@@ -92,7 +93,7 @@ def test_hand_computed_loss_on_two_examples(tokenizer, nano_model_dir):
     """The stage's loss equals -mean log softmax over answer tokens computed one token at a time."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.stages.sft import lm_step_fn
+    from alignment.finetune import lm_step_fn
 
     model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
     examples, _ = encode_dialogs(tokenizer, make_dialogs(2), 128)

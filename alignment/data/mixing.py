@@ -27,6 +27,8 @@ import re
 from collections.abc import Callable
 from types import MappingProxyType
 
+from alignment.config import RMConfig
+
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -130,3 +132,19 @@ def held_out_split(rows: list[dict], fraction: float, salt: str = "") -> tuple[l
         digest = hashlib.sha256(f"{salt}\0{prompt_key(row)}".encode()).digest()
         (held_out if int.from_bytes(digest[:8], "big") / 2**64 < fraction else train).append(row)
     return train, held_out
+
+
+def mix_rm_data(cfg: RMConfig, primary: list[dict], secondary: list[dict],
+                tests: dict[str, list[dict]]) -> tuple[list[dict], dict]:
+    """The training pairs and the mix report (`mix.json`): pairs whose prompt is in a test set dropped
+    (`data.dedup_test_prompts`), then primary and secondary mixed as `data.mix` says."""
+    dedup = None
+    if cfg.data.dedup_test_prompts:  # before mixing, so the mix's ratio holds on what is trained
+        primary, dedup_primary = drop_test_prompts(primary, tests)
+        secondary, dedup_secondary = drop_test_prompts(secondary, tests)
+        dedup = {"primary": dedup_primary, "secondary": dedup_secondary}
+    pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
+                          primary_fraction=cfg.data.mix.primary_fraction)
+    mix["dedup_test_prompts"] = dedup
+    mix["by_kind"], mix["by_rating"] = count_by(pairs, "kind"), count_by(pairs, "rating")
+    return pairs, mix

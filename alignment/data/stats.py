@@ -16,13 +16,12 @@ from alignment.batching import truncation_counts
 from alignment.chat import encode, encode_prompt
 from alignment.config import DataSource, RMConfig, load_config
 from alignment.data.adapters import ADAPTERS
-from alignment.data.mixing import count_by, prompt_key
+from alignment.data.mixing import count_by, mix_rm_data, prompt_key
 from alignment.data.schemas import RATINGS, pair_context, prompt_context
 from alignment.data.sources import check_source, load_source, load_sources
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import write_json_atomic
 from alignment.scoring import encode_for_reward
-from alignment.stages.reward_model import SCHEMA, mix_rm_data
 
 PERCENTILES = (50, 90, 95, 99)
 CountTokens = Callable[[str], int]
@@ -193,17 +192,17 @@ def run_stats(paths: list[str], *, source: str = "native", split: str | None = N
     result: dict = {"unit": unit, "sections": sections, "loaded": loaded}
     if recipe is not None:
         cfg = load_config(RMConfig, recipe, overrides)
-        primary = load_sources(cfg.data.primary, SCHEMA, loaded)
-        secondary = load_sources(cfg.data.secondary, SCHEMA, loaded)
-        tests = {name: load_sources(srcs, SCHEMA, loaded) for name, srcs in cfg.data.test.items()}
+        primary = load_sources(cfg.data.primary, "preference_pair", loaded)
+        secondary = load_sources(cfg.data.secondary, "preference_pair", loaded)
+        tests = {name: load_sources(srcs, "preference_pair", loaded) for name, srcs in cfg.data.test.items()}
         pairs, mix = mix_rm_data(cfg, primary, secondary, tests)
         result["mix"] = {k: v for k, v in mix.items() if k != "ids"}
-        sections["train (mixed)"] = data_stats(pairs, SCHEMA, count)
-        sections.update({f"test {name}": data_stats(rows, SCHEMA, count) for name, rows in tests.items()})
+        sections["train (mixed)"] = data_stats(pairs, "preference_pair", count)
+        sections.update({f"test {name}": data_stats(rows, "preference_pair", count) for name, rows in tests.items()})
         if tok is not None:
             max_length = max_length or cfg.train.max_length
             for stats, rows in zip(sections.values(), [pairs, *tests.values()]):
-                stats["over_max_length"] = truncation_counts(encoded_lengths(tok, rows, SCHEMA), max_length)
+                stats["over_max_length"] = truncation_counts(encoded_lengths(tok, rows, "preference_pair"), max_length)
     else:
         if schema is None:
             schema = default_schema(source)

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 
 from alignment.config import ModelSection
+from alignment.distributed import local_device
+from alignment.models.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,3 +98,13 @@ def load_reward_model(section: ModelSection, pad_token_id: int):
 def merge_lora_for_save(model):
     """Fold LoRA adapters into the base weights (for an HF-native full checkpoint)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None):
+    """A causal LM for inference on this process's device, and its tokenizer (chat template: the one stored
+    with `path`, else `template`, see `load_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
+                                                 attn_implementation=attn_implementation)
+    return model.to(local_device()).eval(), load_tokenizer(path, template)

@@ -28,8 +28,8 @@ from alignment.data.sources import load_sources, source_hashes
 from alignment.data.toyworld import gold_helpfulness, gold_safety, label_helpfulness, label_safety
 from alignment.evaluate import from_toyworld
 from alignment.generation import generate
+from alignment.models.loading import load_policy
 from alignment.runs import RunDir
-from alignment.stages.gatt import load_policy
 
 
 def label_pairs(rows: list[dict], answers: list[tuple[str, str]], seed: int) -> tuple[list[dict], list[dict]]:

@@ -36,9 +36,11 @@ from alignment.data.io import write_jsonl
 from alignment.data.sources import load_source, load_sources, source_hashes
 from alignment.evaluate import (KINDS, answer_prompts, compare, judge_answers, last_user_message, load_rm_for_inference,
                                 rm_sigmoids, summarize)
+from alignment.gatt import check_constraint_types
 from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
+from alignment.models.loading import load_policy
+from alignment.policy_eval import adherence_by_turn
 from alignment.runs import RunDir, write_json_atomic
-from alignment.stages.gatt import adherence_by_turn, check_constraint_types, load_policy
 
 RM_JUDGES = ("helpful_rm", "safety_rm")
 TABLE = (("gold_helpfulness", "gold_help"), ("violation_rate", "violation"), ("rm_violation_rate", "rm_viol"),

@@ -15,7 +15,7 @@
 3. Training: the instruction is kept only in the first turn, as the system prompt; each kept dialog is one
    example with loss on every answer (`sampling.every_turn_examples`, the default; under a causal model the
    same losses as one example per turn cut after that turn's answer with `train_on="last"`, which is what
-   `every_turn_examples: false` trains). Fine-tuning is `stages.sft.fine_tune`, on these
+   `every_turn_examples: false` trains). Fine-tuning is `alignment.finetune.fine_tune`, on these
    dialogs and the `data.replay` dialogs (the data the model was last fine-tuned on, so that its answers
    without a system prompt do not drift).
 4. Evaluation (Table 30): share of answers that still obey the instruction at turns 1, 2, 4, 6, 10, 20,
@@ -40,95 +40,26 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Sequence
 
-from alignment.chat import encode, encode_prompt
+from alignment.chat import encode
 from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
 from alignment.data.io import file_sha256, load_records, write_jsonl
-from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
-from alignment.data.toyworld import CONSTRAINT_TYPES, apply_instruction, check_instruction, undo_instruction
-from alignment.distributed import is_main_process, local_device, main_process_does
+from alignment.data.toyworld import apply_instruction, check_instruction, undo_instruction
+from alignment.distributed import is_main_process, main_process_does
 from alignment.faults import fault_point
-from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, Respond, dialogs_reaching, gatt_train_on,
-                            measure_adherence_sets, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
+from alignment.finetune import fine_tune
+from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types, dialogs_reaching,
+                            gatt_train_on, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
                             training_dialogs)
-from alignment.generation import generate
-from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models.loading import check_model_paths, load_policy, model_paths
+from alignment.policy_eval import adherence_by_turn, model_responder, user_messages
 from alignment.runs import RunDir, write_json_atomic
-from alignment.stages.sft import fine_tune
 from alignment.training import check_disk_before_sampling
 
 EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "final"),
              ("zero_shot_before", "zero_shot_instructions", "start"),
              ("zero_shot_after", "zero_shot_instructions", "final"))
-
-
-# ----------------------------------------------------------------------------------------- models
-def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None):
-    """A causal LM for inference on this process's device, and its tokenizer (chat template: the one stored
-    with `path`, else `template`, see `load_tokenizer`)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
-                                                 attn_implementation=attn_implementation)
-    return model.to(local_device()).eval(), load_tokenizer(path, template)
-
-
-def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 0.0,
-                    top_p: float = 1.0, batch_size: int = 64, max_context: int | None = None,
-                    seed: int = 0) -> Respond:
-    """A `Respond` from a causal LM: `num_samples` answers per context (temperature 0: greedy), None for a
-    context whose prompt plus `max_new_tokens` exceeds `max_context` (default: the model's positions)."""
-    limit = max_context or model.config.max_position_embeddings
-    calls = [0]
-
-    def respond(contexts: list[list[dict]]) -> list[list[str] | None]:
-        prompts = [encode_prompt(tokenizer, c) for c in contexts]
-        fits = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= limit]
-        out: list[list[str] | None] = [None] * len(contexts)
-        if fits:
-            samples = generate(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
-                               num_samples=num_samples, temperature=temperature, top_p=top_p,
-                               batch_size=batch_size, seed=seed * 100_003 + calls[0])
-            for i, per_prompt in zip(fits, samples):
-                out[i] = [s.text for s in per_prompt]
-        calls[0] += 1  # each turn draws with its own seed
-        return out
-
-    return respond
-
-
-# ----------------------------------------------------------------------------------------- evaluation
-def user_messages(rows: list[dict]) -> list[str]:
-    """The user message each rl_prompt row asks (its last user turn)."""
-    return [prompt_context(r)[-1]["content"] for r in rows]
-
-
-def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], prompts: list[str], *,
-                      seed: int = 0, turns: Sequence[int] = TABLE_30_TURNS, max_new_tokens: int = 32,
-                      batch_size: int = 64, max_context: int | None = None, dtype: str = "auto",
-                      attn_implementation: str = "sdpa",
-                      transcripts: dict[str, list[DialogPlan]] | None = None) -> dict[str, dict[str, float | None]]:
-    """Table 30 for one checkpoint and each instruction set: {set: {"1": share of answers obeying at turn 1,
-    ..., "20": ...}}.
-
-    One dialog per instruction (gatt_instruction rows) with max(turns) user turns drawn from `prompts`
-    with `seed` (the same dialogs for every checkpoint, and for a set whether or not other sets are
-    measured beside it); the instruction is the system prompt of the first turn only and the model's greedy
-    answers are its history. The sets' dialogs are played together (one batch per turn). A dialog whose
-    context outgrows `max_context` stops there and leaves the later turns' denominators (see
-    `dialogs_reaching`). The played dialogs are stored in `transcripts[set]` when given.
-    """
-    model, tokenizer = load_policy(model_dir, dtype, attn_implementation)
-    respond = model_responder(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              max_context=max_context)
-    rates, plans = measure_adherence_sets(respond, instruction_sets, prompts, check=check_instruction,
-                                          seed=seed, turns=turns)
-    if transcripts is not None:
-        transcripts.update(plans)
-    return rates
 
 
 def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
@@ -201,15 +132,6 @@ def print_adherence(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- sampling
-def check_constraint_types(instructions: list[dict], where: str) -> None:
-    """Stop before any compute when an instruction has a constraint the checker does not know."""
-    for i, row in enumerate(instructions):
-        for c in row["constraints"]:
-            if c["type"] not in CONSTRAINT_TYPES:
-                raise ValueError(f"{where}[{i}] ({row['id']}): constraint type {c['type']!r} cannot be checked; "
-                                 f"known: {', '.join(CONSTRAINT_TYPES)}")
-
-
 def fix_answer(constraints: list, answer: str) -> str:
     """`answers: rewrite`: strip what the model half-applied, then apply the constraints (toy world)."""
     return apply_instruction(constraints, undo_instruction(constraints, answer) or answer)

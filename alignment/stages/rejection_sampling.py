@@ -9,7 +9,7 @@ Every iteration n of `cfg.iterations` (K samples at temperature T):
 3. keep the best answer per prompt: among this iteration's samples, or from iteration `best_of_all_from`
    on (the paper: V4) among the samples of every iteration so far. Older samples need no re-scoring:
    the reward models are fixed within a run (they are part of its config), so all scores are comparable,
-4. fine-tune the policy on the kept answers (SFT loss on the answer, `sft.fine_tune`) into
+4. fine-tune the policy on the kept answers (SFT loss on the answer, `alignment.finetune.fine_tune`) into
    `iterations/vN/`, and evaluate it on the held-out prompts (`sft.evaluate_policy`).
 
 Layout of `output.dir`:
@@ -52,14 +52,15 @@ from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, local_device, main_process_does, rank, wait_for, world_size
 from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
+from alignment.finetune import fine_tune
 from alignment.generation import VLLMSampler, generate_with, pick_backend
 from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
+from alignment.policy_eval import evaluate_policy, print_eval_table
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, sample_reward, select_best)
 from alignment.scoring import reward_scores
-from alignment.stages.sft import evaluate_policy, fine_tune, print_eval_table
 from alignment.training import check_disk_before_sampling
 
 DESC = "rejection-sampling"

@@ -21,7 +21,7 @@ import torch
 
 from alignment.batching import build_plan, format_truncation, truncation_counts
 from alignment.config import RMConfig
-from alignment.data.mixing import count_by, drop_test_prompts, mix_rows
+from alignment.data.mixing import mix_rm_data
 from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
@@ -229,22 +229,6 @@ def load_rm_data(cfg: RMConfig) -> tuple[list[dict], list[dict], dict[str, list[
     secondary = load_sources(cfg.data.secondary, SCHEMA)
     tests = {name: load_sources(sources, SCHEMA) for name, sources in cfg.data.test.items()}
     return primary, secondary, tests
-
-
-def mix_rm_data(cfg: RMConfig, primary: list[dict], secondary: list[dict],
-                tests: dict[str, list[dict]]) -> tuple[list[dict], dict]:
-    """The training pairs and the mix report (`mix.json`): pairs whose prompt is in a test set dropped
-    (`data.dedup_test_prompts`), then primary and secondary mixed as `data.mix` says."""
-    dedup = None
-    if cfg.data.dedup_test_prompts:  # before mixing, so the mix's ratio holds on what is trained
-        primary, dedup_primary = drop_test_prompts(primary, tests)
-        secondary, dedup_secondary = drop_test_prompts(secondary, tests)
-        dedup = {"primary": dedup_primary, "secondary": dedup_secondary}
-    pairs, mix = mix_rows(primary, secondary, cfg.data.mix.kind, seed=cfg.seed,
-                          primary_fraction=cfg.data.mix.primary_fraction)
-    mix["dedup_test_prompts"] = dedup
-    mix["by_kind"], mix["by_rating"] = count_by(pairs, "kind"), count_by(pairs, "rating")
-    return pairs, mix
 
 
 def run_rm(cfg: RMConfig) -> dict:

@@ -14,7 +14,7 @@
    user wrote it (without the preprompt); the distilled answer is kept only where its score beats the
    original's by more than `judge.min_gain` (`keep_improved`).
 4. Fine-tuning: the kept answers, on the prompts without the preprompt, with the SFT loss on the answer
-   (`stages.sft.fine_tune`); the held-out loss and (toy world) the gold metrics before and after
+   (`alignment.finetune.fine_tune`); the held-out loss and (toy world) the gold metrics before and after
    (`eval.prompts`, `eval.compare_base`), as SFT does. Where no answer is kept (an already safe model),
    nothing is trained and final/ is a copy of the starting model.
 
@@ -39,11 +39,11 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, main_process_does
 from alignment.evaluate import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
+from alignment.finetune import fine_tune
 from alignment.gatt import attach_instruction
-from alignment.models.loading import check_model_paths, model_paths
+from alignment.models.loading import check_model_paths, load_policy, model_paths
+from alignment.policy_eval import evaluate_policy, print_eval_table
 from alignment.runs import RunDir, copy_dir_atomic, write_json_atomic
-from alignment.stages.gatt import load_policy
-from alignment.stages.sft import evaluate_policy, fine_tune, print_eval_table
 
 PLACEHOLDERS = {"generic": ("{adjective}",), "template_preprompt": ("{category}", "{template}", "{generic}")}
 

@@ -3,123 +3,17 @@
 Dialogs are encoded with `alignment.chat.encode` (the Llama-2 format or the model's own template; loss on
 every assistant answer, or on the last one only), packed padding-free into rows with a block-diagonal mask,
 and trained by the shared loop with `alignment.losses.sft_loss` normalised by the trained tokens of the
-whole optimizer step. Rejection sampling, GAtt and safety distillation fine-tune through `fine_tune` here.
+whole optimizer step. Rejection sampling, GAtt and safety distillation fine-tune through the same
+`alignment.finetune.fine_tune`.
 """
 from __future__ import annotations
 
-from alignment.batching import attention_inputs, build_plan, collate, format_truncation, truncation_counts
-from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import SFTConfig
 from alignment.data.sources import load_sources, source_hashes
-from alignment.distributed import is_main_process, world_size
-from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
-from alignment.losses import sft_loss
-from alignment.models.loading import check_model_paths, load_causal_lm, model_paths
-from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
-from alignment.runs import RunDir, write_json_atomic
-from alignment.training import LoopConfig, train
-
-
-def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
-    """Encoded examples and the number dropped because truncation left no trained answer token."""
-    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, max_length, train_on)
-    return examples, counts["dropped"]
-
-
-def encode_and_count_dialogs(tokenizer, dialogs: list[dict], max_length: int,
-                             train_on: str = "all") -> tuple[list[dict], dict]:
-    """Encoded examples and counts: `truncated` dialogs longer than `max_length` (their end is cut,
-    `alignment.chat.truncate_example`) of `rows`, and `dropped`, those left without a trained answer token."""
-    examples, lengths, dropped = [], [], 0
-    for row in dialogs:
-        full = encode(tokenizer, row["messages"], train_on=train_on)
-        lengths.append(len(full["input_ids"]))
-        ex = truncate_example(full, max_length)
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
-    return examples, {**truncation_counts(lengths, max_length), "dropped": dropped}
-
-
-def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
-    """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens."""
-
-    def step(model, rows, scale):
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in collate(examples, rows, pad_id).items()}
-        dtype = next(model.parameters()).dtype
-        logits = model(**attention_inputs(batch, attn_implementation, dtype)).logits
-        loss, metrics = sft_loss(logits, batch["labels"], num_items=scale)
-        return loss, {"loss_sum": loss.detach() * scale, "tokens": metrics["num_tokens"]}
-
-    return step
-
-
-def make_plan(cfg, examples: list[dict], world: int):
-    lengths = [len(e["input_ids"]) for e in examples]
-    items = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples]
-    return build_plan(lengths, items, seed=cfg.seed, epochs=cfg.train.epochs,
-                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
-                      packing=cfg.train.packing, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)
-
-
-def loop_config(cfg) -> LoopConfig:
-    return LoopConfig(optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed,
-                      logging=cfg.logging, output=cfg.output, seed=cfg.seed)
-
-
-def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
-    """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
-    warning = toy_tokenizer_warning(tokenizer, [m["content"] for row in dialogs[:500] for m in row["messages"]])
-    if warning and is_main_process():
-        print(f"[{desc}] {warning}")
-    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
-    dropped = counts["dropped"]
-    if not examples:
-        raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
-    world = world_size()
-    plan = make_plan(cfg, examples, world)
-    run.prepare(inputs, is_main=is_main_process())
-    if counts["truncated"] and is_main_process():
-        print(format_truncation(f"{desc} dialogs", counts, side="right"))
-    if dropped and is_main_process():
-        print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
-              f"train.max_length={cfg.train.max_length}")
-    model = load_causal_lm(cfg.model)
-    step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
-    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
-                    desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)
-    summary.update(examples=len(examples), dropped=dropped, truncation=counts)
-    return summary
-
-
-def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[dict]) -> dict:
-    """Held-out loss and gold-scored answers of the final model (and of the starting one, by option)."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(run.final_dir)
-    result: dict = {}
-    checkpoints = [("final", str(run.final_dir))]
-    if cfg.eval.compare_base:
-        checkpoints.append(("start", cfg.model.path))
-    examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
-    for name, path in checkpoints:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     attn_implementation=cfg.model.attn_implementation)
-        entry = {}
-        if examples:
-            entry["heldout_loss"] = heldout_loss(model, examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
-        if prompts:
-            answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, progress=cfg.logging.progress)
-            if from_toyworld(prompts):
-                entry.update(gold_metrics(prompts, answers))
-            entry["examples"] = [{"prompt": last_user_message(r), "answer": a} for r, a in zip(prompts[:5], answers)]
-        result[name] = entry
-    write_json_atomic(run.path / "eval.json", result)
-    return result
+from alignment.finetune import fine_tune, is_main_process
+from alignment.models.loading import check_model_paths, model_paths
+from alignment.policy_eval import evaluate_policy, print_eval_table
+from alignment.runs import RunDir
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -139,13 +33,3 @@ def run_sft(cfg: SFTConfig) -> dict:
         run.mark_done(summary)
         print_eval_table("sft", summary["eval"])
     return summary
-
-
-def print_eval_table(stage: str, result: dict, keys: tuple[str, ...] = ("heldout_loss", "gold_helpfulness",
-                                                                       "violation_rate", "false_refusal_rate")) -> None:
-    widths = [max(20, len(k) + 2) for k in keys]
-    print(f"[{stage}] evaluation")
-    print("  " + "checkpoint".ljust(12) + "".join(k.rjust(w) for k, w in zip(keys, widths)))
-    for name, entry in result.items():
-        cells = "".join((f"{entry[k]:.4f}" if k in entry else "-").rjust(w) for k, w in zip(keys, widths))
-        print("  " + name.ljust(12) + cells)

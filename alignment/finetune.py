@@ -1,0 +1,90 @@
+"""The fine-tune step every SFT-like stage shares (sft, pretrain, rejection sampling, GAtt, safety
+distillation): dialogs encoded in the recipe's chat format, packed padding-free into rows with a
+block-diagonal mask, and trained by the shared loop with `alignment.losses.sft_loss` normalised by the
+trained tokens of the whole optimizer step.
+"""
+from __future__ import annotations
+
+from alignment.batching import attention_inputs, build_plan, collate, format_truncation, truncation_counts
+from alignment.chat import IGNORE_INDEX, encode, truncate_example
+from alignment.distributed import is_main_process, world_size
+from alignment.losses import sft_loss
+from alignment.models.loading import load_causal_lm
+from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
+from alignment.runs import RunDir
+from alignment.training import LoopConfig, train
+
+
+def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
+    """Encoded examples and the number dropped because truncation left no trained answer token."""
+    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, max_length, train_on)
+    return examples, counts["dropped"]
+
+
+def encode_and_count_dialogs(tokenizer, dialogs: list[dict], max_length: int,
+                             train_on: str = "all") -> tuple[list[dict], dict]:
+    """Encoded examples and counts: `truncated` dialogs longer than `max_length` (their end is cut,
+    `alignment.chat.truncate_example`) of `rows`, and `dropped`, those left without a trained answer token."""
+    examples, lengths, dropped = [], [], 0
+    for row in dialogs:
+        full = encode(tokenizer, row["messages"], train_on=train_on)
+        lengths.append(len(full["input_ids"]))
+        ex = truncate_example(full, max_length)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, {**truncation_counts(lengths, max_length), "dropped": dropped}
+
+
+def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
+    """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens."""
+
+    def step(model, rows, scale):
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(examples, rows, pad_id).items()}
+        dtype = next(model.parameters()).dtype
+        logits = model(**attention_inputs(batch, attn_implementation, dtype)).logits
+        loss, metrics = sft_loss(logits, batch["labels"], num_items=scale)
+        return loss, {"loss_sum": loss.detach() * scale, "tokens": metrics["num_tokens"]}
+
+    return step
+
+
+def make_plan(cfg, examples: list[dict], world: int):
+    lengths = [len(e["input_ids"]) for e in examples]
+    items = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples]
+    return build_plan(lengths, items, seed=cfg.seed, epochs=cfg.train.epochs,
+                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
+                      packing=cfg.train.packing, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)
+
+
+def loop_config(cfg) -> LoopConfig:
+    return LoopConfig(optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed,
+                      logging=cfg.logging, output=cfg.output, seed=cfg.seed)
+
+
+def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], desc: str = "sft") -> dict:
+    """Fine-tune `cfg.model` on SFT dialogs into `run` (the machinery every SFT-like stage shares)."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
+    warning = toy_tokenizer_warning(tokenizer, [m["content"] for row in dialogs[:500] for m in row["messages"]])
+    if warning and is_main_process():
+        print(f"[{desc}] {warning}")
+    examples, counts = encode_and_count_dialogs(tokenizer, dialogs, cfg.train.max_length, cfg.data.train_on)
+    dropped = counts["dropped"]
+    if not examples:
+        raise ValueError(f"[{desc}] no training example left after truncation to {cfg.train.max_length} tokens")
+    world = world_size()
+    plan = make_plan(cfg, examples, world)
+    run.prepare(inputs, is_main=is_main_process())
+    if counts["truncated"] and is_main_process():
+        print(format_truncation(f"{desc} dialogs", counts, side="right"))
+    if dropped and is_main_process():
+        print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
+              f"train.max_length={cfg.train.max_length}")
+    model = load_causal_lm(cfg.model)
+    step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
+    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
+                    desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)
+    summary.update(examples=len(examples), dropped=dropped, truncation=counts)
+    return summary
