@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alignment.chat import encode_prompt
+from alignment.chat_session import load_policy
 from alignment.data.io import load_records
 from alignment.data.schemas import RATINGS, category_of, prompt_context, row_problems
 from alignment.data.stats import annotator_agreement
 from alignment.generation import generate
 from alignment.runs import write_json_atomic
-from alignment.talk import load_policy
 
 SLOTS = ("A", "B")
 

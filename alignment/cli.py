@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _data(args)
         if args.command == "chat":
-            session = resolve("alignment.talk:ChatSession").from_checkpoint(
+            session = resolve("alignment.chat_session:ChatSession").from_checkpoint(
                 args.checkpoint, system=args.system, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens)
-            resolve("alignment.talk:repl")(session)
+            resolve("alignment.chat_session:repl")(session)
             return 0
         if args.command == "annotate":
             resolve("alignment.annotate:run_annotate")(

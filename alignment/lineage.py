@@ -17,7 +17,7 @@ from alignment.runs import write_json_atomic
 from alignment.stages import STAGES
 
 # the answering and judging code every cached evaluation depends on (not imported: it needs torch)
-EVALUATE_CODE = Path(__file__).with_name("evaluate.py")
+JUDGING_CODE = Path(__file__).with_name("judging.py")
 
 
 def toyworld_code_hash() -> str:
@@ -37,9 +37,9 @@ def checkpoint_identity(path: str) -> dict:
 
 def evaluation_fingerprint(prompts: list[dict], **settings) -> dict:
     """What every cached report result also depends on besides its checkpoints: the prompts, the settings,
-    and the code that answers and judges them (alignment/evaluate.py and the toy world's gold scorers)."""
+    and the code that answers and judges them (alignment/judging.py and the toy world's gold scorers)."""
     prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
-    code = hashlib.sha256(EVALUATE_CODE.read_bytes()).hexdigest()[:16]
+    code = hashlib.sha256(JUDGING_CODE.read_bytes()).hexdigest()[:16]
     return {"prompts": prompts_hash, "evaluate_code": code, "toyworld_code": toyworld_code_hash(), **settings}
 
 

@@ -9,10 +9,10 @@ from typing import Sequence
 from alignment.chat import encode_prompt
 from alignment.data.schemas import prompt_context
 from alignment.data.toyworld import check_instruction
-from alignment.evaluate import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
 from alignment.finetune import encode_dialogs
-from alignment.gatt import TABLE_30_TURNS, DialogPlan, Respond, measure_adherence_sets
+from alignment.gatt_data import TABLE_30_TURNS, DialogPlan, Respond, measure_adherence_sets
 from alignment.generation import generate
+from alignment.judging import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
 from alignment.models.loading import load_policy
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic

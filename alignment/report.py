@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from alignment.evaluate import evaluate_checkpoint, on_policy_rm_check
+from alignment.judging import evaluate_checkpoint, on_policy_rm_check
 from alignment.lineage import cached, checkpoint_identity, evaluation_fingerprint, policy_checkpoints, read_manifest
 from alignment.runs import read_metrics, write_json_atomic
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignment.data import toyworld
-from alignment.evaluate import compare, gold_metrics, judge_answers, ranking_agreement, summarize, win_tie_loss
+from alignment.judging import compare, gold_metrics, judge_answers, ranking_agreement, summarize, win_tie_loss
 
 from conftest import write_jsonl
 from pngcheck import png_size

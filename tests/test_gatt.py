@@ -8,9 +8,9 @@ import yaml
 
 from alignment.chat import IGNORE_INDEX, encode_dialog, format_dialog
 from alignment.data.toyworld import check_instruction
-from alignment.gatt import (AnswerMode, CHOOSERS, DialogPlan, adherence_rates, attach_instruction,
-                            dialogs_reaching, measure_adherence, play_dialogs, sampling_counts,
-                            gatt_train_on, system_token_positions, training_dialogs)
+from alignment.gatt_data import (AnswerMode, CHOOSERS, DialogPlan, adherence_rates, attach_instruction,
+                                 dialogs_reaching, measure_adherence, play_dialogs, sampling_counts, gatt_train_on,
+                                 system_token_positions, training_dialogs)
 
 from conftest import write_jsonl
 from pngcheck import assert_plot
@@ -151,7 +151,7 @@ def test_adherence_is_counted_per_turn_on_hand_made_dialogs():
 
 
 def test_sets_measured_together_get_the_dialogs_and_rates_they_get_alone_in_one_batch_per_turn():
-    from alignment.gatt import measure_adherence_sets
+    from alignment.gatt_data import measure_adherence_sets
 
     both = {**NAPOLEON, "id": "i-both", "instruction": "Figure: Napoleon. Style: upper.",
             "constraints": NAPOLEON["constraints"] + UPPER["constraints"]}

@@ -26,8 +26,8 @@ from alignment.data.io import write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.data.toyworld import gold_helpfulness, gold_safety, label_helpfulness, label_safety
-from alignment.evaluate import from_toyworld
 from alignment.generation import generate
+from alignment.judging import from_toyworld
 from alignment.models.loading import load_policy
 from alignment.runs import RunDir
 

@@ -8,7 +8,7 @@ after those of a pipeline run (`pipeline: runs/demo`, in pipeline order: sft, rl
 is "DIR", "NAME=DIR" or the name of one of them (`--against sft`). Prompt files
 are listed by kind (`prompts.helpful`, `.adversarial`, `.borderline`); where the rows are not the toy
 world's (real-format files), only the RM judges and the refusal markers apply. Metrics: see
-`alignment.evaluate.summarize` and `compare`.
+`alignment.judging.summarize` and `compare`.
 
 Layout of `output.dir`:
 
@@ -34,9 +34,9 @@ from pathlib import Path
 from alignment.config import EvalConfig
 from alignment.data.io import write_jsonl
 from alignment.data.sources import load_source, load_sources, source_hashes
-from alignment.evaluate import (KINDS, answer_prompts, compare, judge_answers, last_user_message, load_rm_for_inference,
-                                rm_sigmoids, summarize)
-from alignment.gatt import check_constraint_types
+from alignment.gatt_data import check_constraint_types
+from alignment.judging import (KINDS, answer_prompts, compare, judge_answers, last_user_message, load_rm_for_inference,
+                               rm_sigmoids, summarize)
 from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
 from alignment.models.loading import load_policy
 from alignment.policy_eval import adherence_by_turn

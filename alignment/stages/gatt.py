@@ -4,7 +4,8 @@
    each carrying one instruction of `data.instructions` (toy world: random combinations of checkable
    constraints, shortened half the time).
 2. Sampling: the instruction is concatenated to every user message (in the system-prompt form the model
-   knows, `alignment.gatt.attach_instruction`) and `model.path` (the latest RLHF model) answers turn by turn, each answer conditioned on the answers sampled before it. A dialog is
+   knows, `alignment.gatt_data.attach_instruction`) and `model.path` (the latest RLHF model) answers turn
+   by turn, each answer conditioned on the answers sampled before it. A dialog is
    kept only if every answer obeys the instruction (`toyworld.check_instruction`). With
    `samples_per_turn` k > 1 each turn draws k samples and takes the first that obeys (best of k by the
    checker): a tiny model obeys too rarely for whole dialogs to pass with one sample per turn. This is a
@@ -49,9 +50,9 @@ from alignment.data.toyworld import apply_instruction, check_instruction, undo_i
 from alignment.distributed import is_main_process, main_process_does
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune
-from alignment.gatt import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types, dialogs_reaching,
-                            gatt_train_on, plan_dialogs, play_dialogs, sampling_counts, system_token_positions,
-                            training_dialogs)
+from alignment.gatt_data import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types,
+                                 dialogs_reaching, gatt_train_on, plan_dialogs, play_dialogs, sampling_counts,
+                                 system_token_positions, training_dialogs)
 from alignment.models.loading import check_model_paths, load_policy, model_paths
 from alignment.policy_eval import adherence_by_turn, model_responder, user_messages
 from alignment.runs import RunDir, write_json_atomic

@@ -43,9 +43,9 @@ from alignment.config import PPOConfig, TrainSection
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
-from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.generation import generate
+from alignment.judging import from_toyworld, gold_metrics
 from alignment.losses import masked_mean, policy_loss, value_loss
 from alignment.models.loading import check_model_paths, load_causal_lm, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
@@ -279,7 +279,7 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
 # ----------------------------------------------------------------------------------------- evaluation
 def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     """Greedy answers to held-out prompts: mean combined reward Rc (the early-stopping metric) and, on toy
-    world prompts, the gold metrics (`alignment.evaluate.gold_metrics`)."""
+    world prompts, the gold metrics (`alignment.judging.gold_metrics`)."""
     from accelerate.utils import gather_object
 
     cfg, acc, tok = ctx.cfg, ctx.accelerator, ctx.tokenizer

@@ -8,8 +8,8 @@ from alignment.chat import IGNORE_INDEX
 from alignment.config import PretrainConfig
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process
-from alignment.evaluate import heldout_loss
 from alignment.finetune import lm_step_fn, loop_config, make_plan
+from alignment.judging import heldout_loss
 from alignment.models.tiny import build_tiny_llama
 from alignment.models.tokenizer import load_tokenizer, train_tokenizer
 from alignment.runs import RunDir

@@ -50,10 +50,10 @@ from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, local_device, main_process_does, rank, wait_for, world_size
-from alignment.evaluate import from_toyworld, gold_metrics
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune
 from alignment.generation import VLLMSampler, generate_with, pick_backend
+from alignment.judging import from_toyworld, gold_metrics
 from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.policy_eval import evaluate_policy, print_eval_table

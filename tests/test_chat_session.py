@@ -6,8 +6,8 @@ import io
 import pytest
 
 from alignment.chat import encode_prompt
+from alignment.chat_session import ChatSession, handle_command, repl
 from alignment.generation import generate
-from alignment.talk import ChatSession, handle_command, repl
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 
 from alignment.chat import encode_prompt, stop_token_id
-from alignment.models.loading import resolve_dtype
-from alignment.models.tokenizer import load_tokenizer
+from alignment.models import loading as models_loading
 
 
 @dataclass
@@ -41,16 +40,13 @@ class SamplingSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def load_policy(checkpoint: str | Path, device: str | None = None):
-    """(model, tokenizer) of a finished policy checkpoint directory, offline, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
+def load_policy(checkpoint: str | Path):
+    """(model, tokenizer) of a finished policy checkpoint directory, offline, in eval mode; a directory that
+    holds no model is one clear error (the shared loader also takes hub ids)."""
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json); give a stage's final/ directory")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype("auto"), local_files_only=True)
-    return model.to(device).eval(), load_tokenizer(path)
+    return models_loading.load_policy(str(path))
 
 
 class _TextStream:
