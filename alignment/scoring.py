@@ -35,13 +35,22 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward [N] read at each row's last real token (right padding), whatever the pad id is."""
+    """Scalar reward [N] read at each row's last real token (right padding), whatever the pad id is.
+
+    A model with a scalar head named "score" is read at every position and indexed by the mask: HF's own
+    pooling takes the last token that is not `pad_token_id`, which skips the answer's EOS where pad is EOS
+    (SmolLM2: both `<|im_end|>`), so it would score another token than training does (`packed_scores`)."""
+    last = attention_mask.sum(dim=1) - 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if any(name.rsplit(".", 1)[-1] == "score" for name, _ in model.named_modules()):
+        with _scalar_head_outputs(model) as captured:
+            model(input_ids=input_ids, attention_mask=attention_mask)
+        return captured["scores"][rows, last, 0]
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.dim() == 2:  # sequence-classification heads already pool at the last non-pad token
+    if logits.dim() == 2:  # a stand-in that pools itself
         return logits[:, 0]
-    last = attention_mask.sum(dim=1) - 1
-    return logits[torch.arange(logits.shape[0], device=logits.device), last, 0]
+    return logits[rows, last, 0]
 
 
 @contextlib.contextmanager
