@@ -416,4 +416,15 @@ def test_eval_one_checkpoint(tmp_path, sft_chatml, rm_chatml):
     })
     timed("eval", run_eval, load_config(EvalConfig, recipe))
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert [e["name"] for e in result["checkpoints"]] == ["sft"]
+    (entry,) = result["checkpoints"]
+    assert entry["name"] == "sft" and entry["num_prompts"] == 4
+    assert set(entry["gatt"]["instructions"]) == {"1", "2"}
+    # each answer's helpfulness-RM score is the sigmoid of plain transformers' score on the saved RM
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_tok = AutoTokenizer.from_pretrained(rm_chatml / "final", local_files_only=True)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_chatml / "final", local_files_only=True)
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers" / "sft.jsonl").read_text().splitlines()]
+    plain = [torch.sigmoid(torch.tensor(plain_rm_score(rm, rm_tok, a["prompt"], a["answer"]))).item() for a in answers]
+    assert [a["helpful_rm"] for a in answers] == pytest.approx(plain, abs=1e-5)
+    assert entry["helpful_rm"] == pytest.approx(sum(plain) / len(plain), abs=1e-5)
