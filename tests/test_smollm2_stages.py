@@ -354,7 +354,7 @@ def test_gatt_one_step(tmp_path, sft_chatml):
 
     recipe = write_recipe(tmp_path / "gatt.yaml", {
         "model": {"path": str(sft_chatml / "final"), "lora": LORA},
-        "data": {"instructions": [{"path": str(write_jsonl(tmp_path / "instr.jsonl", toyworld.gatt_instructions(0, 2)))}],
+        "data": {"instructions": [{"path": str(write_jsonl(tmp_path / "i.jsonl", toyworld.gatt_instructions(0, 2)))}],
                  "prompts": [{"path": str(toy_prompts(tmp_path, 4))}]},
         # a random model never obeys: its breaking answers are rewritten to obey
         "sampling": {"num_dialogs": 2, "min_turns": 1, "max_turns": 2, "answers": "rewrite", "max_new_tokens": 4,
@@ -410,7 +410,7 @@ def test_eval_one_checkpoint(tmp_path, sft_chatml, rm_chatml):
         "checkpoints": [f"sft={sft_chatml / 'final'}"],
         "judges": judges(rm_chatml),
         "generation": {"max_new_tokens": 4, "batch_size": 8},
-        "gatt": {"instructions": [{"path": str(write_jsonl(tmp_path / "gatt.jsonl", toyworld.gatt_instructions(0, 1)))}],
+        "gatt": {"instructions": [{"path": str(write_jsonl(tmp_path / "i.jsonl", toyworld.gatt_instructions(0, 1)))}],
                  "turns": [1, 2], "max_new_tokens": 4, "max_instructions": 1},
         "output": {"dir": str(tmp_path / "out")},
     })
