@@ -5,8 +5,11 @@ trained tokens of the whole optimizer step.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from alignment.batching import attention_inputs, build_plan, collate, format_truncation, truncation_counts
 from alignment.chat import IGNORE_INDEX, encode, truncate_example
+from alignment.config import EvalSection, FineTuneSections, ModelSection, OutputSection, SFTConfig, SFTData
 from alignment.distributed import is_main_process, world_size
 from alignment.losses import sft_loss
 from alignment.models.loading import load_causal_lm
@@ -57,6 +60,16 @@ def make_plan(cfg, examples: list[dict], world: int):
     return build_plan(lengths, items, seed=cfg.seed, epochs=cfg.train.epochs,
                       micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum, world=world,
                       packing=cfg.train.packing, max_length=cfg.train.max_length, max_steps=cfg.train.max_steps)
+
+
+def sft_config_for(cfg: FineTuneSections, data: SFTData, *, eval: EvalSection | None = None,
+                   model: ModelSection | None = None, output: OutputSection | None = None) -> SFTConfig:
+    """The SFT config a stage fine-tunes with: `data` (and, where given, another eval, model or output), and
+    every other section (optim, schedule, train, distributed, logging, seed, chat) taken from the stage's `cfg`
+    as it is, so a fine-tune inside rejection sampling, GAtt or safety distillation trains as its recipe says."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FineTuneSections)}
+    return SFTConfig(**shared, data=data, chat=cfg.chat, model=model or cfg.model, output=output or cfg.output,
+                     eval=eval if eval is not None else EvalSection())
 
 
 def loop_config(cfg) -> LoopConfig:

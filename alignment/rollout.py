@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from alignment.chat import IGNORE_INDEX
-from alignment.losses import (KL_ESTIMATORS, KLEstimator, entropy_from_logits, gae, masked_mean, masked_var,
+from alignment.losses import (KL_ESTIMATORS, KLEstimator, entropy_from_logits, gae, masked_var,
                               masked_whiten, token_logprobs)
 from alignment.rewards import combine, ppo_score, token_rewards
 

@@ -130,3 +130,29 @@ def test_shared_sections_reject_old_and_misspelt_names_inside_a_stage_section(se
     raw = {"model": {"path": "m"}, "data": {"prompts": []}, "output": {"dir": "o"}, section: {key: 1}}
     with pytest.raises(ConfigError, match=rf"{section}: unknown key '{key}'; did you mean '{near}'"):
         from_dict(RejectionSamplingConfig, raw)
+
+
+def test_fine_tunes_inside_a_stage_keep_the_stage_recipe_sections(tmp_path):
+    """Rejection sampling, GAtt and safety distillation fine-tune with an SFTConfig built from their own
+    recipe: its optim, schedule, train, logging, seed and chat template reach that fine-tune unchanged."""
+    from alignment.config import from_dict, GAttConfig, RejectionSamplingConfig, SafetyDistillConfig
+    from alignment.stages.gatt import gatt_sft_config
+    from alignment.stages.rejection_sampling import iteration_sft_config
+    from alignment.stages.safety_distill import distill_sft_config
+
+    shared = {"model": {"path": "m"}, "output": {"dir": str(tmp_path / "out")}, "optim": {"lr": 3.5e-4},
+              "train": {"max_length": 77, "micro_batch_size": 3}, "seed": 11, "chat": {"template": "model"},
+              "logging": {"every_steps": 7}}
+    gatt = from_dict(GAttConfig, {**shared, "data": {"instructions": [{"path": "i"}], "prompts": [{"path": "p"}]}})
+    rs = from_dict(RejectionSamplingConfig, {**shared, "data": {"prompts": [{"path": "p"}]},
+                                             "reward": {"helpful_rm": "h", "safety_rm": "s"}})
+    distill = from_dict(SafetyDistillConfig, {**shared, "data": {"prompts": [{"path": "p"}]},
+                                              "judge": {"safety_rm": "s"}})
+    built = [gatt_sft_config(gatt, tmp_path / "d.jsonl"),
+             iteration_sft_config(rs, 1, "start", tmp_path / "v1" / "k.jsonl"),
+             distill_sft_config(distill, tmp_path / "k.jsonl")]
+    for cfg in built:
+        assert (cfg.optim.lr, cfg.train.max_length, cfg.train.micro_batch_size) == (3.5e-4, 77, 3)
+        assert (cfg.seed, cfg.chat.template, cfg.logging.every_steps) == (11, "model", 7)
+    assert built[1].model.path == "start" and built[1].output.dir == str(tmp_path / "v1")
+    assert built[0].model.path == built[2].model.path == "m"

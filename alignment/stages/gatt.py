@@ -43,13 +43,13 @@ import random
 from pathlib import Path
 
 from alignment.chat import encode
-from alignment.config import DataSource, EvalSection, GAttConfig, SFTConfig, SFTData
+from alignment.config import DataSource, GAttConfig, SFTConfig, SFTData
 from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.sources import load_sources, source_hashes
 from alignment.data.toyworld import apply_instruction, check_instruction, undo_instruction
 from alignment.distributed import is_main_process, main_process_does
 from alignment.faults import fault_point
-from alignment.finetune import fine_tune
+from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types,
                                  dialogs_reaching, gatt_train_on, plan_dialogs, play_dialogs, sampling_counts,
                                  system_token_positions, training_dialogs)
@@ -160,9 +160,7 @@ def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
     `gatt_train_on` says)."""
     train_on = gatt_train_on(cfg.sampling.every_turn_examples)
     train = [DataSource(path=str(dialogs_path)), *cfg.data.replay]
-    return SFTConfig(model=cfg.model, data=SFTData(train=train, train_on=train_on),
-                     output=cfg.output, optim=cfg.optim, schedule=cfg.schedule, train=cfg.train,
-                     distributed=cfg.distributed, logging=cfg.logging, eval=EvalSection(), seed=cfg.seed)
+    return sft_config_for(cfg, SFTData(train=train, train_on=train_on))
 
 
 def run_gatt(cfg: GAttConfig) -> dict:

@@ -51,7 +51,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, local_device, main_process_does, rank, wait_for, world_size
 from alignment.faults import fault_point
-from alignment.finetune import fine_tune
+from alignment.finetune import fine_tune, sft_config_for
 from alignment.generation import VLLMSampler, generate_with, pick_backend
 from alignment.judging import from_toyworld, gold_metrics
 from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
@@ -245,12 +245,10 @@ def print_summary(reports: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------- iterations
 def iteration_sft_config(cfg: RejectionSamplingConfig, iteration: int, start: str, kept_path: Path) -> SFTConfig:
     """The SFT run of iteration n: `start` fine-tuned on its kept answers with the recipe's SFT sections."""
-    return SFTConfig(
-        model=dataclasses.replace(cfg.model, path=start),
-        data=SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval, train_on=cfg.data.train_on),
-        output=dataclasses.replace(cfg.output, dir=str(kept_path.parent)),
-        optim=cfg.optim, schedule=cfg.schedule, train=cfg.train, distributed=cfg.distributed, logging=cfg.logging,
-        eval=dataclasses.replace(cfg.eval, compare_base=cfg.eval.compare_base and iteration == 1), seed=cfg.seed)
+    data = SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval, train_on=cfg.data.train_on)
+    return sft_config_for(cfg, data, model=dataclasses.replace(cfg.model, path=start),
+                          output=dataclasses.replace(cfg.output, dir=str(kept_path.parent)),
+                          eval=dataclasses.replace(cfg.eval, compare_base=cfg.eval.compare_base and iteration == 1))
 
 
 def kept_dialogs(rows: list[dict], kept: dict[str, dict], iteration: int) -> list[dict]:

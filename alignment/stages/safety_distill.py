@@ -38,7 +38,7 @@ from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, main_process_does
-from alignment.finetune import fine_tune
+from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import attach_instruction
 from alignment.judging import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
 from alignment.models.loading import check_model_paths, load_policy, model_paths
@@ -166,10 +166,8 @@ def sampling_summary(samples: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------- the stage
 def distill_sft_config(cfg: SafetyDistillConfig, kept_path: Path) -> SFTConfig:
     """The fine-tune of `model.path` on the kept answers, with the recipe's SFT sections."""
-    return SFTConfig(model=cfg.model, data=SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval,
-                                                   train_on=cfg.data.train_on),
-                     output=cfg.output, optim=cfg.optim, schedule=cfg.schedule, train=cfg.train,
-                     distributed=cfg.distributed, logging=cfg.logging, eval=cfg.eval, seed=cfg.seed)
+    data = SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval, train_on=cfg.data.train_on)
+    return sft_config_for(cfg, data, eval=cfg.eval)
 
 
 def _check_inputs(cfg: SafetyDistillConfig, rows: list[dict]) -> None:
