@@ -18,7 +18,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.toyworld import gold_helpfulness
 from alignment.generation import generate
 from alignment.losses import sft_loss
-from alignment.models.loading import resolve_dtype
+from alignment.models.loading import load_rm_for_inference
 from alignment.models.tokenizer import load_tokenizer
 from alignment.rewards import combine
 from alignment.scoring import reward_scores
@@ -230,19 +230,6 @@ def heldout_loss(model, examples: list[dict], pad_id: int, attn_implementation: 
     if was_training:
         model.train()
     return total / max(count, 1)
-
-
-def load_rm_for_inference(path: str, dtype: str = "auto", device=None):
-    """A reward model (HF seq-cls, one label) for inference on `device` (default: the GPU if there is one),
-    with its tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=resolve_dtype(dtype),
-                                                               local_files_only=True)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
 
 
 def rm_sigmoids(rm, tokenizer, rows: list[dict], answers: list[str], *, batch_size: int = 32,

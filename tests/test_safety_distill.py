@@ -84,7 +84,8 @@ def _recipe(tmp_path, nano_model_dir, tokenizer, prompts, **overrides) -> Safety
 
 
 def test_align_safety_distill_end_to_end_on_nano(tmp_path, nano_model_dir, tokenizer):
-    from alignment.judging import load_rm_for_inference, rm_sigmoids
+    from alignment.judging import rm_sigmoids
+    from alignment.models.loading import load_rm_for_inference
 
     prompts = [*toyworld.rl_prompts(0, 40)]  # helpful, borderline and adversarial: only the adversarial are used
     cfg = _recipe(tmp_path, nano_model_dir, tokenizer, prompts)

@@ -108,3 +108,16 @@ def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
                                                  attn_implementation=attn_implementation)
     return model.to(local_device()).eval(), load_tokenizer(path, template)
+
+
+def load_rm_for_inference(path: str, dtype: str = "auto", device=None):
+    """A reward model (HF seq-cls, one label) for inference on `device` (default: this process's device), with
+    its tokenizer (and the tokenizer's pad id where the model's config has none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=resolve_dtype(dtype),
+                                                               local_files_only=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device or local_device()).eval(), tokenizer

@@ -35,10 +35,10 @@ from alignment.config import EvalConfig
 from alignment.data.io import write_jsonl
 from alignment.data.sources import load_source, load_sources, source_hashes
 from alignment.gatt_data import check_constraint_types
-from alignment.judging import (KINDS, answer_prompts, compare, judge_answers, last_user_message, load_rm_for_inference,
+from alignment.judging import (KINDS, answer_prompts, compare, judge_answers, last_user_message,
                                rm_sigmoids, summarize)
 from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
-from alignment.models.loading import load_policy
+from alignment.models.loading import load_policy, load_rm_for_inference
 from alignment.policy_eval import adherence_by_turn
 from alignment.runs import RunDir, write_json_atomic
 

@@ -49,12 +49,12 @@ from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
-from alignment.distributed import is_main_process, local_device, main_process_does, rank, wait_for, world_size
+from alignment.distributed import is_main_process, main_process_does, rank, wait_for, world_size
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune, sft_config_for
 from alignment.generation import VLLMSampler, generate_with, pick_backend
 from alignment.judging import from_toyworld, gold_metrics
-from alignment.models.loading import check_model_paths, model_paths, resolve_dtype
+from alignment.models.loading import check_model_paths, load_policy, load_rm_for_inference, model_paths
 from alignment.models.tokenizer import load_tokenizer
 from alignment.policy_eval import evaluate_policy, print_eval_table
 from alignment.runs import RunDir, write_json_atomic
@@ -71,32 +71,18 @@ STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after thi
 def load_sampler(path: str, cfg: RejectionSamplingConfig):
     """The policy that draws samples and its tokenizer: a plain HF causal LM (inference only), or a vLLM
     engine where `generation.backend` picks it."""
-    from transformers import AutoModelForCausalLM
-
     template = cfg.chat.template if path == cfg.model.path else None  # other checkpoints carry their own
     if pick_backend(cfg.generation.backend, world_size()) == "vllm":
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
         return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path, template)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype), local_files_only=True,
-                                                 attn_implementation=cfg.model.attn_implementation)
-    return model.to(local_device()).eval(), load_tokenizer(path, template)
+    return load_policy(path, cfg.model.dtype, cfg.model.attn_implementation, template)
 
 
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
     """{"helpful"|"safety": (model, tokenizer)} for the RMs `reward.mode` reads."""
-    from transformers import AutoModelForSequenceClassification
-
-    rms = {}
-    for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
-        path = getattr(cfg.reward, f"{name}_rm")
-        tokenizer = load_tokenizer(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=resolve_dtype(cfg.reward.dtype), local_files_only=True)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        rms[name] = (model.to(local_device()).eval(), tokenizer)
-    return rms
+    return {name: load_rm_for_inference(getattr(cfg.reward, f"{name}_rm"), cfg.reward.dtype)
+            for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]}
 
 
 def _release_memory() -> None:

@@ -40,8 +40,8 @@ from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, main_process_does
 from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import attach_instruction
-from alignment.judging import answer_contexts, from_toyworld, load_rm_for_inference, rm_sigmoids, row_kind
-from alignment.models.loading import check_model_paths, load_policy, model_paths
+from alignment.judging import answer_contexts, from_toyworld, rm_sigmoids, row_kind
+from alignment.models.loading import check_model_paths, load_policy, load_rm_for_inference, model_paths
 from alignment.policy_eval import evaluate_policy, print_eval_table
 from alignment.runs import RunDir, copy_dir_atomic, write_json_atomic
 
