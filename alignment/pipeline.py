@@ -106,7 +106,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(f"[report] evaluating every checkpoint on {len(prompts)} held-out prompts ...", flush=True)
         report = build_report(root, prompts=prompts, helpful_rm_stage=cfg.report.helpful_rm,
                               safety_rm_stage=cfg.report.safety_rm, max_new_tokens=cfg.report.max_new_tokens,
-                              batch_size=cfg.report.batch_size, rm_check=cfg.report.rm_check)
+                              batch_size=cfg.report.batch_size, rm_check=cfg.report.rm_check, base=cfg.report.base,
+                              real_pairs_test=cfg.report.real_pairs.test)
         print(f"[report] done in {_fmt(time.perf_counter() - t0)}\n{table(report)}")
         print(f"report: {root / 'report.html'} and {root / 'report.json'}")
     total = time.perf_counter() - t_start

@@ -55,10 +55,20 @@ class RMCheckSection:
 
 
 @dataclass(frozen=True)
+class RealPairsSection:
+    """The safety RM's accuracy on the test set `test` of its stage's `data.test` (held-out real preference
+    pairs), beside two baselines computed on the same pairs: the shorter answer wins, and the model the RM
+    started from with an untrained scalar head (`alignment.report.real_pairs_summary`). None: skipped."""
+
+    test: str | None = None
+
+
+@dataclass(frozen=True)
 class ReportSection:
     """The final evaluation of every policy checkpoint on the same held-out prompts."""
 
     enabled: bool = True
+    base: str | None = None  # a model directory evaluated first as "base" (a real model the pipeline starts from)
     prompts: list[str] = field(default_factory=lambda: [
         "{data}/eval_helpful.jsonl", "{data}/eval_adversarial.jsonl", "{data}/eval_borderline.jsonl"])
     max_prompts_per_file: int = 200
@@ -67,6 +77,7 @@ class ReportSection:
     max_new_tokens: int = 64
     batch_size: int = 64
     rm_check: RMCheckSection = field(default_factory=RMCheckSection)
+    real_pairs: RealPairsSection = field(default_factory=RealPairsSection)
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,14 @@ def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list
             raise ConfigError(f"report.{key}: {value!r} is not a stage of this pipeline; stages: {', '.join(sorted(names))}")
     if r.rm_check.policy is not None and r.helpful_rm is None:
         raise ConfigError("report.rm_check.policy needs report.helpful_rm (the RM whose ranking it checks)")
+    if r.real_pairs.test is not None:
+        if r.safety_rm is None:
+            raise ConfigError("report.real_pairs.test needs report.safety_rm (the RM whose test set it names)")
+        rm = next(p for p in planned if p["spec"].name == r.safety_rm)
+        rm_cfg = load_config(STAGES[rm["spec"].stage].config, rm["spec"].recipe, rm["overrides"])
+        if r.real_pairs.test not in getattr(getattr(rm_cfg, "data", None), "test", {}):
+            raise ConfigError(f"report.real_pairs.test: {r.real_pairs.test!r} is not a test set of stage "
+                              f"{r.safety_rm!r}; its test sets: {', '.join(rm_cfg.data.test) or 'none'}")
     return planned
 
 

@@ -3,16 +3,91 @@ accuracy by rating, training curves; `report.json` and a self-contained `report.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 from pathlib import Path
 
+import torch
+
+from alignment.config import ModelSection, RMConfig, from_dict
+from alignment.data.schemas import pair_context
+from alignment.data.sources import load_sources
 from alignment.judging import evaluate_checkpoint, on_policy_rm_check
 from alignment.lineage import cached, checkpoint_identity, evaluation_fingerprint, policy_checkpoints, read_manifest
+from alignment.models.loading import load_reward_model
+from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import read_metrics, write_json_atomic
+from alignment.scoring import reward_scores
 
 TABLE_KEYS = ("gold_helpfulness", "violation_rate", "false_refusal_rate", "helpful_rm", "safety_rm")
+
+# Llama 2 paper, Table 7: reward-model accuracy (%) on the Anthropic Harmless test set (docs/method.md#reward-model-accuracy).
+PAPER_ANTHROPIC_HARMLESS = {"Llama 2 Safety RM": 74.7, "Open Assistant RM": 68.4}
+
+
+def pair_accuracy(chosen: list[float], rejected: list[float]) -> float:
+    """Share of pairs whose chosen answer scores above its rejected one; a tie counts half (a coin toss), so
+    a scorer that cannot tell the answers apart scores 0.5."""
+    if len(chosen) != len(rejected) or not chosen:
+        raise ValueError(f"pair_accuracy needs as many chosen as rejected scores, at least one; got "
+                         f"{len(chosen)} and {len(rejected)}")
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def shorter_answer_scores(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """The baseline "the shorter answer wins" as scores of (chosen, rejected): minus each answer's length
+    in characters."""
+    return [-float(len(r["chosen"])) for r in rows], [-float(len(r["rejected"])) for r in rows]
+
+
+def untrained_head_scores(rm_cfg: RMConfig, rows: list[dict]) -> tuple[list[float], list[float]]:
+    """Scores of (chosen, rejected) by the model an RM started from (`rm_cfg.model`) with a new scalar head,
+    initialised as the RM stage initialises it (seeded by `rm_cfg.seed`) and never trained: what the RM's
+    training added is its accuracy above this one."""
+    tokenizer = load_tokenizer(rm_cfg.model.tokenizer or rm_cfg.model.path, rm_cfg.chat.template)
+    torch.manual_seed(rm_cfg.seed)
+    model = load_reward_model(ModelSection(path=rm_cfg.model.path, dtype=rm_cfg.model.dtype,
+                                           attn_implementation=rm_cfg.model.attn_implementation),
+                              tokenizer.pad_token_id)
+    contexts = [pair_context(r) for r in rows]
+    scores = reward_scores(model, tokenizer, contexts + contexts, [r["chosen"] for r in rows] +
+                           [r["rejected"] for r in rows], batch_size=rm_cfg.eval.batch_size,
+                           max_length=rm_cfg.train.max_length).tolist()
+    return scores[:len(rows)], scores[len(rows):]
+
+
+def real_pairs_summary(rm_dir: str | Path, test: str, cache: Path) -> dict:
+    """The RM of run directory `rm_dir` on its test set `test` (read from its eval.json), beside the two
+    baselines computed on the same rows, and the paper's Table 7 figures on Anthropic Harmless."""
+    rm_dir = Path(rm_dir)
+    rm_cfg = from_dict(RMConfig, json.loads((rm_dir / "config.json").read_text())["config"])
+    rows = load_sources(rm_cfg.data.test[test], "preference_pair")
+    trained = json.loads((rm_dir / "eval.json").read_text())[test]
+    if trained["count"] != len(rows):
+        raise ValueError(f"{rm_dir}/eval.json has {trained['count']} pairs for test set {test!r}, its config "
+                         f"gives {len(rows)} now: the data changed since the RM was evaluated")
+    key = {"model": checkpoint_identity(rm_cfg.model.path), "test": test,
+           "rows": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16],
+           "seed": rm_cfg.seed, "max_length": rm_cfg.train.max_length, "template": rm_cfg.chat.template}
+    untrained = cached(cache / f"untrained_head_{test}.json", key,
+                       lambda: {"accuracy": pair_accuracy(*untrained_head_scores(rm_cfg, rows))})
+    return {"test": test, "count": len(rows), "safety_rm": trained["accuracy"],
+            "shorter_answer_wins": pair_accuracy(*shorter_answer_scores(rows)),
+            "untrained_head": untrained["accuracy"], "untrained_head_model": rm_cfg.model.path,
+            "paper_table7_anthropic_harmless": {k: v / 100 for k, v in PAPER_ANTHROPIC_HARMLESS.items()}}
+
+
+def real_pairs_line(report: dict) -> str:
+    """One sentence on reward_models.safety.real_pairs ("" when the report has none)."""
+    r = report.get("reward_models", {}).get("safety", {}).get("real_pairs")
+    if not r:
+        return ""
+    paper = ", ".join(f"{name} {acc:.3f}" for name, acc in r["paper_table7_anthropic_harmless"].items())
+    return (f"safety RM on {r['count']} held-out real pairs ({r['test']}): accuracy {r['safety_rm']:.3f}; "
+            f"the shorter answer wins {r['shorter_answer_wins']:.3f}; its starting model with an untrained "
+            f"scalar head {r['untrained_head']:.3f}; paper Table 7 on Anthropic Harmless: {paper}")
 
 
 def _png(fig) -> str:
@@ -105,11 +180,13 @@ def _reward_model_summary(entry: dict) -> dict:
 
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
                  safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
-                 rm_check=None) -> dict:
+                 rm_check=None, base: str | None = None, real_pairs_test: str | None = None) -> dict:
     """Evaluate every policy checkpoint of a pipeline run and write report.json and report.html.
 
     `rm_check` (pipeline.RMCheckSection) with a policy stage adds reward_models.helpful.on_policy: how the
-    helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`)."""
+    helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`). `base`: a
+    model directory evaluated first as "base" (the model a real-model pipeline starts from).
+    `real_pairs_test` adds reward_models.safety.real_pairs (`real_pairs_summary`)."""
     root = Path(root)
     cache = root / "report_cache"
     manifest = read_manifest(root)
@@ -125,7 +202,7 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         return {**result, "answers": result["answers"][:8]}
 
     checkpoints, samples = [], {}
-    for name, path in policy_checkpoints(manifest):
+    for name, path in ([("base", base)] if base else []) + policy_checkpoints(manifest):
         key = {"policy": checkpoint_identity(path), **judges, **fingerprint}
         result = dict(cached(cache / f"{name}.json", key, lambda: evaluate(path)))
         samples[name] = result.pop("answers")
@@ -149,6 +226,10 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
             max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompts=rm_check.max_prompts))
         report["reward_models"].setdefault("helpful", {})["on_policy"] = {"checkpoint": rm_check.policy, **check}
         print(f"[report] {on_policy_line(report)}", flush=True)
+    if real_pairs_test is not None and safety_rm_stage in stage_dir:
+        report["reward_models"].setdefault("safety", {})["real_pairs"] = real_pairs_summary(
+            stage_dir[safety_rm_stage], real_pairs_test, cache)
+        print(f"[report] {real_pairs_line(report)}", flush=True)
     for name in manifest["order"]:
         entry = manifest["stages"].get(name, {})
         eval_path = Path(entry.get("dir", "")) / "eval.json"
@@ -192,6 +273,8 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
                      for name, data in plots.items())
     line = on_policy_line(report)
     check = f"<p>The {html.escape(line)}: what rejection sampling and PPO can gain from this RM.</p>" if line else ""
+    real = real_pairs_line(report)
+    check += f"<p>The {html.escape(real)}.</p>" if real else ""
     samples = ""
     for name, answers in report["sample_answers"]["answers"].items():
         items = "".join(f"<li><b>{html.escape(p)}</b><br>{html.escape(a)}</li>"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from alignment.config import ConfigError, SFTConfig, apply_overrides, config_hash, from_dict, load_config
+from alignment.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"model": {"path": "m"}, "data": {"train": [{"path": "t.jsonl"}]}, "output": {"dir": "out"}}
@@ -99,6 +100,29 @@ def test_llama2_recipes_have_every_stage_and_their_pipeline_resolves(size, monke
     for path in folder.glob("*.yaml"):
         for ref in re.findall(r"recipes/(?:deepspeed|accelerate)/[\w.]+", path.read_text()):
             assert (REPO / ref).is_file(), f"{path.name} names {ref}, which does not exist"
+
+
+def test_the_real_model_pipeline_resolves_every_stage_on_the_converted_model(monkeypatch):
+    """recipes/smollm2-135m: a recipe per stage, each in the model's own chat template; the pipeline resolves
+    every stage's config through the strict loader and starts from the converted model; its report names a
+    test set of the safety RM (and a wrong name is a one-line error before anything runs)."""
+    from alignment.pipeline_recipe import PipelineConfig, plan_pipeline
+
+    monkeypatch.chdir(REPO)
+    folder = REPO / "recipes" / "smollm2-135m"
+    assert {"sft", "rm_helpful", "rm_safety", "rejection_sampling", "ppo", "gatt", "safety_distill", "eval",
+            "pipeline"} <= {p.stem for p in folder.glob("*.yaml")}
+    cfg = load_config(PipelineConfig, folder / "pipeline.yaml")
+    planned = plan_pipeline(cfg)
+    assert [p["spec"].stage for p in planned] == ["sft", "rm", "rm", "rejection-sampling", "ppo", "gatt",
+                                                  "safety-distill"]
+    assert "model.path=runs/models/smollm2-135m-instruct" in planned[0]["overrides"]
+    for p in planned:
+        stage_cfg = load_config(STAGES[p["spec"].stage].config, p["spec"].recipe, p["overrides"])
+        assert stage_cfg.chat.template == "model", p["spec"].name
+    assert cfg.report.base == "runs/models/smollm2-135m-instruct" and cfg.report.real_pairs.test == "hh_harmless"
+    with pytest.raises(ConfigError, match="report.real_pairs.test: 'hh' is not a test set of stage 'rm_safety'"):
+        plan_pipeline(load_config(PipelineConfig, folder / "pipeline.yaml", ["report.real_pairs.test=hh"]))
 
 
 def test_a_section_given_in_part_keeps_the_stages_own_defaults():

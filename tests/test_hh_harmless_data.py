@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import DataSource
+from alignment.config import ConfigError, DataSource, HeldOutSide
 from alignment.data.mixing import held_out_split, prompt_key
 from alignment.data.sources import load_source
 
@@ -61,3 +61,29 @@ def test_held_out_split_is_by_prompt_and_deterministic(harmless):
     assert held_out_split(rows, 0.0) == (rows, []) and held_out_split(rows, 1.0) == ([], rows)
     with pytest.raises(ValueError, match="held-out fraction"):
         held_out_split(rows, 1.5)
+
+
+def test_a_source_keeps_one_side_of_the_split_and_limits_after_it(harmless):
+    rows, _ = harmless
+    train, held_out = held_out_split(rows, 0.2, salt="s")
+
+    def side(name: str, limit: int | None = None) -> list[dict]:
+        return load_source(DataSource(source="hh_rlhf", path=str(HARMLESS), split="train", limit=limit,
+                                      held_out=HeldOutSide(fraction=0.2, side=name, salt="s")), "preference_pair")
+
+    assert side("train") == train and side("held_out") == held_out
+    assert side("train", limit=50) == train[:50]  # the limit cuts the kept side, never reaches across
+    with pytest.raises(ConfigError, match="held_out.fraction"):
+        HeldOutSide(fraction=1.0, side="train")
+
+
+def test_the_real_model_recipes_never_train_on_their_held_out_hh_pairs():
+    from alignment.config import RMConfig, load_config
+
+    cfg = load_config(RMConfig, REPO / "recipes/smollm2-135m/rm_safety.yaml")
+    hh = lambda sources: [s for s in sources if s.source == "hh_rlhf"]  # noqa: E731
+    trained = hh(cfg.data.primary) + hh(cfg.data.secondary)
+    tested = [s for v in cfg.data.test.values() for s in hh(v)]
+    assert trained and tested
+    assert {s.held_out.side for s in trained} == {"train"} and {s.held_out.side for s in tested} == {"held_out"}
+    assert len({(s.path, s.split, s.held_out.fraction, s.held_out.salt) for s in trained + tested}) == 1

@@ -85,3 +85,73 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     calls.clear()
     build_report(tmp_path, **{**kwargs, "prompts": prompts[:-1], "rm_check": None})  # other prompts: all again
     assert len(calls) == 4
+
+
+def test_pair_accuracy_by_hand():
+    from alignment.report import pair_accuracy
+
+    # right, wrong, tie (half), right
+    assert pair_accuracy([3.0, 1.0, 2.0, 0.0], [1.0, 2.0, 2.0, -1.0]) == 2.5 / 4
+    assert pair_accuracy([1.0], [1.0]) == 0.5  # a scorer that cannot tell the answers apart: a coin toss
+    for chosen, rejected in (([1.0], [1.0, 2.0]), ([], [])):
+        try:
+            pair_accuracy(chosen, rejected)
+        except ValueError as e:
+            assert "as many chosen as rejected" in str(e)
+        else:
+            raise AssertionError("pair_accuracy accepted a bad input")
+
+
+def test_the_shorter_answer_baseline_by_hand():
+    from alignment.report import pair_accuracy, shorter_answer_scores
+
+    rows = [{"chosen": "No.", "rejected": "Sure, here is how."},  # shorter chosen: right
+            {"chosen": "I can not help with that, sorry.", "rejected": "Yes."},  # longer chosen: wrong
+            {"chosen": "abc", "rejected": "xyz"}]  # same length: half
+    assert shorter_answer_scores(rows) == ([-3.0, -32.0, -3.0], [-18.0, -4.0, -3.0])
+    assert pair_accuracy(*shorter_answer_scores(rows)) == 1.5 / 3
+
+
+def _rm_run(tmp_path, model_dir, rows, accuracy):
+    from alignment.config import RMConfig, from_dict, to_dict
+
+    test_file = tmp_path / "real.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(RMConfig, {"model": {"path": str(model_dir)}, "data": {
+        "primary": [{"path": str(test_file)}], "test": {"real": [{"path": str(test_file)}]}},
+        "output": {"dir": str(tmp_path / "rm")}, "train": {"max_length": 64}, "eval": {"batch_size": 2}})
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"hash": "x", "config": to_dict(cfg)}))
+    (tmp_path / "rm" / "eval.json").write_text(json.dumps({"real": {"accuracy": accuracy, "count": len(rows)}}))
+    return tmp_path / "rm", test_file
+
+
+def test_real_pairs_summary_puts_the_rm_beside_computed_baselines_and_the_paper(tmp_path, nano_model_dir, monkeypatch):
+    import pytest
+
+    from alignment import report as report_module
+    from alignment.report import pair_accuracy, real_pairs_line, real_pairs_summary, untrained_head_scores
+
+    rows = [{"id": f"p{i}", "prompt": f"Question {i}?", "chosen": "No." if i % 3 else "A long, careful and complete answer to it.",
+             "rejected": "Sure, here is how to do it.", "rating": "unsure", "kind": "safety"} for i in range(6)]
+    rm_dir, test_file = _rm_run(tmp_path, nano_model_dir, rows, accuracy=0.75)
+    summary = real_pairs_summary(rm_dir, "real", tmp_path / "cache")
+    assert summary["count"] == 6 and summary["safety_rm"] == 0.75
+    assert summary["shorter_answer_wins"] == 4 / 6  # the chosen "No." is shorter in 4 of the 6 pairs
+    assert summary["paper_table7_anthropic_harmless"] == {"Llama 2 Safety RM": 0.747, "Open Assistant RM": 0.684}
+    # the untrained head: the RM's starting model with a new head seeded as the RM stage seeds it
+    from alignment.config import RMConfig, from_dict
+    cfg = from_dict(RMConfig, json.loads((rm_dir / "config.json").read_text())["config"])
+    chosen, rejected = untrained_head_scores(cfg, rows)
+    assert untrained_head_scores(cfg, rows) == (chosen, rejected) and chosen != rejected
+    assert summary["untrained_head"] == pair_accuracy(chosen, rejected)
+    line = real_pairs_line({"reward_models": {"safety": {"real_pairs": summary}}})
+    assert "accuracy 0.750" in line and "the shorter answer wins 0.667" in line and "Llama 2 Safety RM 0.747" in line
+
+    # cached: a second report does not score the pairs again
+    monkeypatch.setattr(report_module, "untrained_head_scores", lambda *a: pytest.fail("scored again"))
+    assert real_pairs_summary(rm_dir, "real", tmp_path / "cache") == summary
+    # the RM's eval.json and the test set must describe the same pairs
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    with pytest.raises(ValueError, match="has 6 pairs for test set 'real', its config gives 5 now"):
+        real_pairs_summary(rm_dir, "real", tmp_path / "cache")

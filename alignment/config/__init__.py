@@ -5,7 +5,8 @@ Every name is re-exported here, so `from alignment.config import SFTConfig, load
 from alignment.config.loader import (apply_overrides, config_hash, ConfigError, from_dict, load_config, read_recipe,
                                      to_dict)
 from alignment.config.sections import (AttnImplementation, ChatSection, DataSource, DistributedSection, Dtype,
-                                       EvalSection, FineTuneSections, GenerationSection, LoggingSection, LoraSection,
+                                       EvalSection, FineTuneSections, GenerationSection, HeldOutSide, LoggingSection,
+                                       LoraSection,
                                        ModelSection, OptimSection, OutputSection, RatingThresholds,
                                        RewardJudgeSection, RewardModelRunSection, SAFETY_THRESHOLD, ScheduleSection,
                                        TrainSection)

@@ -58,12 +58,28 @@ class RatingThresholds:
 
 
 @dataclass(frozen=True)
+class HeldOutSide:
+    """One side of `alignment.data.mixing.held_out_split` of a source's rows, cut by a hash of each prompt:
+    the same `fraction` and `salt` with `side: train` in a training set and `side: held_out` in a test set
+    never share a pair."""
+
+    fraction: float
+    side: Literal["train", "held_out"]
+    salt: str = ""
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"held_out.fraction must be in (0, 1); got {self.fraction}")
+
+
+@dataclass(frozen=True)
 class DataSource:
     path: str
     source: str = "native"  # "native" = our schemas; public-dataset adapters add names (alignment.data.adapters)
     split: str | None = None  # a directory's split (its train.jsonl, test-*.parquet, ...); None for a file
-    limit: int | None = None  # keep the first N rows (after validation)
+    limit: int | None = None  # keep the first N rows (after validation and the held-out cut)
     thresholds: RatingThresholds | None = None  # scored sources only; None: the source's documented defaults
+    held_out: HeldOutSide | None = None  # keep one side of a hash split of the rows by prompt
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from alignment.config import DataSource
 from alignment.data.adapters import ADAPTERS, load_adapted
 from alignment.data.io import file_sha256, load_records
+from alignment.data.mixing import held_out_split
 
 
 def load_source(src: DataSource, schema: str, report: list[dict] | None = None) -> list[dict]:
@@ -20,6 +21,9 @@ def load_source(src: DataSource, schema: str, report: list[dict] | None = None) 
     else:
         check_source(src.source, src.path)
         rows = load_adapted(src, schema, report)
+    if src.held_out is not None:
+        train, held_out = held_out_split(rows, src.held_out.fraction, src.held_out.salt)
+        rows = held_out if src.held_out.side == "held_out" else train
     return rows[:src.limit] if src.limit is not None else rows
 
 
