@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real test test-slow demo data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -38,6 +38,7 @@ export HF_DATASETS_OFFLINE := 1
 
 help:
 	@echo "make demo   install if needed, then run the whole tiny pipeline on CPU"
+	@echo "make demo-real   convert SmolLM2-135M-Instruct if needed, then run the whole pipeline on it (CPU)"
 	@echo "make test   install if needed, then run the test suite"
 	@echo "make data | pretrain | sft | ...   one stage, RECIPE=recipes/... to choose the recipe"
 
@@ -137,6 +138,11 @@ pipeline: install
 # The whole tiny pipeline on CPU, resumable: re-running skips what is done.
 demo: install
 	$(BIN)/align pipeline --recipe recipes/tiny/pipeline.yaml
+
+# Every stage on a real model (SmolLM2-135M-Instruct, converted once by model-real) and real HH harmless pairs,
+# on CPU into runs/demo-real/, resumable like demo; sizing and measured times: recipes/smollm2-135m/*.yaml
+demo-real: model-real
+	$(BIN)/align pipeline --recipe recipes/smollm2-135m/pipeline.yaml
 
 # People in the loop: talk to a checkpoint; rate pairs in the browser (then `make rm-helpful RECIPE=recipes/tiny/rm_annotated.yaml`).
 CHECKPOINT ?= runs/demo/ppo/final

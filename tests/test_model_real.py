@@ -140,3 +140,25 @@ def test_make_model_real_runs_the_align_command_after_install_real():
     align = lines.index(".venv/bin/align model-real --out runs/x")
     assert install < align and any(".[dev,real]" in line for line in lines[:install])
     assert build_parser().parse_args(shlex.split(lines[align])[1:]).out == "runs/x"
+
+
+def test_make_demo_real_converts_the_model_then_runs_the_real_pipeline():
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from alignment.cli import build_parser
+    from alignment.config import load_config
+    from alignment.pipeline_recipe import PipelineConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "demo-real", "BIN=.venv/bin"],
+                         capture_output=True, text=True, cwd=repo)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    convert = lines.index(".venv/bin/align model-real ")
+    pipeline = lines.index(".venv/bin/align pipeline --recipe recipes/smollm2-135m/pipeline.yaml")
+    assert convert < pipeline
+    args = build_parser().parse_args(shlex.split(lines[pipeline])[1:])
+    cfg = load_config(PipelineConfig, repo / args.recipe)
+    assert cfg.output.dir == "runs/demo-real" and cfg.stages[0].set["model.path"] == "runs/models/smollm2-135m-instruct"
