@@ -85,6 +85,10 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     calls.clear()
     build_report(tmp_path, **{**kwargs, "prompts": prompts[:-1], "rm_check": None})  # other prompts: all again
     assert len(calls) == 4
+    calls.clear()  # a base model outside the pipeline (a real model's starting point) is evaluated first, as "base"
+    with_base = build_report(tmp_path, **{**kwargs, "prompts": prompts[:-1], "rm_check": None, "base": str(nano_model_dir)})
+    assert [c["name"] for c in with_base["checkpoints"]] == ["base", "sft", "rlhf-v1", "rlhf-v2", "rlhf-v3"]
+    assert calls == [str(nano_model_dir)]
 
 
 def test_pair_accuracy_by_hand():
