@@ -5,13 +5,17 @@ trained tokens of the whole optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+
+import torch
+from transformers import LlamaForCausalLM
 
 from alignment.batching import attention_inputs, build_plan, collate, format_truncation, truncation_counts
 from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import EvalSection, FineTuneSections, ModelSection, OutputSection, SFTConfig, SFTData
 from alignment.distributed import is_main_process, world_size
-from alignment.losses import sft_loss
+from alignment.losses import chunked_sft_loss, sft_loss
 from alignment.models.loading import load_causal_lm
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import RunDir
@@ -41,17 +45,62 @@ def encode_and_count_dialogs(tokenizer, dialogs: list[dict], max_length: int,
 
 
 def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
-    """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens."""
+    """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens.
+
+    On a Llama whose LM head is a plain linear layer (`answer_only_head`), the head computes the loss itself
+    from the hidden states of the answer positions (`chunked_sft_loss`); otherwise from the full logits."""
 
     def step(model, rows, scale):
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(examples, rows, pad_id).items()}
         dtype = next(model.parameters()).dtype
-        logits = model(**attention_inputs(batch, attn_implementation, dtype)).logits
-        loss, metrics = sft_loss(logits, batch["labels"], num_items=scale)
+        inputs = attention_inputs(batch, attn_implementation, dtype)
+        head = answer_only_head(model)
+        if head is None:
+            loss, metrics = sft_loss(model(**inputs).logits, batch["labels"], num_items=scale)
+        else:
+            with head_computes_loss(head, batch["labels"], scale) as result:
+                model(**inputs)
+            loss, metrics = result["loss"], result["metrics"]
         return loss, {"loss_sum": loss.detach() * scale, "tokens": metrics["num_tokens"]}
 
     return step
+
+
+def answer_only_head(model) -> torch.nn.Linear | None:
+    """The LM head of `model` (through DDP, DeepSpeed and peft wrappers) where `chunked_sft_loss` may replace
+    it: a Llama (its forward applies nothing after the head) whose head is a plain bias-free linear layer
+    (not a LoRA layer) that ZeRO-3 does not partition (its gathered weight is released after the forward,
+    and the chunks are recomputed in backward). None elsewhere: the full logits are computed."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP, DeepSpeedEngine
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    if not isinstance(inner, LlamaForCausalLM):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def head_computes_loss(head: torch.nn.Linear, labels: torch.Tensor, num_items):
+    """Within the block, a forward of the model makes `head` return `chunked_sft_loss` of its input hidden
+    states (and put the loss and metrics in the yielded dict) instead of the logits. The model is still
+    called as a whole, so its wrappers' hooks (DDP, DeepSpeed) run as usual."""
+    result: dict = {}
+
+    def forward(hidden):
+        result["loss"], result["metrics"] = chunked_sft_loss(hidden, head.weight, labels, num_items)
+        return result["loss"]
+
+    head.forward = forward
+    try:
+        yield result
+    finally:
+        del head.forward
 
 
 def make_plan(cfg, examples: list[dict], world: int):

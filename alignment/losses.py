@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from alignment.chat import IGNORE_INDEX
 from alignment.data.schemas import RATINGS
@@ -117,6 +118,38 @@ def sft_loss(
     # sum in at least float32: bf16 loses digits over many tokens
     loss = -logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)).sum() / denominator
     return loss, {"loss": loss.detach(), "num_tokens": num_tokens}
+
+
+def chunked_sft_loss(
+    hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None, chunk_size: int = 256,
+) -> tuple[torch.Tensor, Metrics]:
+    """``sft_loss`` from the last hidden states, without the ``[B, T, V]`` logits.
+
+    hidden ``[B, T, H]``, head_weight ``[V, H]`` (the LM head, no bias: ``logits = hidden @ head_weight.T``),
+    labels ``[B, T]``. Only the positions that predict a target (``labels[:, t+1] != IGNORE_INDEX``) go
+    through the head, ``chunk_size`` of them at a time; each chunk's logits are recomputed in backward
+    (checkpointed), so at most one ``[chunk_size, V]`` block is held. Same loss and metrics as
+    ``sft_loss(hidden @ head_weight.T, labels, num_items)``: with a 49k vocabulary the full logits of the
+    prompt positions, which carry no loss, cost as much as a quarter of the model.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked, picked_targets = hidden[:, :-1][mask], targets[mask]  # [N, H], [N]
+    num_tokens = mask.sum()
+    total = F.linear(picked[:0], head_weight).sum()  # 0, connected to both: an all-masked batch still has a graph
+    for start in range(0, picked.size(0), chunk_size):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _summed_nll, picked[start:start + chunk_size], head_weight, picked_targets[start:start + chunk_size],
+            use_reentrant=False)
+    denominator = num_tokens.clamp(min=1) if num_items is None else num_items
+    loss = total / denominator
+    return loss, {"loss": loss.detach(), "num_tokens": num_tokens}
+
+
+def _summed_nll(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    nll = F.cross_entropy(F.linear(hidden, head_weight), targets, reduction="none")
+    return nll.to(torch.promote_types(nll.dtype, torch.float32)).sum()  # as sft_loss sums: in at least float32
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from alignment.losses import (
     KL_ESTIMATORS,
     MARGINS,
     KLEstimator,
+    chunked_sft_loss,
     entropy_from_logits,
     gae,
     kl_k1,
@@ -350,3 +351,23 @@ def test_entropy_from_logits_by_hand():
     close(entropy_from_logits(logits), [math.log(4), 1.5 * math.log(2), math.log(2)], tol=1e-5)
     # a banned token (logit -inf) has p = 0 and adds nothing
     close(entropy_from_logits(torch.tensor([0.0, 0.0, float("-inf")])), math.log(2))
+
+
+@pytest.mark.parametrize("labels", [
+    [[X, 5, 7, X, 2, 9], [X, X, 3, 3, 8, X]],  # 6 targets: chunks of 4 and 2
+    [[X, X, X, X, X, X], [X, X, X, X, X, X]],  # none: a zero loss, still differentiable
+])
+def test_chunked_sft_loss_is_sft_loss_of_the_full_logits_with_the_same_gradients(labels):
+    torch.manual_seed(0)
+    labels = torch.tensor(labels)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    for num_items in (None, 20):
+        full, full_metrics = sft_loss(hidden @ weight.T, labels, num_items)
+        full_grads = torch.autograd.grad(full, (hidden, weight))
+        chunked, metrics = chunked_sft_loss(hidden, weight, labels, num_items, chunk_size=4)
+        grads = torch.autograd.grad(chunked, (hidden, weight))
+        assert chunked.item() == pytest.approx(full.item(), abs=1e-6)
+        assert int(metrics["num_tokens"]) == int(full_metrics["num_tokens"])
+        for g, f in zip(grads, full_grads):
+            torch.testing.assert_close(g, f, atol=1e-6, rtol=1e-5)

@@ -109,6 +109,49 @@ def test_hand_computed_loss_on_two_examples(tokenizer, nano_model_dir):
     assert metrics["loss_sum"].item() == pytest.approx(nll, rel=1e-5)
 
 
+@pytest.mark.parametrize("model_dir", ["nano_model_dir", "smollm2_random_dir"])
+def test_the_answer_only_head_gives_the_full_logits_loss_and_gradients(request, model_dir):
+    """On a Llama, the step's loss comes from the answer positions only (`chunked_sft_loss` inside the LM
+    head, no [tokens, V] logits): the same loss and gradients as `sft_loss` on the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.finetune import answer_only_head, lm_step_fn
+    from alignment.losses import sft_loss
+    from alignment.models.tokenizer import load_tokenizer
+
+    path = request.getfixturevalue(model_dir)
+    tokenizer = load_tokenizer(path, template="model" if model_dir == "smollm2_random_dir" else None)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    assert answer_only_head(model) is model.lm_head
+    examples, _ = encode_dialogs(tokenizer, make_dialogs(6), 128)
+    rows = pack_balanced([len(e["input_ids"]) for e in examples], list(range(6)), 128)
+    batch = collate(examples, rows, tokenizer.pad_token_id)
+    full, _ = sft_loss(model(**attention_inputs(batch, "sdpa")).logits, batch["labels"], num_items=40)
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss, _ = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa")(model, rows, 40)
+    loss.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert "forward" not in vars(model.lm_head)  # the head is itself again after the step
+
+
+def test_a_lora_head_keeps_the_full_logits(nano_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment.finetune import answer_only_head
+
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+    attention_only = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert answer_only_head(attention_only) is model.lm_head
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir)
+    with_head = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert answer_only_head(with_head) is None
+
+
 def _run_cli(recipe_path, *extra, env=None):
     return subprocess.run([sys.executable, "-m", "alignment.cli", "sft", "--recipe", str(recipe_path), *extra],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
