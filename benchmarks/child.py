@@ -20,17 +20,26 @@ def main(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(spec.threads)
-    from benchmarks import rl, rm, sft
     from benchmarks.measure import peak_rss_mb
     from benchmarks.world import World
 
-    module = {"sft": sft, "rm": rm, "rl": rl}[stage]
-    runner = module.run_ours if impl == "ours" else module.run_trl
+    runner = side_runner(stage, impl)
     work = Path(root) / "work" / f"{stage}-{impl}-{os.getpid()}"
     t0 = time.perf_counter()
     result = runner(World(root), spec, work)
     result.update(wall_seconds=time.perf_counter() - t0, peak_mem_mb=peak_rss_mb(), stage=stage, impl=impl)
     Path(out).write_text(json.dumps(result))
+
+
+def side_runner(stage: str, impl: str):
+    """`runner(world, spec, out_dir) -> result` of one side ("ours" or "trl") of a benchmark stage."""
+    import functools
+
+    from benchmarks import rl, rm, sft
+
+    module = {"sft": sft, "rm": rm, "rl": rl, "sft-smollm2": sft, "rm-smollm2": rm}[stage]
+    runner = module.run_ours if impl == "ours" else module.run_trl
+    return runner if stage == "rl" else functools.partial(runner, stage=stage)
 
 
 if __name__ == "__main__":

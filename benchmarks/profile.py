@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["sft", "rm", "rl"])
+    parser.add_argument("stage", choices=["sft", "rm", "rl", "sft-smollm2", "rm-smollm2"])
     parser.add_argument("impl", choices=["ours", "trl"])
     parser.add_argument("--size", default="bench")
     parser.add_argument("--steps", type=int, default=3)
@@ -28,17 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import rl, rm, sft
+    from benchmarks.child import side_runner
     from benchmarks.spec import BenchSpec
     from benchmarks.world import World
 
     torch.set_num_threads(args.threads)
     spec = BenchSpec(size=args.size, threads=args.threads)
-    stage_spec = dataclasses.replace(getattr(spec, args.stage), steps=args.steps)
-    spec = dataclasses.replace(spec, **{args.stage: stage_spec})
+    stage_spec = dataclasses.replace(spec.stage(args.stage), steps=args.steps)
+    spec = dataclasses.replace(spec, **{args.stage.replace("-", "_"): stage_spec})
     world = World(args.root).prepare([args.size])
-    module = {"sft": sft, "rm": rm, "rl": rl}[args.stage]
-    runner = module.run_ours if args.impl == "ours" else module.run_trl
+    if args.stage.endswith("-smollm2"):
+        world.prepare_smollm2(spec.seed)
+    runner = side_runner(args.stage, args.impl)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = runner(world, spec, Path(args.root) / "work" / f"profile-{args.stage}-{args.impl}")
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)

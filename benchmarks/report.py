@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-TARGETS = {"sft": 1.5, "rm": 1.5, "rl": 2.0}
+TARGETS = {"sft": 1.5, "rm": 1.5, "rl": 2.0, "sft-smollm2": 1.5, "rm-smollm2": 1.5}
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
 
@@ -40,7 +40,7 @@ def split_line(results: dict) -> str:
 
 def padding_line(results: dict) -> str:
     parts = []
-    for stage in ("sft", "rm"):
+    for stage in ("sft", "rm", "sft-smollm2", "rm-smollm2"):
         padded = results.get(stage, {}).get("padded_tokens", {})
         if {"ours", "trl"} <= set(padded):
             parts.append(f"{stage} ours {padded['ours']} vs TRL {padded['trl']}")
@@ -74,6 +74,11 @@ def markdown(results: dict) -> str:
             f"(load average {m['load_avg_1min_at_start']:.1f} at start); torch {v['torch']}, transformers "
             f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; commit {v['git_commit']}; "
             f"{results['seconds']:.0f}s in all.")
+    if any(stage.endswith("-smollm2") for stage in results if stage in TARGETS):
+        small = results["spec"]["sft_smollm2"]
+        head += (" The `-smollm2` rows train SmolLM2-135M (its config and tokenizer, ChatML, randomly initialised "
+                 f"weights) for {small['steps']} steps of {small['batch']} dialogs / pairs of at most "
+                 f"{small['max_length']} tokens.")
     parts = [head, "", results_table(results)]
     for line in (padding_line(results), split_line(results)):
         if line:

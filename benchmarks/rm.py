@@ -19,18 +19,20 @@ from benchmarks.world import World
 MARGIN_SCALE = "small"
 
 
-def encoded_pairs(world: World, spec: BenchSpec, tokenizer) -> tuple[list[dict], list[list[int]]]:
+def encoded_pairs(world: World, spec: BenchSpec, tokenizer, stage: str) -> tuple[list[dict], list[list[int]]]:
     from alignment.stages.reward_model import encode_pairs
 
-    examples = encode_pairs(tokenizer, world.preference_pairs(), spec.rm.max_length, MARGIN_SCALE)
-    return examples, step_groups(len(examples), spec.rm.batch, spec.rm.steps, spec.seed)
+    stage_spec = spec.stage(stage)
+    examples = encode_pairs(tokenizer, world.preference_pairs(), stage_spec.max_length, MARGIN_SCALE)
+    return examples, step_groups(len(examples), stage_spec.batch, stage_spec.steps, spec.seed)
 
 
-def load_rm(world: World, spec: BenchSpec, pad_id: int):
+def load_rm(path: Path, pad_id: int):
+    """The RM: the transformer and its scalar head (`AutoModelForSequenceClassification`); it has no LM head."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(world.reward_model(spec.size), num_labels=1,
-                                                               local_files_only=True, attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True,
+                                                               attn_implementation="sdpa")
     model.config.pad_token_id = pad_id
     return model
 
@@ -55,34 +57,37 @@ def forward_tokens(examples: list[dict], groups: list[list[int]], packed: bool) 
     return total
 
 
-def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+def run_ours(world: World, spec: BenchSpec, out_dir: Path, stage: str = "rm") -> dict:
     from alignment.batching import StepPlan
     from alignment.models.tokenizer import load_tokenizer
     from alignment.stages.reward_model import rm_step_fn
 
-    tokenizer = load_tokenizer(world.reward_model(spec.size))
-    examples, groups = encoded_pairs(world, spec, tokenizer)
+    path = world.stage_reward_model(stage, spec.size)
+    tokenizer = load_tokenizer(path)
+    examples, groups = encoded_pairs(world, spec, tokenizer, stage)
     plan = StepPlan(steps=[[[[i] for i in g]] for g in groups], items=[len(g) for g in groups])
     step_fn = rm_step_fn(examples, tokenizer.pad_token_id, "sdpa")
-    clock, losses = train_ours(spec, tokenizer, out_dir, load_rm(world, spec, tokenizer.pad_token_id), step_fn, plan,
-                               "bench-rm", unit="pairs")
+    clock, losses = train_ours(spec, tokenizer, out_dir, load_rm(path, tokenizer.pad_token_id), step_fn, plan,
+                               f"bench-{stage}", unit="pairs")
     return {**clock.timed([len(g) for g in groups]), "losses": losses, "real_tokens": sum(real_tokens(examples, groups)),
             "padded_tokens": forward_tokens(examples, groups, packed=True)}
 
 
-def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+def run_trl(world: World, spec: BenchSpec, out_dir: Path, stage: str = "rm") -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from alignment.models.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(world.reward_model(spec.size))
-    examples, groups = encoded_pairs(world, spec, tokenizer)
+    path = world.stage_reward_model(stage, spec.size)
+    tokenizer = load_tokenizer(path)
+    examples, groups = encoded_pairs(world, spec, tokenizer, stage)
     dataset = Dataset.from_list([{"chosen_ids": examples[i]["chosen"], "rejected_ids": examples[i]["rejected"],
                                   "margin": examples[i]["margin"]} for g in groups for i in g])
-    args = RewardConfig(output_dir=str(out_dir), **trl_common_args(spec, spec.rm.batch, spec.rm.steps),
-                        max_length=spec.rm.max_length)
-    trainer = RewardTrainer(model=load_rm(world, spec, tokenizer.pad_token_id), args=args, train_dataset=dataset,
+    stage_spec = spec.stage(stage)
+    args = RewardConfig(output_dir=str(out_dir), **trl_common_args(spec, stage_spec.batch, stage_spec.steps),
+                        max_length=stage_spec.max_length)
+    trainer = RewardTrainer(model=load_rm(path, tokenizer.pad_token_id), args=args, train_dataset=dataset,
                             processing_class=tokenizer)
     with StepClock() as clock:
         trainer.train()

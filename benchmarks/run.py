@@ -24,15 +24,18 @@ from benchmarks.world import World
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-UNITS = {"sft": "tokens/s", "rm": "pairs/s", "rl": "samples/s"}
-PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "rl": "trl.RLOOTrainer"}
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "rl": "samples/s", "sft-smollm2": "tokens/s", "rm-smollm2": "pairs/s"}
+PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "rl": "trl.RLOOTrainer",
+         "sft-smollm2": "trl.SFTTrainer", "rm-smollm2": "trl.RewardTrainer"}
 # Losses of the same batches from the same weights agree to float32 round-off; beyond this they differ.
 LOSS_RTOL = 1e-3
 
 
 def quick_spec(threads: int) -> BenchSpec:
     return BenchSpec(size="nano", threads=threads, sft=StageSpec(steps=2, batch=4), rm=StageSpec(steps=2, batch=4),
-                     rl=RLSpec(steps=2, batch=4, new_tokens=8, micro_batch=2))
+                     rl=RLSpec(steps=2, batch=4, new_tokens=8, micro_batch=2),
+                     sft_smollm2=StageSpec(steps=2, batch=2, max_length=64),
+                     rm_smollm2=StageSpec(steps=2, batch=2, max_length=64))
 
 
 def child_env(spec: BenchSpec) -> dict:
@@ -52,7 +55,7 @@ def measure_stage(stage: str, spec: BenchSpec, root: Path, repeat: int) -> dict[
     outs = {impl: out_dir / f"{impl}.json" for impl in ("ours", "trl")}
     commands = {impl: [sys.executable, "-m", "benchmarks.child", stage, impl, spec_json, str(root), str(out)]
                 for impl, out in outs.items()}
-    side_by_side(commands, getattr(spec, stage).steps, child_env(spec), out_dir)
+    side_by_side(commands, spec.stage(stage).steps, child_env(spec), out_dir)
     return {impl: json.loads(out.read_text()) for impl, out in outs.items()}
 
 
@@ -119,7 +122,7 @@ def environment(spec: BenchSpec) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="sft,rm,rl")
+    parser.add_argument("--stages", default="sft,rm,rl,sft-smollm2,rm-smollm2")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     parser.add_argument("--size", default="bench")
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     stages = [s for s in args.stages.split(",") if s]
     root = Path(args.root)
     started = time.perf_counter()
-    World(root).prepare([spec.size], seed=spec.seed)
+    world = World(root).prepare([spec.size], seed=spec.seed)
+    if any(s.endswith("-smollm2") for s in stages):
+        world.prepare_smollm2(spec.seed)
     machine, versions = environment(spec)
     results: dict = {"machine": machine, "versions": versions, "spec": spec.to_dict(),
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

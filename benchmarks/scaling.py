@@ -109,7 +109,7 @@ def worker(argv: list[str] | None = None) -> None:
     for size in args.sizes.split(","):
         spec = BenchSpec(size=size, seed=args.seed, sft=StageSpec(steps=STEPS, batch=args.batch))
         tokenizer = load_tokenizer(world.policy(size))
-        examples, groups = encoded_examples(world, spec, tokenizer)
+        examples, groups = encoded_examples(world, spec, tokenizer, "sft")
         lengths = [len(e["input_ids"]) for e in examples]
         steps = []
         for g in groups:  # the step's rows, dealt out to the processes

@@ -15,12 +15,13 @@ from benchmarks.spec import BenchSpec, step_groups
 from benchmarks.world import World
 
 
-def encoded_examples(world: World, spec: BenchSpec, tokenizer) -> tuple[list[dict], list[list[int]]]:
-    """The encoded dialogs and the example indices of each optimizer step."""
+def encoded_examples(world: World, spec: BenchSpec, tokenizer, stage: str) -> tuple[list[dict], list[list[int]]]:
+    """The encoded dialogs (in the tokenizer's chat format) and the example indices of each optimizer step."""
     from alignment.finetune import encode_dialogs
 
-    examples, _ = encode_dialogs(tokenizer, world.sft_dialogs(), spec.sft.max_length)
-    return examples, step_groups(len(examples), spec.sft.batch, spec.sft.steps, spec.seed)
+    stage_spec = spec.stage(stage)
+    examples, _ = encode_dialogs(tokenizer, world.sft_dialogs(), stage_spec.max_length)
+    return examples, step_groups(len(examples), stage_spec.batch, stage_spec.steps, spec.seed)
 
 
 def real_tokens(examples: list[dict], groups: list[list[int]]) -> list[int]:
@@ -62,44 +63,45 @@ def logged_losses(path: Path) -> list[float]:
     return [row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-def run_ours(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+def run_ours(world: World, spec: BenchSpec, out_dir: Path, stage: str = "sft") -> dict:
     from alignment.batching import StepPlan, pack_balanced
     from alignment.chat import IGNORE_INDEX
     from alignment.models.tokenizer import load_tokenizer
     from alignment.finetune import lm_step_fn
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(world.policy(spec.size))
-    examples, groups = encoded_examples(world, spec, tokenizer)
+    policy = world.stage_policy(stage, spec.size)
+    tokenizer = load_tokenizer(policy)
+    examples, groups = encoded_examples(world, spec, tokenizer, stage)
     lengths = [len(e["input_ids"]) for e in examples]
     # one micro-batch per step: every packed row of the step's dialogs
-    plan = StepPlan(steps=[[pack_balanced(lengths, g, spec.sft.max_length)] for g in groups],
+    plan = StepPlan(steps=[[pack_balanced(lengths, g, spec.stage(stage).max_length)] for g in groups],
                     items=[sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"]) for i in g) for g in groups])
-    model = AutoModelForCausalLM.from_pretrained(world.policy(spec.size), local_files_only=True,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(policy, local_files_only=True, attn_implementation="sdpa")
     clock, losses = train_ours(spec, tokenizer, out_dir, model, lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
-                               plan, "bench-sft")
+                               plan, f"bench-{stage}")
     rows = sum(len(s[0]) for s in plan.steps)
     width = sum(len(s[0]) * max(sum(lengths[i] for i in r) for r in s[0]) for s in plan.steps)
     return {**clock.timed(real_tokens(examples, groups)), "losses": losses,
             "padded_tokens": width, "rows": rows}
 
 
-def run_trl(world: World, spec: BenchSpec, out_dir: Path) -> dict:
+def run_trl(world: World, spec: BenchSpec, out_dir: Path, stage: str = "sft") -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from alignment.models.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(world.policy(spec.size))
-    examples, groups = encoded_examples(world, spec, tokenizer)
+    policy = world.stage_policy(stage, spec.size)
+    tokenizer = load_tokenizer(policy)
+    examples, groups = encoded_examples(world, spec, tokenizer, stage)
     ordered = [examples[i] for g in groups for i in g]  # sequential sampling: batch k is group k
     dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in ordered])
-    args = SFTConfig(output_dir=str(out_dir), **trl_common_args(spec, spec.sft.batch, spec.sft.steps),
-                     max_length=spec.sft.max_length)
-    model = AutoModelForCausalLM.from_pretrained(world.policy(spec.size), local_files_only=True,
-                                                 attn_implementation="sdpa")
+    stage_spec = spec.stage(stage)
+    args = SFTConfig(output_dir=str(out_dir), **trl_common_args(spec, stage_spec.batch, stage_spec.steps),
+                     max_length=stage_spec.max_length)
+    model = AutoModelForCausalLM.from_pretrained(policy, local_files_only=True, attn_implementation="sdpa")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     with StepClock() as clock:
         trainer.train()

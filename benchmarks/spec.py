@@ -42,6 +42,13 @@ class BenchSpec:
     sft: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rm: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rl: RLSpec = field(default_factory=lambda: RLSpec(steps=3, batch=16))
+    # the same SFT and RM steps on SmolLM2-135M (`benchmarks.world`): a 49k vocabulary, ChatML
+    sft_smollm2: StageSpec = field(default_factory=lambda: StageSpec(steps=3, batch=8, max_length=128))
+    rm_smollm2: StageSpec = field(default_factory=lambda: StageSpec(steps=3, batch=8, max_length=128))
+
+    def stage(self, name: str) -> StageSpec:
+        """The spec of a stage by its name in `benchmarks.run` ("sft", "rm", "rl", "sft-smollm2", "rm-smollm2")."""
+        return getattr(self, name.replace("-", "_"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -50,7 +57,9 @@ class BenchSpec:
     def from_dict(cls, data: dict) -> "BenchSpec":
         data = dict(data)
         data["betas"] = tuple(data["betas"])
-        data["sft"], data["rm"], data["rl"] = StageSpec(**data["sft"]), StageSpec(**data["rm"]), RLSpec(**data["rl"])
+        for name in ("sft", "rm", "sft_smollm2", "rm_smollm2"):
+            data[name] = StageSpec(**data[name])
+        data["rl"] = RLSpec(**data["rl"])
         return cls(**data)
 
 
