@@ -128,6 +128,31 @@ def test_one_forward_for_chosen_and_rejected_gives_the_separate_scores(nano_mode
     assert shared.tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
 
 
+def test_an_rm_step_never_computes_the_lm_head(smollm2_random_dir):
+    """The RM built from a chat model maps hidden states to one score: no module of a training step (49k
+    vocabulary here) outputs anything as wide as the vocabulary."""
+    from alignment.models.loading import load_reward_model
+    from alignment.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_random_dir, template="model")
+    model = load_reward_model(ModelSection(path=str(smollm2_random_dir)), tokenizer.pad_token_id)
+    vocab = model.config.vocab_size
+    widths = []
+
+    def record(_module, _inputs, out):
+        if torch.is_tensor(out):
+            widths.append(out.shape[-1])
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    examples = encode_pairs(tokenizer, make_pairs(2), 64, "small")
+    loss, _ = rm_step_fn(examples, tokenizer.pad_token_id)(model, [[0], [1]], 2.0)
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert widths and 1 in widths  # the score head ran
+    assert max(widths) < vocab, max(widths)
+
+
 # ----------------------------------------------------------------------------------------- learning
 def test_tiny_rm_learns_separated_preferences_better(tmp_path, nano_model_dir):
     path = recipe(tmp_path, nano_model_dir, make_pairs(320, seed=1), make_pairs(160, seed=2, prefix="t"),
