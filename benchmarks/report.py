@@ -67,12 +67,24 @@ def scaling_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _commits(results: dict) -> str:
+    """"commit X", or which rows each commit measured where the rows come from runs at several commits."""
+    by_commit: dict[str, list[str]] = {}
+    for stage in TARGETS:
+        if stage in results:
+            commit = results[stage].get("git_commit") or results["versions"]["git_commit"]
+            by_commit.setdefault(commit, []).append(stage)
+    if len(by_commit) <= 1:
+        return f"commit {results['versions']['git_commit']}"
+    return "rows measured at commit " + ", ".join(f"{c} ({', '.join(stages)})" for c, stages in by_commit.items())
+
+
 def markdown(results: dict) -> str:
     m, v = results["machine"], results["versions"]
     threads = m["threads_per_process"]
     head = (f"CPU: {m['cpu']}, {m['cores']} cores, {threads} thread{'s' if threads != 1 else ''} per process "
             f"(load average {m['load_avg_1min_at_start']:.1f} at start); torch {v['torch']}, transformers "
-            f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; commit {v['git_commit']}; "
+            f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; {_commits(results)}; "
             f"{results['seconds']:.0f}s in all.")
     if any(stage.endswith("-smollm2") for stage in results if stage in TARGETS):
         small = results["spec"]["sft_smollm2"]

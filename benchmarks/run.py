@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--scaling", default="tiny,small,bench", help="model sizes of the scaling table ('' skips it)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README tables")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stages and scaling table of the --out file that this run does not measure")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL with its default gradient checkpointing (slower, less memory; ours stays without)")
     args = parser.parse_args(argv)
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for stage in stages:
         runs = [measure_stage(stage, spec, root, r) for r in range(args.repeats)]
-        results[stage] = summarize(stage, runs)
+        results[stage] = {**summarize(stage, runs), "git_commit": versions["git_commit"],
+                          "load_avg_1min_at_start": machine["load_avg_1min_at_start"]}
         e = results[stage]
         print(f"[bench] {stage}: ours {e['ours']:.2f} vs TRL {e['trl']:.2f} {e['unit']} = {e['ratio']:.2f}x; "
               f"peak memory {e['ours_peak_mem_mb']:.0f} vs {e['trl_peak_mem_mb']:.0f} MiB", flush=True)
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         results["scaling"] = scaling_table(args.scaling.split(","), root, spec, child_env(spec))
     results["seconds"] = time.perf_counter() - started
+    if args.merge and Path(args.out).is_file():
+        results = merged(json.loads(Path(args.out).read_text()), results)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_readme:
         from benchmarks.report import update_readmes
@@ -164,6 +169,21 @@ def main(argv: list[str] | None = None) -> dict:
         update_readmes(results, [HERE / "README.md", REPO / "README.md"])
     print(f"[bench] wrote {args.out} in {results['seconds']:.0f}s")
     return results
+
+
+def merged(previous: dict, latest: dict) -> dict:
+    """`latest` plus the stages and scaling table of `previous` it did not measure; each kept stage keeps the
+    commit, load and seconds of the run that measured it."""
+    out = dict(latest)
+    for key, entry in previous.items():
+        if key in out or not (key in UNITS or key == "scaling"):
+            continue
+        if key in UNITS:
+            entry = {"git_commit": previous["versions"]["git_commit"],
+                     "load_avg_1min_at_start": previous["machine"]["load_avg_1min_at_start"], **entry}
+        out[key] = entry
+    out["spec"] = {**previous.get("spec", {}), **latest["spec"]}
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The benchmark harness (benchmarks/): the lock-step referee, and `python -m benchmarks.run --quick` end to
-end on a nano model (two steps per stage; timings are not checked, only that everything is measured and
+end on a nano model and SmolLM2-135M (two steps per stage; timings are not checked, only that everything is measured and
 that our and TRL's losses agree on the same batches)."""
 import json
 import os
@@ -90,7 +90,9 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     assert {"cpu", "cores", "threads_per_process"} <= set(results["machine"])
     assert results["versions"]["trl"] and results["versions"]["torch"]
     machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    for stage, unit in (("sft", "tokens/s"), ("rm", "pairs/s"), ("rl", "samples/s")):
+    # batch per step in the quick spec: 4 (tiny stages), 2 (SmolLM2-135M stages)
+    for stage, unit, batch in (("sft", "tokens/s", 4), ("rm", "pairs/s", 4), ("rl", "samples/s", 4),
+                               ("sft-smollm2", "tokens/s", 2), ("rm-smollm2", "pairs/s", 2)):
         e = results[stage]
         assert e["unit"] == unit and e["repeats"] == 1
         assert e["ratio"] == pytest.approx(e["ours"] / e["trl"])
@@ -98,15 +100,15 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
         for side in ("ours", "trl"):
             assert len(e[f"{side}_step_seconds"][0]) == 1
         items = {side: e[side] * e[f"{side}_step_seconds"][0][0] for side in ("ours", "trl")}
-        if stage == "sft":  # the same dialogs on both sides: the same real tokens, a whole number
+        if unit == "tokens/s":  # the same dialogs on both sides: the same real tokens, a whole number
             assert items["ours"] == pytest.approx(items["trl"], rel=1e-6)
-            assert items["ours"] == pytest.approx(round(items["ours"]), abs=1e-3) and items["ours"] >= 4
-        else:  # 4 pairs (RM) or 4 sampled answers (RL) per step in the quick spec
-            assert items == pytest.approx({"ours": 4, "trl": 4})
+            assert items["ours"] == pytest.approx(round(items["ours"]), abs=1e-3) and items["ours"] >= batch
+        else:  # pairs (RM) or sampled answers (RL) per step
+            assert items == pytest.approx({"ours": batch, "trl": batch})
         # a process that has loaded torch and a model holds over 100 MiB, and less than the machine has
         for side in ("ours", "trl"):
             assert 100 < e[f"{side}_peak_mem_mb"] < machine_mb, (stage, side, e[f"{side}_peak_mem_mb"])
-    for stage in ("sft", "rm"):  # same batches from the same weights: the same losses, step by step
+    for stage in ("sft", "rm", "sft-smollm2", "rm-smollm2"):  # same batches and weights: the same losses, step by step
         check = results[stage]["loss_check"]
         assert check["agree"], check
         assert check["steps"] == 2
@@ -124,3 +126,4 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     text = readme.read_text()
     assert "stale table" not in text and text.endswith("after\n")
     assert "| sft (trl.SFTTrainer) | tokens/s |" in text and "| rl (trl.RLOOTrainer) | samples/s |" in text
+    assert "| sft-smollm2 (trl.SFTTrainer) | tokens/s |" in text and "| rm-smollm2 (trl.RewardTrainer) |" in text
