@@ -153,7 +153,8 @@ annotate: install
 	$(BIN)/align annotate --prompts $(or $(PROMPTS),runs/demo/data/eval_helpful.jsonl) \
 		--checkpoints $(or $(CHECKPOINTS),runs/demo/sft/final runs/demo/ppo/final) --out $(or $(OUT),runs/annotate)
 
-# Ours vs TRL on the same model, data and machine: benchmarks/results.json and the README tables (CPU, ~10 min).
+# Ours vs TRL on the same model, data and machine: benchmarks/results.json and the README tables (CPU; the two
+# -smollm2 rows alone took 408 s in one run on a shared machine).
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 

@@ -85,7 +85,7 @@ def markdown(results: dict) -> str:
     head = (f"CPU: {m['cpu']}, {m['cores']} cores, {threads} thread{'s' if threads != 1 else ''} per process "
             f"(load average {m['load_avg_1min_at_start']:.1f} at start); torch {v['torch']}, transformers "
             f"{v['transformers']}, trl {v['trl']}; model `{results['spec']['size']}`; {_commits(results)}; "
-            f"{results['seconds']:.0f}s in all.")
+            f"{results['seconds']:.0f}s in all{' (the latest run)' if 'rows measured' in _commits(results) else ''}.")
     if any(stage.endswith("-smollm2") for stage in results if stage in TARGETS):
         small = results["spec"]["sft_smollm2"]
         head += (" The `-smollm2` rows train SmolLM2-135M (its config and tokenizer, ChatML, randomly initialised "
