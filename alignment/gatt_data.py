@@ -36,7 +36,8 @@ Respond = Callable[[list[list[dict]]], list[list[str] | None]]
 Check = Callable[[list, str], bool]  # (constraints, answer) -> obeys
 
 
-def attach_instruction(messages: list[dict], instruction: str, every_turn: bool) -> list[dict]:
+def attach_instruction(messages: list[dict], instruction: str, every_turn: bool,
+                       template: str = "llama2") -> list[dict]:
     """A copy of `messages` carrying `instruction`.
 
     every_turn=False (training, evaluation): the instruction is the system prompt of the first turn; an
@@ -45,6 +46,8 @@ def attach_instruction(messages: list[dict], instruction: str, every_turn: bool)
     user message in the form a system prompt takes in the chat format ("<<SYS>>\n{instruction}\n<</SYS>>
     \n\n{user}"), so every turn reads like the single-turn dialogs with a system instruction the model
     learnt to obey in SFT (chat.py folds the first turn's system prompt into its user message the same way).
+    template="model" (a tokenizer's own chat template, e.g. ChatML, which has no such markers): the later
+    user messages read "{instruction}\n\n{user}" instead, so no Llama-2 markup leaks into another format.
     """
     instruction = instruction.strip()
     if not instruction:
@@ -57,7 +60,12 @@ def attach_instruction(messages: list[dict], instruction: str, every_turn: bool)
     if every_turn:
         users = [m for m in out if m["role"] == "user"]
         for m in users[1:]:
-            m["content"] = f"{B_SYS}{instruction}{E_SYS}{m['content'].strip()}"
+            if template == "model":
+                m["content"] = f"{instruction}\n\n{m['content'].strip()}"
+            elif template == "llama2":
+                m["content"] = f"{B_SYS}{instruction}{E_SYS}{m['content'].strip()}"
+            else:
+                raise ValueError(f"unknown chat template {template!r}; known: llama2, model")
     return out
 
 
@@ -136,7 +144,7 @@ def plan_dialogs(instructions: list[dict], prompts: list[str], num_dialogs: int,
 
 def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool, check: Check,
                  choose=first_candidate, fix=None, respond_plain: Respond | None = None,
-                 stop_on_failure: bool) -> list[DialogPlan]:
+                 stop_on_failure: bool, template: str = "llama2") -> list[DialogPlan]:
     """Play all dialogs turn by turn, in place: at each turn every open dialog asks `respond` for the next
     answer given its own history (so each answer conditions on the answers chosen before it), with the
     instruction attached as `every_turn` says; `choose` picks the answer among the candidates.
@@ -148,12 +156,14 @@ def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool,
     stop_on_failure=True (sampling): a dialog whose answer breaks the instruction stops, status "failed".
     stop_on_failure=False (evaluation): the answer is kept as history and the dialog goes on.
     A dialog `respond` cannot answer (None: the context does not fit) stops with status "cut".
+    template: the policy's chat template (`chat.template_of`), the form the every-turn instruction takes.
     """
     for t in range(max((len(p.users) for p in plans), default=0)):
         live = [p for p in plans if p.status == "open" and len(p.users) > t]
         if not live:
             break
-        contexts = [attach_instruction(p.history(), p.instruction["instruction"], every_turn) for p in live]
+        contexts = [attach_instruction(p.history(), p.instruction["instruction"], every_turn, template)
+                    for p in live]
         chosen = []
         for plan, candidates in zip(live, respond(contexts)):
             if candidates is None:

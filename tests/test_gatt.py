@@ -43,6 +43,15 @@ def test_every_turn_merges_with_an_existing_system_prompt():
     assert sum(m["role"] == "system" for m in out) == 1
 
 
+def test_every_turn_under_a_model_template_carries_no_llama2_markup():
+    out = attach_instruction(DIALOG, "Style: upper.", every_turn=True, template="model")
+    assert out[0]["content"] == "Style: upper." and out[1]["content"] == "what is two plus two"
+    assert out[3]["content"] == "Style: upper.\n\nsort these numbers"
+    assert not any("<<SYS>>" in m["content"] or "[INST]" in m["content"] for m in out)
+    with pytest.raises(ValueError, match="unknown chat template 'chatml'"):
+        attach_instruction(DIALOG, "Style: upper.", every_turn=True, template="chatml")
+
+
 def test_first_turn_only_makes_the_instruction_the_system_prompt():
     out = attach_instruction(DIALOG, "Figure: Napoleon.", every_turn=False)
     assert out[0] == {"role": "system", "content": "Figure: Napoleon."}

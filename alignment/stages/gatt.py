@@ -42,7 +42,7 @@ import json
 import random
 from pathlib import Path
 
-from alignment.chat import encode
+from alignment.chat import encode, template_of
 from alignment.config import DataSource, GAttConfig, SFTConfig, SFTData
 from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.sources import load_sources, source_hashes
@@ -152,7 +152,8 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
                             temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size,
                             seed=cfg.seed + 1) if rewrite else None
     return play_dialogs(plans, respond, every_turn=True, check=check_instruction, choose=CHOOSERS[mode],
-                        fix=fix_answer if rewrite else None, respond_plain=plain, stop_on_failure=True)
+                        fix=fix_answer if rewrite else None, respond_plain=plain, stop_on_failure=True,
+                        template=template_of(tokenizer))
 
 
 def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
