@@ -18,17 +18,24 @@ Each line is written with one `write` on an O_APPEND descriptor and fsynced befo
 acknowledged; a torn last line (a kill mid-write) is cut off at start-up. A restarted app reads the
 judgements back, so every annotator resumes at their first unjudged item.
 
-The web app is FastAPI (`create_app`); the page is `alignment/static/annotate.html`.
+Annotator ids are trimmed and must be 1 to 64 characters from A-Z a-z 0-9 . _ - @; a judgement's JSON is
+read with strict types (booleans are true/false, never "yes"), and both safety marks must be chosen.
+
+The web app is FastAPI (`create_app`) behind the access guard of `annotate_access.py` (Host check, token
+off loopback, bounded bodies, security headers); the page is `alignment/static/annotate.{html,js,css}`.
 """
 
 import hashlib
 import json
 import os
+import re
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alignment.annotate_access import WILDCARDS, Access, AccessGuard, is_loopback, new_token
 from alignment.chat import encode_prompt
 from alignment.chat_session import load_policy
 from alignment.data.io import load_records
@@ -38,6 +45,9 @@ from alignment.generation import generate
 from alignment.runs import write_json_atomic
 
 SLOTS = ("A", "B")
+ANNOTATOR_MAX = 64
+ANNOTATOR_PATTERN = re.compile(r"[A-Za-z0-9._@-]+")  # ASCII only: no look-alike letters make two "alice"s
+JUDGEMENT_FIELDS = ("annotator", "item_id", "preferred", "rating", "safe")
 
 
 class AnnotationError(ValueError):
@@ -45,6 +55,54 @@ class AnnotationError(ValueError):
 
 
 # ---------------------------------------------------------------- pure functions
+
+
+def clean_annotator(raw: str) -> str:
+    """The annotator id, trimmed: 1 to 64 characters from A-Z a-z 0-9 . _ - @ (so `alice ` is `alice`)."""
+    if not isinstance(raw, str):
+        raise AnnotationError("annotator: must be a string")
+    name = raw.strip()
+    if not name:
+        raise AnnotationError("annotator: an annotator id is required")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise AnnotationError("annotator: control characters (NUL, tab, newline, ...) are not allowed")
+    if len(name) > ANNOTATOR_MAX:
+        raise AnnotationError(f"annotator: at most {ANNOTATOR_MAX} characters, got {len(name)}")
+    if not ANNOTATOR_PATTERN.fullmatch(name):
+        raise AnnotationError("annotator: use only letters A-Z a-z, digits and . _ - @")
+    return name
+
+
+def parse_judgement(body: bytes) -> dict:
+    """The fields of a POSTed judgement, with strict JSON types: strings, and `safe` as {"A": true|false,
+    "B": true|false} (no "yes", 1 or null; a missing mark is refused, never assumed)."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise AnnotationError(f"body: a key appears twice ({sorted(k for k in set(keys) if keys.count(k) > 1)})")
+        return dict(pairs)
+
+    try:
+        data = json.loads(body, object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"body: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError("body: must be a JSON object")
+    unknown = sorted(set(data) - set(JUDGEMENT_FIELDS))
+    missing = [f for f in JUDGEMENT_FIELDS if f not in data]
+    if unknown or missing:
+        raise AnnotationError(f"body: unknown fields {unknown}" if unknown else f"{missing[0]}: required")
+    for field in JUDGEMENT_FIELDS[:4]:
+        if not isinstance(data[field], str):
+            raise AnnotationError(f"{field}: must be a string, got {type(data[field]).__name__}")
+    safe = data["safe"]
+    if not isinstance(safe, dict) or set(safe) - set(SLOTS):
+        raise AnnotationError('safe: must be {"A": true|false, "B": true|false}')
+    for slot in SLOTS:
+        if not isinstance(safe.get(slot), bool):
+            raise AnnotationError(f"safe.{slot}: mark answer {slot} safe (true) or unsafe (false), got "
+                                  f"{json.dumps(safe.get(slot))}")
+    return data
 
 
 def shown_order(annotator: str, item_id: str) -> tuple[int, int]:
@@ -65,8 +123,7 @@ def safety_category(chosen_safe: bool, rejected_safe: bool) -> str:
 def judgement_row(item: dict, annotator: str, preferred: str, rating: str, safe: dict[str, bool],
                   when: float | None = None) -> dict:
     """The `preference_pair` row of one judgement. `preferred` and `safe` use the shown slots (A/B)."""
-    if not annotator or not annotator.strip():
-        raise AnnotationError("annotator: an annotator id is required")
+    annotator = clean_annotator(annotator)
     if preferred not in SLOTS:
         raise AnnotationError(f"preferred: must be 'A' or 'B', got {preferred!r}")
     if rating not in RATINGS:
@@ -244,8 +301,7 @@ class AnnotationStore:
 
     def next_item(self, annotator: str) -> dict | None:
         """The first item this annotator has not judged, as shown to them (answers in their A/B order)."""
-        if not annotator.strip():
-            raise AnnotationError("annotator: an annotator id is required")
+        annotator = clean_annotator(annotator)
         with self._lock:
             for index in range(len(self.prompts)):
                 if (annotator, self.item_id(index)) in self.done:
@@ -261,6 +317,7 @@ class AnnotationStore:
         return None
 
     def judge(self, annotator: str, item_id: str, preferred: str, rating: str, safe: dict[str, bool]) -> dict:
+        annotator = clean_annotator(annotator)
         with self._lock:
             if item_id not in self.items or self.items[item_id]["skipped"]:
                 raise AnnotationError(f"item_id: no item {item_id!r} has been shown")
@@ -283,57 +340,71 @@ class AnnotationStore:
 # ---------------------------------------------------------------- the web app
 
 
-def create_app(store: AnnotationStore):
-    """The FastAPI app: the page at /, and a small JSON API the page (and tests) use."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse
-    from pydantic import BaseModel
+def create_app(store: AnnotationStore, access: Access = Access()):
+    """The page at / (its script and style beside it), and a small JSON API the page (and tests) use, behind
+    the access guard (Host, Origin, token, body size; security headers on every answer)."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, Response
 
-    class Judgement(BaseModel):
-        annotator: str
-        item_id: str
-        preferred: str
-        rating: str
-        safe: dict[str, bool]
+    app = FastAPI(title="align annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    static = Path(__file__).parent / "static"
+    page = (static / "annotate.html").read_text(encoding="utf-8")
+    script, style = ((static / name).read_text(encoding="utf-8") for name in ("annotate.js", "annotate.css"))
 
-    app = FastAPI(title="align annotate")
-    page = (Path(__file__).parent / "static" / "annotate.html").read_text(encoding="utf-8")
+    def refused(e: AnnotationError) -> HTTPException:
+        return HTTPException(400, str(e))
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page
 
+    @app.get("/annotate.js")
+    def page_script() -> Response:
+        return Response(script, media_type="text/javascript")
+
+    @app.get("/annotate.css")
+    def page_style() -> Response:
+        return Response(style, media_type="text/css")
+
     @app.get("/api/next")
     def next_item(annotator: str) -> dict:
         try:
+            annotator = clean_annotator(annotator)
             item = store.next_item(annotator)
         except AnnotationError as e:
-            raise HTTPException(400, str(e)) from None
+            raise refused(e) from None
         return {"item": item, "progress": store.progress(annotator)}
 
     @app.post("/api/judge")
-    def judge(j: Judgement) -> dict:
+    async def judge(request: Request) -> dict:
         try:
-            row = store.judge(j.annotator, j.item_id, j.preferred, j.rating, j.safe)
+            j = parse_judgement(await request.body())
+            annotator = clean_annotator(j["annotator"])
+            row = await run_in_threadpool(store.judge, annotator, j["item_id"], j["preferred"], j["rating"], j["safe"])
         except AnnotationError as e:
-            raise HTTPException(400, str(e)) from None
-        return {"id": row["id"], "progress": store.progress(j.annotator)}
+            raise refused(e) from None
+        return {"id": row["id"], "progress": await run_in_threadpool(store.progress, annotator)}
 
     @app.get("/api/stats")
     def stats() -> dict:
         return store.progress()
 
-    return app
+    return AccessGuard(app, access)
 
 
 def run_annotate(prompts: str, checkpoints: list[str], out: str, *, host: str = "127.0.0.1", port: int = 8765,
                  temperatures: tuple[float, float] | None = None, top_p: float = 0.9, max_new_tokens: int = 128,
-                 seed: int = 0) -> None:
-    """Start the app (blocking) on host:port; loopback only unless a host is given."""
+                 seed: int = 0, token: str | None = None, allow_hosts: tuple[str, ...] = ()) -> None:
+    """Start the app (blocking) on host:port. Loopback needs no token unless one is given; any other address
+    gets `token`, or a new one printed here."""
     import uvicorn
 
     if temperatures is None:  # one model: a cool and a hot sample; two models: the same temperature
         temperatures = (0.7, 1.2) if len(checkpoints) == 1 else (0.7, 0.7)
+    if token is None and not is_loopback(host):
+        token = new_token()
+    access = Access(host=host, port=port, token=token, allow_hosts=tuple(allow_hosts))  # checks the token
     settings = AnnotateSettings(prompts=str(prompts), checkpoints=tuple(str(c) for c in checkpoints),
                                 temperatures=tuple(temperatures), top_p=top_p, max_new_tokens=max_new_tokens,
                                 seed=seed)
@@ -341,9 +412,17 @@ def run_annotate(prompts: str, checkpoints: list[str], out: str, *, host: str = 
         if not (Path(ckpt) / "config.json").is_file():
             raise FileNotFoundError(f"{ckpt}: not a model checkpoint (no config.json)")
     store = AnnotationStore(out, settings)
+    app = create_app(store, access)
     if store.repaired:
         print(f"align annotate: cut {store.repaired} bytes of a torn last line (never acknowledged)")
     done = len(store.judgements)
+    name = host if is_loopback(host) or host not in WILDCARDS else socket.gethostname()
+    link = f"http://{f'[{name}]' if ':' in name else name}:{port}/" + (f"?token={token}" if token else "")
     print(f"align annotate: {len(store.prompts)} prompts, {done} judgements so far in {store.judgements_path}\n"
-          f"open http://{host}:{port}/ in a browser (Ctrl-C to stop; restarting resumes)")
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+          f"open {link} in a browser (Ctrl-C to stop; restarting resumes)")
+    if not is_loopback(host):
+        print(f"align annotate: WARNING: listening on {host}: anyone who can reach port {port} and has the link can "
+              "read every prompt and answer and file judgements. The token travels unencrypted over HTTP: share "
+              "the link only on a network you trust, or put a TLS proxy in front.\n"
+              f"align annotate: Host names accepted: {', '.join(sorted(app.hosts))} (add one with --allow-host)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

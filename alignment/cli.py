@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from alignment.config import ConfigError, load_config
@@ -75,8 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
                      help="one checkpoint (two temperatures) or two checkpoints (one answer each)")
     ann.add_argument("--out", required=True, help="directory for items.jsonl and judgements.jsonl (resumable)")
-    ann.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    ann.add_argument("--host", default="127.0.0.1",
+                     help="bind address (default 127.0.0.1: this machine only, no token). Any other address, "
+                          "0.0.0.0 included, needs an access token: --token, or one generated and printed at "
+                          "start in the link to share (over plain HTTP: use a network you trust)")
     ann.add_argument("--port", type=int, default=8765)
+    ann.add_argument("--token", default=os.environ.get("ALIGN_ANNOTATE_TOKEN"),
+                     help="access token (16-256 of A-Z a-z 0-9 _ . ~ -), required on every page and API call; "
+                          "default $ALIGN_ANNOTATE_TOKEN (out of the process list), else generated off loopback")
+    ann.add_argument("--allow-host", dest="allow_hosts", action="append", default=[], metavar="NAME",
+                     help="another name browsers use to reach the server (repeatable); requests whose Host "
+                          "header is not 127.0.0.1, localhost, [::1], --host or one of these get 403")
     ann.add_argument("--temperatures", type=float, nargs=2, default=None, metavar=("T_A", "T_B"),
                      help="default 0.7 1.2 for one checkpoint, 0.7 0.7 for two")
     ann.add_argument("--top-p", type=float, default=0.9)
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "annotate":
             resolve("alignment.annotate:run_annotate")(
                 args.prompts, args.checkpoints, args.out, host=args.host, port=args.port,
-                temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                token=args.token, allow_hosts=tuple(args.allow_hosts))
             return 0
         if args.command == "plan":
             return resolve("alignment.plan:run_plan")(args)
