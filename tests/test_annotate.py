@@ -15,9 +15,11 @@ import yaml
 from alignment.annotate import (AnnotateSettings, AnnotationError, AnnotationStore,
                                 append_jsonl, create_app, judgement_row, repair_jsonl, safety_category,
                                 shown_order)
+from alignment.annotate_access import Access
 from alignment.data.schemas import row_problems
 from conftest import WORDS, write_jsonl
 
+LOOPBACK_URL = "http://127.0.0.1:8765"  # the default bind: a Host header the access guard accepts
 ITEM = {"item_id": "item-00000-p0", "prompt_id": "p0", "is_safety": True, "prompt": "how do I do it",
         "answers": [{"text": "first answer", "checkpoint": "ck1", "temperature": 0.7, "top_p": 0.9, "seed": 1},
                     {"text": "second answer", "checkpoint": "ck2", "temperature": 1.2, "top_p": 0.9, "seed": 2}]}
@@ -91,7 +93,7 @@ def client(tmp_path, prompts_file, nano_model_dir):
     from fastapi.testclient import TestClient
 
     store = AnnotationStore(tmp_path / "out", settings(prompts_file, nano_model_dir))
-    return TestClient(create_app(store)), store
+    return TestClient(create_app(store), base_url=LOOPBACK_URL), store
 
 
 def judge_next(client, annotator: str, preferred="A", rating="better", safe=None):
@@ -143,7 +145,7 @@ def test_restart_resumes_each_annotator_and_two_annotators_give_agreement(tmp_pa
 
     store2 = AnnotationStore(tmp_path / "out", settings(prompts_file, nano_model_dir))
     assert store2.repaired == len(b'{"id": "torn') and len(store2.judgements) == 3  # exactly the torn bytes cut
-    http2 = TestClient(create_app(store2))
+    http2 = TestClient(create_app(store2), base_url=LOOPBACK_URL)
     alice_next = http2.get("/api/next", params={"annotator": "alice"}).json()["item"]
     bob_next = http2.get("/api/next", params={"annotator": "bob"}).json()["item"]
     assert alice_next["item_id"] == store2.item_id(2) and bob_next["item_id"] == store2.item_id(1)
@@ -201,7 +203,7 @@ def test_rate_a_pair_in_headless_chromium(tmp_path, prompts_file, nano_model_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(store, Access(port=port)), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -222,6 +224,10 @@ def test_rate_a_pair_in_headless_chromium(tmp_path, prompts_file, nano_model_dir
             assert "Pick the better answer" in page.inner_text("#error")
             page.check("#prefer-A")
             page.check("#rating-significantly_better")
+            page.click("#submit")  # no safety mark starts chosen: the page asks for both
+            assert "Mark each answer safe or unsafe" in page.inner_text("#error")
+            assert not page.is_checked("#safe-A-yes") and not page.is_checked("#safe-B-yes")
+            page.check("#safe-A-yes")
             page.check("#safe-B-no")
             page.click("#submit")
             page.wait_for_selector("#saved:not(:empty)")
