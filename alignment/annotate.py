@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignment.annotate_access import WILDCARDS, Access, AccessGuard, is_loopback, new_token
+from alignment.annotate_access import WILDCARDS, Access, AccessGuard, is_loopback, new_token, primary_address
 from alignment.chat import encode_prompt
 from alignment.chat_session import load_policy
 from alignment.data.io import load_records
@@ -416,7 +416,7 @@ def run_annotate(prompts: str, checkpoints: list[str], out: str, *, host: str = 
     if store.repaired:
         print(f"align annotate: cut {store.repaired} bytes of a torn last line (never acknowledged)")
     done = len(store.judgements)
-    name = host if is_loopback(host) or host not in WILDCARDS else socket.gethostname()
+    name = host if host not in WILDCARDS else primary_address() or socket.gethostname()
     link = f"http://{f'[{name}]' if ':' in name else name}:{port}/" + (f"?token={token}" if token else "")
     print(f"align annotate: {len(store.prompts)} prompts, {done} judgements so far in {store.judgements_path}\n"
           f"open {link} in a browser (Ctrl-C to stop; restarting resumes)")

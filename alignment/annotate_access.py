@@ -64,11 +64,21 @@ def check_token(token: str) -> str:
     return token
 
 
+def primary_address() -> str | None:
+    """The address other machines most likely reach this one by (the source of its default route), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # a UDP connect sends nothing: it only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
 def _host_names(host: str) -> set[str]:
     """The names a client may put in its Host header to reach a server bound to `host`."""
     names = {host.lower()}
     if host in WILDCARDS:  # every interface: the machine's own names and addresses
-        names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+        names = {socket.gethostname().lower(), socket.getfqdn().lower(), primary_address() or "localhost"}
         try:
             names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
         except OSError:  # a machine whose own name does not resolve: its names stay

@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    ann = sub.add_parser("annotate", help="a local web app to collect preference pairs (the paper's rating scale)")
+    ann = sub.add_parser("annotate", help="a local web app to collect preference pairs (the paper's rating scale)",
+                         description="Serve pairs to human raters. Annotator ids are trimmed and must be 1-64 "
+                                     "characters from A-Z a-z 0-9 . _ - @; both safety marks start unset and must "
+                                     "be chosen. Requests whose Host header is not a bound name get 403; bodies "
+                                     "over 64 KiB get 413.")
     ann.add_argument("--prompts", required=True, help="rl_prompt file (JSONL/JSON/Parquet) of prompts to annotate")
     ann.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
                      help="one checkpoint (two temperatures) or two checkpoints (one answer each)")
