@@ -44,18 +44,20 @@ def encode_and_count_dialogs(tokenizer, dialogs: list[dict], max_length: int,
     return examples, {**truncation_counts(lengths, max_length), "dropped": dropped}
 
 
-def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str):
+def lm_step_fn(examples: list[dict], pad_id: int, attn_implementation: str, answer_only_loss: bool = False):
     """The SFT micro-step: forward a packed micro-batch, summed answer NLL / the step's share of tokens.
 
-    On a Llama whose LM head is a plain linear layer (`answer_only_head`), the head computes the loss itself
-    from the hidden states of the answer positions (`chunked_sft_loss`); otherwise from the full logits."""
+    answer_only_loss (`train.answer_only_loss`) on a Llama whose LM head is a plain linear layer
+    (`answer_only_head`): the head computes the loss itself from the hidden states of the answer positions
+    (`chunked_sft_loss`); otherwise from the full logits. Both give the same loss up to float rounding, which
+    is not bitwise: the toy recipes keep the full logits, so their figures stay as recorded."""
 
     def step(model, rows, scale):
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(examples, rows, pad_id).items()}
         dtype = next(model.parameters()).dtype
         inputs = attention_inputs(batch, attn_implementation, dtype)
-        head = answer_only_head(model)
+        head = answer_only_head(model) if answer_only_loss else None
         if head is None:
             loss, metrics = sft_loss(model(**inputs).logits, batch["labels"], num_items=scale)
         else:
@@ -145,7 +147,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
         print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
               f"train.max_length={cfg.train.max_length}")
     model = load_causal_lm(cfg.model)
-    step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
+    step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation, cfg.train.answer_only_loss)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)
     summary.update(examples=len(examples), dropped=dropped, truncation=counts)

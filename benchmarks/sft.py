@@ -78,7 +78,7 @@ def run_ours(world: World, spec: BenchSpec, out_dir: Path, stage: str = "sft") -
     plan = StepPlan(steps=[[pack_balanced(lengths, g, spec.stage(stage).max_length)] for g in groups],
                     items=[sum(sum(t != IGNORE_INDEX for t in examples[i]["labels"]) for i in g) for g in groups])
     model = AutoModelForCausalLM.from_pretrained(policy, local_files_only=True, attn_implementation="sdpa")
-    clock, losses = train_ours(spec, tokenizer, out_dir, model, lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
+    clock, losses = train_ours(spec, tokenizer, out_dir, model, lm_step_fn(examples, tokenizer.pad_token_id, "sdpa", answer_only_loss=True),
                                plan, f"bench-{stage}")
     rows = sum(len(s[0]) for s in plan.steps)
     width = sum(len(s[0]) * max(sum(lengths[i] for i in r) for r in s[0]) for s in plan.steps)

@@ -130,7 +130,9 @@ def test_the_answer_only_head_gives_the_full_logits_loss_and_gradients(request, 
     full.backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    loss, _ = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa")(model, rows, 40)
+    plain, _ = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa")(model, rows, 40)  # train.answer_only_loss off
+    assert plain.item() == full.item()  # the very same computation: bitwise
+    loss, _ = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa", answer_only_loss=True)(model, rows, 40)
     loss.backward()
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
     for name, param in model.named_parameters():

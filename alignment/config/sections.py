@@ -107,6 +107,9 @@ class TrainSection:
     grad_accum: int = 1
     max_length: int = 512  # tokens per sequence (and per packed row)
     packing: bool = True  # padding-free packing of several dialogs per row
+    # LM stages: the loss from the answer positions only, chunked through the LM head, without the [tokens, V]
+    # logits (losses.chunked_sft_loss: the same loss to float rounding; pays with a large vocabulary)
+    answer_only_loss: bool = False
 
 
 @dataclass(frozen=True)

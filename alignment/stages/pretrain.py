@@ -46,7 +46,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     eval_examples = encode_documents(tokenizer, texts[:n_eval], cfg.train.max_length)
     model = build_tiny_llama(tokenizer, cfg.model.size, seed=cfg.seed)
     plan = make_plan(cfg, examples, world=1)
-    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=lm_step_fn(examples, tokenizer.pad_token_id, "sdpa"),
+    step = lm_step_fn(examples, tokenizer.pad_token_id, "sdpa", cfg.train.answer_only_loss)
+    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step,
                     cfg=loop_config(cfg), run=run, desc="pretrain", unit="tok")
     if is_main_process():
         from transformers import AutoModelForCausalLM
