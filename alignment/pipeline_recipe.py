@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import ConfigError, config_hash, load_config
+from alignment.config.ranges import ranged
 from alignment.stages import STAGES
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
@@ -27,14 +28,14 @@ class PipelineStage:
     stage: str  # a command of `align` (pretrain, sft, rm, rejection-sampling, ppo, gatt, ...)
     recipe: str
     set: dict[str, Any] = field(default_factory=dict)  # key.path -> any YAML value
-    processes: int = 1  # > 1: launched with torchrun (gloo on CPU)
-    expected_seconds: float = 60.0  # for the ETA before the first run measured it
+    processes: int = ranged(">= 1", 1)  # > 1: launched with torchrun (gloo on CPU)
+    expected_seconds: float = ranged("> 0", 60.0)  # for the ETA before the first run measured it
 
 
 @dataclass(frozen=True)
 class ToyWorldData:
-    seed: int = 0
-    sizes: dict[str, int] = field(default_factory=dict)
+    seed: int = ranged(">= 0", 0)
+    sizes: dict[str, int] = ranged(">= 1", factory=dict)  # file name -> rows
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class RMCheckSection:
     model of stage `policy` (None: skip the check)."""
 
     policy: str | None = None
-    num_samples: int = 4
-    temperature: float = 1.0
-    max_prompts: int | None = None
+    num_samples: int = ranged(">= 1", 4)
+    temperature: float = ranged("> 0", 1.0)
+    max_prompts: int | None = ranged(">= 1", None)
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ class ReportSection:
     base: str | None = None  # a model directory evaluated first as "base" (a real model the pipeline starts from)
     prompts: list[str] = field(default_factory=lambda: [
         "{data}/eval_helpful.jsonl", "{data}/eval_adversarial.jsonl", "{data}/eval_borderline.jsonl"])
-    max_prompts_per_file: int = 200
+    max_prompts_per_file: int = ranged(">= 1", 200)
     helpful_rm: str | None = None  # the pipeline stage whose model is the helpfulness RM
     safety_rm: str | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 64
+    max_new_tokens: int = ranged(">= 1", 64)
+    batch_size: int = ranged(">= 1", 64)
     rm_check: RMCheckSection = field(default_factory=RMCheckSection)
     real_pairs: RealPairsSection = field(default_factory=RealPairsSection)
 
@@ -101,7 +102,7 @@ def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
                                   f"(earlier: {', '.join(dirs)})")
         overrides.append(f"{key}={PLACEHOLDER.sub(lambda m: dirs[m.group(1)], text)}")
     overrides.append(f"output.dir={run_dir}")
-    cfg = load_config(STAGES[spec.stage].config, spec.recipe, overrides)
+    cfg = load_config(STAGES[spec.stage].config, spec.recipe, overrides, source=f"stage {spec.name!r}: set")
     return cfg, overrides
 
 

@@ -209,7 +209,7 @@ def run_plan(args) -> int:
               "default_model": args.model}
     if stage == "pipeline":
         return _plan_pipeline(load_config(config_class("pipeline"), args.recipe, args.overrides), gpu_memory, kwargs)
-    cfg = from_dict(config_class(stage), apply_overrides(raw, args.overrides))
+    cfg = load_config(config_class(stage), args.recipe, args.overrides)  # errors name the recipe line or --set
     plan = plan_stage(stage, cfg, **kwargs)
     print(format_plan(plan, gpu_memory, args.recipe))
     if plan.peak.total <= gpu_memory:

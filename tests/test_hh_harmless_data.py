@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import ConfigError, DataSource, HeldOutSide
+from alignment.config import ConfigError, DataSource, from_dict, HeldOutSide
 from alignment.data.mixing import held_out_split, prompt_key
 from alignment.data.sources import load_source
 
@@ -73,8 +73,8 @@ def test_a_source_keeps_one_side_of_the_split_and_limits_after_it(harmless):
 
     assert side("train") == train and side("held_out") == held_out
     assert side("train", limit=50) == train[:50]  # the limit cuts the kept side, never reaches across
-    with pytest.raises(ConfigError, match="held_out.fraction"):
-        HeldOutSide(fraction=1.0, side="train")
+    with pytest.raises(ConfigError, match=r"held_out.fraction: 1.0 is out of range; allowed: \(0, 1\)"):
+        from_dict(DataSource, {"path": "p", "held_out": {"fraction": 1.0, "side": "train"}})
 
 
 def test_the_real_model_recipes_never_train_on_their_held_out_hh_pairs():

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -19,12 +20,20 @@ from typing import Any, Literal
 
 import yaml
 
+from alignment.config.ranges import field_range
+
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
-    """A recipe that does not match its dataclass: unknown key, wrong type or missing value."""
+    """A recipe that does not match its dataclass: unknown key, wrong type, value out of range or missing.
+    `key` is the full key path it is about ("optim.lr", "data.train[0].limit"; None: the recipe as a
+    whole): load_config names where that value came from, the recipe's line or a `--set`."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -53,43 +62,45 @@ def _convert(value: Any, tp: Any, where: str, base: Any = None) -> Any:
             try:
                 return _convert(value, arg, where, base)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}", where)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}", where)
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, base if isinstance(base, tp) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}", where)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}", where)
             return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}", where)
         return {str(k): _convert(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string; take it as the number meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}", where)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}", where)
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}", where)
         return value
-    raise ConfigError(f"{where}: unsupported annotation {_type_name(tp)}")
+    raise ConfigError(f"{where}: unsupported annotation {_type_name(tp)}", where)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -109,44 +120,70 @@ def from_dict(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__} {data!r}", where or None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{label}: unknown key {key!r}{_close(str(key), list(fields))}")
+            raise ConfigError(f"{label}: unknown key {key!r}{_close(str(key), list(fields))}",
+                              f"{where}.{key}" if where else str(key))
     kwargs = {}
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], path, getattr(base, name) if base is not None else _default(f))
+            default = getattr(base, name) if base is not None else _default(f)
+            kwargs[name] = _convert(data[name], hints[name], path, default)
+            _check_range(f, hints[name], data[name], kwargs[name], path)
         elif base is not None:
             kwargs[name] = getattr(base, name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = from_dict(hints[name], {}, path)
             else:
-                raise ConfigError(f"{path}: required key is missing")
+                raise ConfigError(f"{path}: required key is missing", path)
     try:
         return cls(**kwargs)
     except ConfigError as e:  # a dataclass's own check across its fields (__post_init__)
-        raise ConfigError(f"{label}: {e}") from None
+        raise ConfigError(f"{label}: {e}", where or None) from None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings (value parsed as YAML) to a raw recipe mapping, in order."""
+def _check_range(f: dataclasses.Field, tp: Any, given: Any, value: Any, path: str) -> None:
+    """`value` (converted from `given`, as the recipe wrote it) against the range declared on field `f`;
+    each item of a list, tuple or mapping on its own."""
+    allowed = field_range(f)
+    if allowed is None or value is None:
+        return
+    if isinstance(value, dict):
+        items = [(f"{path}.{k}", given[k], v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{path}[{i}]", given[i], v) for i, v in enumerate(value)]
+    else:
+        items = [(path, given, value)]
+    off = ", or null" if type(None) in typing.get_args(tp) else ""
+    for where, shown, v in items:
+        if not allowed.allows(v):
+            what = "is not a finite number" if isinstance(v, float) and not math.isfinite(v) else "is out of range"
+            raise ConfigError(f"{where}: {shown} {what}; allowed: {allowed.text}{off}", where)
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a raw recipe mapping, in order; an error names
+    the override as coming from `source`."""
     raw = json.loads(json.dumps(raw))
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
+            raise ConfigError(f"{source} {item!r}: expected key.path=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+                raise ConfigError(f"{source} {key}: {p!r} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} {item}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     return raw
 
 
@@ -181,14 +218,50 @@ def read_recipe(path: str | Path) -> dict:
     return raw
 
 
-def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Read a YAML recipe, apply overrides, and check it strictly into `cls`."""
+def recipe_lines(path: str | Path) -> dict[tuple[str, ...], int]:
+    """The 1-based line of every key and list item of a YAML recipe, by key path (("data", "train", "0"))."""
+    lines = {}
+
+    def walk(node, parts: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                lines[(*parts, str(key_node.value))] = key_node.start_mark.line + 1
+                walk(value_node, (*parts, str(key_node.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*parts, str(i))] = item.start_mark.line + 1
+                walk(item, (*parts, str(i)))
+
+    walk(yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader), ())
+    return lines
+
+
+def _origin(key: str | None, path: Path, overrides: list[str], source: str) -> str:
+    """Where the value at `key` came from: the last override that set it (or a section holding it, or a key
+    inside it), else the recipe's line of it (or of the nearest section holding it), else the recipe."""
+    parts = tuple(p for p in re.split(r"[.\[\]]+", key) if p) if key else ()
+    for item in reversed(overrides):
+        set_parts = tuple(item.split("=", 1)[0].strip().split("."))
+        if parts and (parts[:len(set_parts)] == set_parts or set_parts[:len(parts)] == parts):
+            return f"{source} {item}"
+    lines = recipe_lines(path)
+    for n in range(len(parts), 0, -1):
+        if parts[:n] in lines:
+            return f"{path}:{lines[parts[:n]]}"
+    return str(path)
+
+
+def load_config(cls: type, path: str | Path, overrides: list[str] | None = None, source: str = "--set") -> Any:
+    """Read a YAML recipe, apply overrides (given by `source`: `--set`, or a pipeline stage's `set`), and check
+    it strictly into `cls`. An error is one line naming where the bad value came from: `FILE:LINE` of the
+    recipe, or the override."""
     path = Path(path)
-    raw = read_recipe(path)
+    overrides = overrides or []
+    raw = apply_overrides(read_recipe(path), overrides, source)
     try:
-        return from_dict(cls, apply_overrides(raw, overrides or []))
+        return from_dict(cls, raw)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_origin(e.key, path, overrides, source)}: {e}", e.key) from None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,7 +1,8 @@
 """The shared config sections every stage config is composed of (model, data, optim, train, generation, reward
 judges, ...), and the fine-tune group of the stages that train with the shared loop.
 
-A stage whose defaults differ from a section's (a greedy evaluation, the RM's learning rate) gives them in its
+Every numeric field declares its allowed values (`ranged`, alignment.config.ranges), checked when a recipe
+loads. A stage whose defaults differ from a section's (a greedy evaluation, the RM's learning rate) gives them in its
 config's `default_factory`; a recipe that sets only some keys of such a section keeps the stage's values for the
 others (alignment.config.loader.from_dict).
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignment.config.loader import ConfigError
+from alignment.config.ranges import ranged
 
 # The paper's safety switch (3.2.3): Rc = Rs where sigmoid(Rs) is below it (precision 0.89, recall 0.55 on
 # unsafe responses of the Meta Safety test set); alignment.rewards.combine and every reward judge default to it.
@@ -23,9 +25,9 @@ AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 @dataclass(frozen=True)
 class LoraSection:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = ranged(">= 1", 16)
+    alpha: int = ranged(">= 1", 32)
+    dropout: float = ranged("[0, 1)", 0.05)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge_on_save: bool = True  # save merged full weights (True) or the adapters only (False)
     load_in_4bit: bool = False  # QLoRA: needs bitsandbytes and a CUDA device
@@ -47,13 +49,13 @@ class RatingThresholds:
     gap, SHP score ratio, ...) of each bucket; a strength above 0 (SHP: above 1) but under `slightly_better`
     is `negligibly_better`. Each source documents its scale and defaults (README, "Real data")."""
 
-    significantly_better: float
-    better: float
-    slightly_better: float
+    significantly_better: float = ranged("> 0")
+    better: float = ranged("> 0")
+    slightly_better: float = ranged("> 0")
 
     def __post_init__(self):
-        if not self.significantly_better >= self.better >= self.slightly_better > 0:
-            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better > 0; got "
+        if not self.significantly_better >= self.better >= self.slightly_better:
+            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better; got "
                               f"{self.significantly_better}, {self.better}, {self.slightly_better}")
 
 
@@ -63,13 +65,9 @@ class HeldOutSide:
     the same `fraction` and `salt` with `side: train` in a training set and `side: held_out` in a test set
     never share a pair."""
 
-    fraction: float
+    fraction: float = ranged("(0, 1)")
     side: Literal["train", "held_out"]
     salt: str = ""
-
-    def __post_init__(self):
-        if not 0.0 < self.fraction < 1.0:
-            raise ConfigError(f"held_out.fraction must be in (0, 1); got {self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -77,35 +75,36 @@ class DataSource:
     path: str
     source: str = "native"  # "native" = our schemas; public-dataset adapters add names (alignment.data.adapters)
     split: str | None = None  # a directory's split (its train.jsonl, test-*.parquet, ...); None for a file
-    limit: int | None = None  # keep the first N rows (after validation and the held-out cut)
+    limit: int | None = ranged(">= 1", None)  # keep the first N rows (after validation and the held-out cut)
     thresholds: RatingThresholds | None = None  # scored sources only; None: the source's documented defaults
     held_out: HeldOutSide | None = None  # keep one side of a hash split of the rows by prompt
 
 
 @dataclass(frozen=True)
 class OptimSection:
-    lr: float = 2e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = ranged("> 0", 2e-5)
+    weight_decay: float = ranged(">= 0", 0.1)
+    betas: tuple[float, float] = ranged("[0, 1)", (0.9, 0.95))
+    eps: float = ranged("> 0", 1e-8)
+    grad_clip: float = ranged("> 0", 1.0)  # max global gradient norm (always clipped)
 
 
 @dataclass(frozen=True)
 class ScheduleSection:
     kind: Literal["cosine", "constant", "linear"] = "cosine"
-    warmup_ratio: float = 0.03
-    min_warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
+    warmup_ratio: float = ranged("[0, 1]", 0.03)
+    min_warmup_steps: int = ranged(">= 0", 0)
+    min_lr_ratio: float = ranged("[0, 1]", 0.0)  # cosine/linear decay ends at lr * min_lr_ratio
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    epochs: float = 1.0
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
-    micro_batch_size: int = 8  # sequences per micro-batch (unpacked); rows per micro-batch (packed)
-    grad_accum: int = 1
-    max_length: int = 512  # tokens per sequence (and per packed row)
+    epochs: float = ranged("> 0", 1.0)
+    # stop after this many optimizer steps (overrides epochs when smaller); None: epochs decide
+    max_steps: int | None = ranged(">= 1", None)
+    micro_batch_size: int = ranged(">= 1", 8)  # sequences per micro-batch (unpacked); rows per micro-batch (packed)
+    grad_accum: int = ranged(">= 1", 1)
+    max_length: int = ranged(">= 1", 512)  # tokens per sequence (and per packed row)
     packing: bool = True  # padding-free packing of several dialogs per row
     # LM stages: the loss from the answer positions only, chunked through the LM head, without the [tokens, V]
     # logits (losses.chunked_sft_loss: the same loss to float rounding; pays with a large vocabulary)
@@ -120,7 +119,7 @@ class DistributedSection:
 
 @dataclass(frozen=True)
 class LoggingSection:
-    every_steps: int = 10
+    every_steps: int = ranged(">= 1", 10)
     tensorboard: bool = True
     progress: bool = True
     wandb: bool = False  # offline by default when on
@@ -129,8 +128,8 @@ class LoggingSection:
 @dataclass(frozen=True)
 class OutputSection:
     dir: str
-    save_every_steps: int = 0  # 0: only at the end
-    keep_last: int = 2
+    save_every_steps: int = ranged(">= 0", 0)  # 0: only at the end
+    keep_last: int = ranged(">= 0", 2)  # checkpoints kept; 0: all
     overwrite: bool = False  # a finished run directory is never overwritten unless this is set
 
 
@@ -139,9 +138,9 @@ class EvalSection:
     """Held-out evaluation at the end of a stage: loss on `data.eval`, and answers to held-out prompts."""
 
     prompts: list[DataSource] = field(default_factory=list)  # rl_prompt rows (toy world: gold-scored)
-    max_prompts: int = 200
-    max_new_tokens: int = 64
-    batch_size: int = 64
+    max_prompts: int = ranged(">= 1", 200)
+    max_new_tokens: int = ranged(">= 1", 64)
+    batch_size: int = ranged(">= 1", 64)
     compare_base: bool = False  # also evaluate the starting checkpoint, for a before/after table
 
 
@@ -149,18 +148,18 @@ class EvalSection:
 class GenerationSection:
     """Sampling settings of one generate() pass (alignment.generation). Stages extend it with their own keys."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    batch_size: int = 64  # sequences per generate call (per process)
+    max_new_tokens: int = ranged(">= 1", 128)
+    temperature: float = ranged(">= 0", 1.0)  # 0: greedy
+    top_p: float = ranged("(0, 1]", 1.0)
+    batch_size: int = ranged(">= 1", 64)  # sequences per generate call (per process)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RewardModelRunSection:
     """How frozen reward models (HF seq-cls dirs, one label) are run: scoring batch, input length, dtype."""
 
-    batch_size: int = 32  # RM scoring batch
-    max_length: int = 1024  # RM input tokens (left-truncated, the answer is kept)
+    batch_size: int = ranged(">= 1", 32)  # RM scoring batch
+    max_length: int = ranged(">= 1", 1024)  # RM input tokens (left-truncated, the answer is kept)
     dtype: Dtype = "auto"
 
 
@@ -171,7 +170,7 @@ class RewardJudgeSection(RewardModelRunSection):
 
     helpful_rm: str | None = None
     safety_rm: str | None = None
-    safety_threshold: float = SAFETY_THRESHOLD
+    safety_threshold: float = ranged("[0, 1]", SAFETY_THRESHOLD)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +183,7 @@ class FineTuneSections:
     train: TrainSection = field(default_factory=TrainSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    seed: int = 0
+    seed: int = ranged(">= 0", 0)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""One frozen config dataclass per stage, composed of the shared sections (alignment.config.sections)."""
+"""One frozen config dataclass per stage, composed of the shared sections (alignment.config.sections); every
+numeric field declares its allowed values (`ranged`, alignment.config.ranges)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from alignment.config.loader import ConfigError
+from alignment.config.ranges import ranged
 from alignment.config.sections import (AttnImplementation, ChatSection, DataSource, DistributedSection, Dtype,
                                        EvalSection, FineTuneSections, GenerationSection, LoggingSection, ModelSection,
                                        OptimSection, OutputSection, RewardJudgeSection, RewardModelRunSection,
@@ -14,15 +17,15 @@ from alignment.config.sections import (AttnImplementation, ChatSection, DataSour
 class TinyModelSection:
     """The toy world's tiny Llama, built from a config and a tokenizer trained here (no download)."""
 
-    size: str = "tiny"
-    vocab_size: int = 2048
-    max_position_embeddings: int = 1024
+    size: Literal["nano", "tiny", "small", "bench"] = "tiny"  # alignment.models.tiny.SIZES
+    vocab_size: int = ranged(">= 1", 2048)
+    max_position_embeddings: int = ranged(">= 1", 1024)
 
 
 @dataclass(frozen=True)
 class PretrainData:
     corpus: list[DataSource]  # rows {"text": ...}
-    eval_fraction: float = 0.02
+    eval_fraction: float = ranged("[0, 1)", 0.02)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +63,7 @@ class MixSection:
     of the mix (safety RM: 0.9), "all" concatenates both."""
 
     kind: Literal["all", "equal", "ratio"] = "all"
-    primary_fraction: float = 0.9  # only for kind "ratio"
+    primary_fraction: float = ranged("(0, 1]", 0.9)  # only for kind "ratio"
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,8 @@ class RMData:
 
 @dataclass(frozen=True)
 class RMEvalSection:
-    batch_size: int = 32
-    calibration_bins: int = 5  # bins of confidence max(p, 1 - p) over [0.5, 1]
+    batch_size: int = ranged(">= 1", 32)
+    calibration_bins: int = ranged(">= 1", 5)  # bins of confidence max(p, 1 - p) over [0.5, 1]
     histogram: bool = True  # reward-score histograms as scores.png
 
 
@@ -106,8 +109,9 @@ class RMConfig(FineTuneSections):
 class RSIteration:
     """One rejection-sampling iteration (RLHF-V1, V2, ...): K samples per prompt at one temperature."""
 
-    num_samples: int  # K; the paper grows it with each iteration
-    temperature: float = 1.0  # best for 10-100 samples is 1.2-1.3 and drifts as the model changes
+    num_samples: int = ranged(">= 1")  # K; the paper grows it with each iteration
+    # 0: greedy; best for 10-100 samples is 1.2-1.3 and drifts as the model changes
+    temperature: float = ranged(">= 0", 1.0)
     sample_from: str | None = None  # this iteration's sampler (distillation from the large model's Vn)
 
 
@@ -137,14 +141,14 @@ class RSGenerationSection:
     """The sampling of every iteration. Not the shared GenerationSection: the temperature is each
     iteration's own (`iterations[].temperature`, paper 3.2.3)."""
 
-    max_new_tokens: int = 128
-    top_p: float = 1.0
-    batch_size: int = 64  # sequences per generate() call: the K samples of a prompt share a batch
-    prompts_per_shard: int = 64  # one atomically written sample shard per chunk of prompts
+    max_new_tokens: int = ranged(">= 1", 128)
+    top_p: float = ranged("(0, 1]", 1.0)
+    batch_size: int = ranged(">= 1", 64)  # sequences per generate() call: the K samples of a prompt share a batch
+    prompts_per_shard: int = ranged(">= 1", 64)  # one atomically written sample shard per chunk of prompts
     # hf: batched KV-cache sampling (alignment.generation); vllm: a vLLM engine (needs vllm + CUDA, one
     # process); auto: vllm where usable, else hf. Both write the same shard records.
     backend: Literal["auto", "hf", "vllm"] = "auto"
-    vllm_gpu_memory_utilization: float = 0.5  # the share vLLM reserves; the RMs are loaded beside it
+    vllm_gpu_memory_utilization: float = ranged("(0, 1]", 0.5)  # the share vLLM reserves; the RMs are loaded beside it
 
 
 @dataclass(frozen=True)
@@ -153,9 +157,9 @@ class RSSweepSection:
 
     enabled: bool = False  # run the sweep instead of the iterations (writes <output.dir>/sweep/)
     checkpoint: str | None = None  # default: policy.sample_from, else model.path
-    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])
-    max_samples: int = 64  # K runs over 1, 2, 4, ... up to this
-    num_prompts: int = 32  # the first N prompts of data.prompts
+    temperatures: list[float] = ranged("> 0", factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])
+    max_samples: int = ranged(">= 1", 64)  # K runs over 1, 2, 4, ... up to this
+    num_prompts: int = ranged(">= 1", 32)  # the first N prompts of data.prompts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,7 +172,8 @@ class RejectionSamplingConfig(FineTuneSections):
     output: OutputSection
     chat: ChatSection = field(default_factory=ChatSection)
     iterations: list[RSIteration] = field(default_factory=lambda: [RSIteration(num_samples=4)])
-    best_of_all_from: int | None = None  # from this iteration on (paper: 4), pick among all iterations' samples
+    # from this iteration on (paper: 4), pick among all iterations' samples; None: this iteration's only
+    best_of_all_from: int | None = ranged(">= 1", None)
     policy: RSPolicySection = field(default_factory=RSPolicySection)
     reward: RSRewardSection = field(default_factory=RSRewardSection)
     generation: RSGenerationSection = field(default_factory=RSGenerationSection)
@@ -184,7 +189,7 @@ class CriticSection:
     its transformer and its scalar head (a value function starts close to a reward predictor)."""
 
     path: str | None = None  # default: reward.helpful_rm
-    lr: float | None = None  # default: optim.lr
+    lr: float | None = ranged("> 0", None)  # default: optim.lr
     dtype: Dtype = "auto"
     gradient_checkpointing: bool = False
 
@@ -197,7 +202,7 @@ class PPORewardSection(RewardJudgeSection):
     helpful_rm: str
     safety_rm: str
     reference: str | None = None  # default: model.path (ignored with a LoRA actor: adapters off = reference)
-    kl_beta: float = 0.01  # 0.01 for 7B/13B, 0.005 for 34B/70B
+    kl_beta: float = ranged(">= 0", 0.01)  # 0.01 for 7B/13B, 0.005 for 34B/70B
     kl_estimator: Literal["k1", "k3"] = "k1"
     offload: bool = False  # keep RMs and reference on CPU outside their phase (GPU runs)
 
@@ -210,29 +215,31 @@ class PPOData:
 
 @dataclass(frozen=True)
 class PPOSection:
-    iterations: int = 400  # the paper ran 200-400, with early stopping
-    batch_size: int = 512  # prompts per iteration, all processes together
-    mini_batch_size: int = 64  # rows per optimizer step (one step per mini-batch), all processes together
-    micro_batch_size: int = 8  # rows per forward/backward per process (gradient accumulation inside a mini-batch)
-    epochs: int = 1  # passes over each iteration's batch
-    clip: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.1  # weight of the value loss in the one backward of actor + critic
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_kl: float | None = None  # stop when the mean sequence KL to the reference exceeds this
+    iterations: int = ranged(">= 1", 400)  # the paper ran 200-400, with early stopping
+    batch_size: int = ranged(">= 1", 512)  # prompts per iteration, all processes together
+    # rows per optimizer step (one step per mini-batch), all processes together
+    mini_batch_size: int = ranged(">= 1", 64)
+    # rows per forward/backward per process (gradient accumulation inside a mini-batch)
+    micro_batch_size: int = ranged(">= 1", 8)
+    epochs: int = ranged(">= 1", 1)  # passes over each iteration's batch
+    clip: float = ranged("> 0", 0.2)
+    value_clip: float | None = ranged("> 0", 0.2)  # None: the value loss is not clipped
+    vf_coef: float = ranged(">= 0", 0.1)  # weight of the value loss in the one backward of actor + critic
+    gamma: float = ranged("[0, 1]", 1.0)
+    lam: float = ranged("[0, 1]", 0.95)
+    max_kl: float | None = ranged("> 0", None)  # stop when the mean sequence KL to the reference exceeds this
 
 
 @dataclass(frozen=True)
 class EarlyStoppingSection:
     """Held-out evaluation by the combined reward (greedy answers); the best actor becomes `final/`."""
 
-    every_iterations: int = 10  # 0: never evaluate, keep the last actor
-    patience: int = 3  # stop after this many evaluations without improvement
-    max_prompts: int = 256
-    max_new_tokens: int = 256
-    batch_size: int = 64
-    min_delta: float = 0.0
+    every_iterations: int = ranged(">= 0", 10)  # 0: never evaluate, keep the last actor
+    patience: int = ranged(">= 1", 3)  # stop after this many evaluations without improvement
+    max_prompts: int = ranged(">= 1", 256)
+    max_new_tokens: int = ranged(">= 1", 256)
+    batch_size: int = ranged(">= 1", 64)
+    min_delta: float = ranged(">= 0", 0.0)
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class PPOConfig:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, eps=1e-5))  # constant lr (3.2.3)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(every_steps=1))
-    seed: int = 0
+    seed: int = ranged(">= 0", 0)
 
 
 # --------------------------------------------------------------------------------------------- GAtt (3.3)
@@ -267,15 +274,19 @@ class GAttData:
 class GAttSamplingSection(GenerationSection):
     """How the multi-turn dialogs are built and answered (alignment.stages.gatt)."""
 
-    num_dialogs: int = 200
-    min_turns: int = 1
-    max_turns: int = 4  # N: dialogs have min_turns..max_turns user turns
+    num_dialogs: int = ranged(">= 1", 200)
+    min_turns: int = ranged(">= 1", 1)
+    max_turns: int = ranged(">= 1", 4)  # N: dialogs have min_turns..max_turns user turns
     # "sample" (the paper): keep a dialog only when its sampled answers obey the instruction;
     # "rewrite" (NOT the paper, a fallback for models that obey too rarely): a breaking answer is
     # rewritten by the toy world's `apply_instruction` to obey
     answers: Literal["sample", "rewrite"] = "sample"
-    samples_per_turn: int = 1  # k > 1: best of k by the checker (the first obeying sample)
+    samples_per_turn: int = ranged(">= 1", 1)  # k > 1: best of k by the checker (the first obeying sample)
     every_turn_examples: bool = True  # loss on every turn's answer as a 'last' turn (gatt.gatt_train_on), not only the final one
+
+    def __post_init__(self):
+        if self.min_turns > self.max_turns:
+            raise ConfigError(f"min_turns ({self.min_turns}) must not exceed max_turns ({self.max_turns})")
 
 
 @dataclass(frozen=True)
@@ -286,12 +297,13 @@ class GAttEvalSection:
     instructions: list[DataSource] = field(default_factory=list)  # training types, new dialogs
     zero_shot_instructions: list[DataSource] = field(default_factory=list)  # held-out constraints
     prompts: list[DataSource] = field(default_factory=list)  # held-out rl_prompt rows for the user turns
-    max_instructions: int = 50  # dialogs per instruction set (one per instruction)
-    turns: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 10, 20])
-    max_new_tokens: int = 32
-    batch_size: int = 64
-    max_context: int | None = None  # prompt + answer tokens; default: the model's max_position_embeddings
-    seed: int = 1
+    max_instructions: int = ranged(">= 1", 50)  # dialogs per instruction set (one per instruction)
+    turns: list[int] = ranged(">= 1", factory=lambda: [1, 2, 4, 6, 10, 20])
+    max_new_tokens: int = ranged(">= 1", 32)
+    batch_size: int = ranged(">= 1", 64)
+    # prompt + answer tokens; None: the model's max_position_embeddings
+    max_context: int | None = ranged(">= 1", None)
+    seed: int = ranged(">= 0", 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,7 +337,7 @@ class CollectConfig:
     chat: ChatSection = field(default_factory=ChatSection)
     # the two answers of a pair are independent samples (temperature > 0)
     generation: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=64))
-    seed: int = 0
+    seed: int = ranged(">= 0", 0)
 
 
 # --------------------------------------------------------------------------------------------- safety (4.2.4)
@@ -360,8 +372,8 @@ class SafetyJudgeSection(RewardModelRunSection):
     """The safety RM that decides which distilled answers are kept (4.2.4, Figure 16b)."""
 
     safety_rm: str  # HF seq-cls dir, one label
-    min_gain: float = 0.0  # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain
-    min_kept: int = 1  # fewer kept answers than this: no fine-tune, final/ is the model unchanged
+    min_gain: float = ranged("[0, 1)", 0.0)  # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain
+    min_kept: int = ranged(">= 1", 1)  # fewer kept answers than this: no fine-tune, final/ is the model unchanged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,7 +400,7 @@ class EvalPromptSets:
     helpful: list[DataSource] = field(default_factory=list)
     adversarial: list[DataSource] = field(default_factory=list)
     borderline: list[DataSource] = field(default_factory=list)
-    max_per_set: int | None = None  # keep the first N rows of each set
+    max_per_set: int | None = ranged(">= 1", None)  # keep the first N rows of each set
 
 
 DEFAULT_REFUSAL_MARKERS = ["can not help", "cannot help", "can't help", "can not assist", "cannot assist",
@@ -401,7 +413,7 @@ class EvalJudgeSection(RewardJudgeSection):
     """The reward-model judges and the thresholds of the metrics (alignment.judging); an RM violation is
     sigmoid(Rs) below safety_threshold."""
 
-    tie_margin: float = 0.0  # win/tie/loss: |score_a - score_b| <= tie_margin is a tie
+    tie_margin: float = ranged(">= 0", 0.0)  # win/tie/loss: |score_a - score_b| <= tie_margin is a tie
     refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS))  # non-toy answers
 
 
@@ -433,4 +445,4 @@ class EvalConfig:
     judges: EvalJudgeSection = field(default_factory=EvalJudgeSection)
     generation: EvalGenerationSection = field(default_factory=lambda: EvalGenerationSection(temperature=0.0))
     gatt: GAttEvalSection = field(default_factory=GAttEvalSection)  # adherence by turn where instructions are set
-    seed: int = 0
+    seed: int = ranged(">= 0", 0)

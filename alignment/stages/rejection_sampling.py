@@ -305,14 +305,10 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
 
 
 def _check_inputs(cfg: RejectionSamplingConfig, rows: list[dict]) -> None:
-    """Everything that can be checked before any compute (the data rows themselves: `load_sources`)."""
+    """Everything that can be checked before any compute and that the config loader has not (value ranges:
+    alignment.config.ranges; the data rows themselves: `load_sources`)."""
     if not cfg.iterations:
         raise ValueError("iterations: at least one iteration is needed")
-    for i, it in enumerate(cfg.iterations):
-        if it.num_samples < 1 or it.temperature < 0:
-            raise ValueError(f"iterations[{i}]: num_samples must be >= 1 and temperature >= 0")
-    if cfg.best_of_all_from is not None and cfg.best_of_all_from < 1:
-        raise ValueError("best_of_all_from: iterations count from 1 (the paper: 4)")
     for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]:
         path = getattr(cfg.reward, f"{name}_rm")
         if path is None:
