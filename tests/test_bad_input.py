@@ -258,3 +258,53 @@ def test_every_stage_stops_on_a_broken_file_and_keeps_the_finished_run(stage, fi
 
     check()
     assert _snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------- bad hyper-parameters
+# Issue #26: values that trained "successfully" (a negative learning rate, a negative clip, a ratio of 3), or
+# failed only after the model loaded (ZeroDivisionError, "range() arg 3 must not be zero"), or inside torch.
+NONSENSE = [
+    ("schedule.min_lr_ratio=-3", "schedule.min_lr_ratio: -3 is out of range; allowed: [0, 1]"),
+    ("optim.grad_clip=-1", "optim.grad_clip: -1 is out of range; allowed: > 0"),
+    ("train.max_steps=-5", "train.max_steps: -5 is out of range; allowed: >= 1, or null"),
+    ("optim.lr=0", "optim.lr: 0 is out of range; allowed: > 0"),
+    ("optim.lr=-1", "optim.lr: -1 is out of range; allowed: > 0"),
+    ("optim.lr=.inf", "optim.lr: inf is not a finite number; allowed: > 0"),
+    ("schedule.warmup_ratio=2", "schedule.warmup_ratio: 2 is out of range; allowed: [0, 1]"),
+    ("optim.weight_decay=-5", "optim.weight_decay: -5 is out of range; allowed: >= 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1]: 1.0 is out of range; allowed: [0, 1)"),
+    ("output.save_every_steps=-1", "output.save_every_steps: -1 is out of range; allowed: >= 0"),
+    ("train.grad_accum=0", "train.grad_accum: 0 is out of range; allowed: >= 1"),
+    ("train.micro_batch_size=0", "train.micro_batch_size: 0 is out of range; allowed: >= 1"),
+    ("train.epochs=-1", "train.epochs: -1 is out of range; allowed: > 0"),
+    # issue #27: a misspelt --set key is the override's fault, not the recipe file's
+    ("optim.lrr=1e-4", "optim: unknown key 'lrr'; did you mean 'lr'? Valid keys: betas, eps, grad_clip, lr, "
+                       "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("item, message", NONSENSE)
+def test_a_nonsense_hyper_parameter_is_one_line_before_anything_is_touched(item, message, finished_run, tmp_path,
+                                                                            capsys):
+    from alignment.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = _snapshot(out)
+    rc = main(["sft", "--recipe", str(REPO / "recipes" / "tiny" / "sft.yaml"), "--set", f"output.dir={out}",
+               "--set", item])
+    assert rc == 2
+    assert capsys.readouterr().err == f"align sft: error: --set {item}: {message}\n"
+    assert _snapshot(out) == before
+
+
+def test_a_nonsense_value_in_the_recipe_names_its_file_and_line(tmp_path, capsys):
+    from alignment.cli import main
+
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text((REPO / "recipes" / "tiny" / "sft.yaml").read_text().replace("grad_accum: 1", "grad_accum: 0"))
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "grad_accum: 0" in text)
+    assert main(["sft", "--recipe", str(recipe), "--set", f"output.dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == (f"align sft: error: {recipe}:{line}: train.grad_accum: 0 is out of range; "
+                                       "allowed: >= 1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.yaml"]

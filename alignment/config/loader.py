@@ -1,9 +1,11 @@
 """The strict config loader: YAML recipe + `--set` overrides, checked into frozen dataclasses.
 
 A recipe is a YAML file; `--set a.b=value` overrides are applied to it before it is checked. Every level
-is checked against the frozen dataclasses: an unknown or misspelt key, or a value of the wrong type, stops
-with the full key path and the close valid names. There is no `.get()` with a default anywhere: a key
-either exists in a dataclass (with its documented default) or the recipe is rejected.
+is checked against the frozen dataclasses: an unknown or misspelt key, a value of the wrong type, or a
+number outside the range its field declares (alignment.config.ranges) stops with the full key path, the
+close valid names or the allowed values, and where the value came from (the recipe's `FILE:LINE`, or the
+`--set`). There is no `.get()` with a default anywhere: a key either exists in a dataclass (with its
+documented default) or the recipe is rejected.
 """
 from __future__ import annotations
 
