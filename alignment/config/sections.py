@@ -54,8 +54,8 @@ class RatingThresholds:
     slightly_better: float = ranged("> 0")
 
     def __post_init__(self):
-        if not self.significantly_better >= self.better >= self.slightly_better:
-            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better; got "
+        if not self.significantly_better >= self.better >= self.slightly_better > 0:  # also for the adapters' own
+            raise ConfigError(f"thresholds must satisfy significantly_better >= better >= slightly_better > 0; got "
                               f"{self.significantly_better}, {self.better}, {self.slightly_better}")
 
 
