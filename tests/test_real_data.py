@@ -52,7 +52,7 @@ def test_llama2_hh_pku_recipes_load_and_resolve_on_the_upstream_layout(recipe, m
     from alignment.data.mixing import mix_rm_data
 
     def moved(sources):
-        return [{"source": s.source, "path": s.path.replace("data/", "tests/fixtures/upstream/", 1), "split": s.split}
+        return [{"source": s.source, "path": s.path.replace("data/upstream/", "tests/fixtures/upstream/", 1), "split": s.split}
                 for s in sources]
 
     cfg = load_config(RMConfig, recipe, [

@@ -138,7 +138,7 @@ class EvalSection:
     """Held-out evaluation at the end of a stage: loss on `data.eval`, and answers to held-out prompts."""
 
     prompts: list[DataSource] = field(default_factory=list)  # rl_prompt rows (toy world: gold-scored)
-    max_prompts: int = ranged(">= 1", 200)
+    max_prompts: int = ranged(">= 0", 200)  # 0: no held-out answers (the loss on data.eval only)
     max_new_tokens: int = ranged(">= 1", 64)
     batch_size: int = ranged(">= 1", 64)
     compare_base: bool = False  # also evaluate the starting checkpoint, for a before/after table

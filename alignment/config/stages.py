@@ -372,8 +372,9 @@ class SafetyJudgeSection(RewardModelRunSection):
     """The safety RM that decides which distilled answers are kept (4.2.4, Figure 16b)."""
 
     safety_rm: str  # HF seq-cls dir, one label
-    # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain; -1: keep every answer (no RM check)
-    min_gain: float = ranged("[-1, 1)", 0.0)
+    # keep when sigmoid(Rs(distilled)) > sigmoid(Rs(original)) + min_gain; -1: keep every answer (no RM check);
+    # 1: keep none (no sigmoid gains 1)
+    min_gain: float = ranged("[-1, 1]", 0.0)
     min_kept: int = ranged(">= 1", 1)  # fewer kept answers than this: no fine-tune, final/ is the model unchanged
 
 
