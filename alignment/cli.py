@@ -5,12 +5,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from alignment.config import ConfigError, load_config
 from alignment.data.schemas import DataValidationError
 from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
 from alignment.pipeline_recipe import config_class
-from alignment.runs import RunDirError
+from alignment.runs import DiskSpaceError, RunDirError, is_disk_full, settle_replaced
 from alignment.stages import STAGES, resolve
 
 # Each command's module is named "module:name" and imported (`resolve`) when the command runs: those of the
@@ -137,13 +138,20 @@ def main(argv: list[str] | None = None) -> int:
             return _model_real(args)
         cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
         run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
-        run(cfg)
+        try:
+            run(cfg)
+        except BaseException:
+            settle_replaced(cfg.output.dir)  # an output.overwrite that committed nothing yet: the old run is back
+            raise
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
         kind = "data error" if isinstance(e, DataValidationError) else "error"
         print(f"align {args.command}: {kind}: {e}", file=sys.stderr)
         return 2
-    except (FloatingPointError, RuntimeError) as e:  # numeric guards (NaN/inf, KL), run directory, disk space
+    except (FloatingPointError, RuntimeError, OSError) as e:  # numeric guards (NaN/inf, KL), run directory, disk
+        if isinstance(e, OSError) and is_disk_full(e):  # a write outside the atomic savers (metrics, logs)
+            e = DiskSpaceError(f"no space left on {Path(e.filename).parent if e.filename else 'the output disk'} "
+                               f"while writing {Path(e.filename).name if e.filename else 'the run'}: {e.strerror}")
         if not isinstance(e, (FloatingPointError, RunDirError)):
             raise
         print(f"align {args.command}: stopped: {e}", file=sys.stderr)

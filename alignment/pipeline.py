@@ -9,7 +9,9 @@ resolved config, of the keys of the stages it reads from and of the SHA-256 of t
 reads (the toy world is rewritten when its seed, sizes or generator code change). A stage whose key
 matches and whose run directory says done is skipped; an interrupted stage is re-run with the same
 command and resumes from its own checkpoints; a stage whose key changed (its config, or anything
-upstream) is re-run from scratch, and so are the stages after it that read from it.
+upstream) is re-run from scratch, and so are the stages after it that read from it. A done stage whose
+final/ (or another committed output) no longer matches its manifest is named and re-run (it resumes from its
+newest intact checkpoint), so no later stage reads a damaged model.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from alignment.faults import fault_point
 from alignment.lineage import toyworld_code_hash
 from alignment.pipeline_recipe import PipelineConfig, PipelineStage, plan_pipeline
 from alignment.report import build_report, table
-from alignment.runs import write_json_atomic
+from alignment.runs import damaged_outputs, write_json_atomic
 
 
 def _command(spec: PipelineStage, overrides: list[str]) -> list[str]:
@@ -69,6 +71,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         done = (run_dir / "done.json").is_file() and entry.get("key") == p["key"] and entry.get("status") == "done"
         eta = sum(remaining.values())
         prefix = f"[{i}/{len(planned)}] {spec.name:<16}"
+        damaged = damaged_outputs(run_dir) if done else []
+        if damaged:  # never hand a damaged final/ downstream: the stage resumes from its intact checkpoints
+            print(f"{prefix} finished, but {damaged[0]}: running it again", flush=True)
+            done = False
         if done:
             print(f"{prefix} up to date ({entry.get('seconds', 0):.0f}s when run)", flush=True)
             remaining.pop(spec.name)

@@ -17,9 +17,22 @@ Every directory made visible by `commit_dir` (checkpoints, `final/`) carries `MA
 SHA-256 of each of its files, written before the directory is renamed into place. Resume checks the
 newest checkpoint against it and, when a file is missing, short or changed (a torn write on a filesystem
 that reorders, a bad disk, a hand edit), says so and falls back to the previous intact checkpoint.
+A finished run whose `final/` (or any other committed output) no longer matches is not finished: it is
+named and re-run, resuming from its newest intact checkpoint (`damaged_outputs`). A model directory a stage
+reads is checked against its manifest before use (`verify_model_dir`).
+
+`output.overwrite=true` over a run of another config moves the old run aside, whole, to the hidden sibling
+`.<name>.replaced` (one rename) and deletes it only once the new run has committed something (its first
+checkpoint, `final/`, or done.json). A failure before that puts the old run back byte for byte; a kill
+leaves it there, and the next command on the directory puts it back (`settle_replaced`).
+
+A full disk while writing (ENOSPC) stops the run in one line naming the directory, what was being written,
+what it needs and what is free (`DiskSpaceError`); the temp directory of the write is removed, so nothing
+half-written is visible.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,6 +40,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +53,10 @@ from alignment.faults import fault_point
 CKPT_PREFIX = "step-"
 COMPLETE_MARK = "COMPLETE"
 MANIFEST = "MANIFEST.json"
+REPLACED_SUFFIX = ".replaced"
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunDirError(RuntimeError):
@@ -45,7 +64,63 @@ class RunDirError(RuntimeError):
 
 
 class DiskSpaceError(RunDirError):
-    """The output disk cannot hold what the run will write; raised before any work starts."""
+    """The output disk cannot hold what the run will write: before any work starts, or when a write hits a
+    full disk (ENOSPC)."""
+
+
+def _on_main_process() -> bool:
+    # alignment.distributed.is_main_process, read here without importing torch (the pipeline imports runs)
+    return os.environ.get("RANK", "0") == "0"
+
+
+def format_size(n: float) -> str:
+    """Bytes in the unit that fits (MiB under a GiB, KiB under a MiB): a small model never reads "0.00 GiB"."""
+    if n < 1024:
+        return f"{int(n)} bytes"
+    if n < MIB:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / MIB:.1f} MiB" if n < GIB else f"{n / GIB:.2f} GiB"
+
+
+def _free_bytes(path: Path) -> int:
+    probe = Path(path).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _tree_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, as an OSError or as the text of a writer's own error (safetensors: "os error 28", torch:
+    "No space left on device")."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in DISK_FULL
+    text = str(error)
+    return any(mark in text for mark in ("No space left on device", "StorageFull", "os error 28",
+                                         "Disk quota exceeded"))
+
+
+@contextmanager
+def disk_full_guard(where: Path, what: str, need: int | None, temp: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC/EDQUOT) while writing `temp` (a temp file or directory that becomes `what` in
+    `where`) into a one-line DiskSpaceError, after removing `temp`: nothing half-written stays. `need`: the
+    size of the whole write when known; else what was written before the disk filled is the floor."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        written = _tree_bytes(temp) if temp.exists() else 0
+        shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
+        need_text = format_size(need) if need is not None else f"more than {format_size(written)}"
+        raise DiskSpaceError(f"no space left on {where} while writing {what}: needs {need_text}, "
+                             f"{format_size(_free_bytes(where))} free") from None
 
 
 def git_commit() -> str | None:
@@ -61,10 +136,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    with disk_full_guard(path.parent, path.name, len(text.encode()), tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
     fault_point("io.json_written")
     os.replace(tmp, path)
 
@@ -141,9 +218,10 @@ def verify_dir(path: Path) -> list[str]:
 def commit_dir(tmp: Path, final: Path, extra: dict | None = None) -> None:
     """Make a fully written directory visible under its final name: manifest, mark complete, fsync, rename."""
     fault_point("commit.files_written")
-    write_manifest(tmp, extra)
-    (tmp / COMPLETE_MARK).write_text(str(time.time()))
-    _fsync_tree(tmp)
+    with disk_full_guard(final.parent, final.name, None, tmp):
+        write_manifest(tmp, extra)
+        (tmp / COMPLETE_MARK).write_text(str(time.time()))
+        _fsync_tree(tmp)
     fault_point("commit.synced")
     if final.exists():
         old = final.with_name(f".{final.name}.old{os.getpid()}")
@@ -167,13 +245,15 @@ def save_pretrained_atomic(path: Path, model=None, tokenizer=None, state_dict: d
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
     tmp.mkdir(parents=True)
-    if model is not None:
-        extra = {} if state_dict is None else {"state_dict": state_dict}
-        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-        if chat_template:
-            write_template(tmp, tokenizer)
+    need = model_bytes(model)[0] if model is not None else None
+    with disk_full_guard(path.parent, f"{path.name} (save_pretrained)", need, tmp):
+        if model is not None:
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(str(tmp), safe_serialization=True, **extra)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            if chat_template:
+                write_template(tmp, tokenizer)
     commit_dir(tmp, path)
 
 
@@ -183,8 +263,83 @@ def copy_dir_atomic(source: Path, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARK, MANIFEST))
+    with disk_full_guard(path.parent, f"{path.name} (a copy of {source})", _tree_bytes(source), tmp):
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARK, MANIFEST))
     commit_dir(tmp, path)
+
+
+def check_writable(path: Path) -> None:
+    """RunDirError in one line when the output directory cannot be made or written (a read-only disk, a parent
+    that is a file, no permission): found at start-up, not at the first checkpoint."""
+    probe = path / f".write-probe{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"output.dir {path} cannot be written: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(probe) else ''}") from None
+
+
+def replaced_path(path: Path) -> Path:
+    """Where `output.overwrite` keeps the run it replaces until the new run commits something."""
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}{REPLACED_SUFFIX}")
+
+
+def _committed_anything(path: Path) -> bool:
+    """Whether the run in `path` committed an output (a checkpoint, final/, ... anywhere in it, or done.json)."""
+    return path.is_dir() and ((path / "done.json").is_file() or next(path.rglob(COMPLETE_MARK), None) is not None)
+
+
+def settle_replaced(path: str | Path) -> None:
+    """Finish an overwrite of `path`: once the new run committed something the replaced run is deleted; before
+    that (a failure, or a kill during start-up) the new run's partial files go and the replaced run is put
+    back as it was. Does nothing when no overwrite is pending, and on processes other than the main one."""
+    path = Path(path)
+    old = replaced_path(path)
+    if not old.is_dir() or not _on_main_process():
+        return
+    if _committed_anything(path):
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if path.exists():
+        # hidden first (atomic), then deleted: a kill here leaves the new partial run invisible, never half-gone
+        partial = path.absolute().with_name(f".{path.absolute().name}.partial{os.getpid()}")
+        os.replace(path, partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    os.replace(old, path)
+    _fsync_dir(path.absolute().parent)
+    print(f"[overwrite] {path}: the new run committed nothing; the run it was replacing is back", flush=True)
+
+
+def damaged_outputs(path: str | Path) -> list[str]:
+    """A line per committed output of a run directory (final/, best/, critic/, iterations/*/final/, ...; not
+    checkpoints, which resume checks) that no longer matches its manifest: `final/model.safetensors: ...`."""
+    root = Path(path)
+    out = []
+    for manifest in sorted(root.rglob(MANIFEST)) if root.is_dir() else []:
+        outdir = manifest.parent
+        rel = outdir.relative_to(root)
+        if "checkpoints" in rel.parts or any(part.startswith(".") for part in rel.parts):
+            continue
+        problems = verify_dir(outdir)
+        if problems:
+            out.append(f"{rel}/{problems[0]}")
+    return out
+
+
+def verify_model_dir(path: str | Path, key: str = "model") -> None:
+    """ValueError in one line when a model directory that carries a manifest (a stage's final/, best/, a
+    checkpoint) no longer matches it: a damaged model is never trained on or evaluated."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return  # a model from elsewhere (hub cache, a user's directory): nothing recorded to check against
+    problems = verify_dir(path)
+    if problems:
+        raise ValueError(f"{key}: {path} is damaged: {problems[0]}"
+                         f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                         "re-run the stage that wrote it")
 
 
 class RunDir:
@@ -195,6 +350,7 @@ class RunDir:
         self.cfg = cfg
         self.hash = config_hash(cfg)
         self.overwrite = overwrite
+        settle_replaced(self.path)  # an overwrite a kill or failure interrupted: its old run comes back
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -208,8 +364,16 @@ class RunDir:
         return json.loads(self.done_file.read_text()).get("config_hash") == self.hash
 
     def finished_summary(self, stage: str) -> dict | None:
-        """The saved summary when this exact config already finished here (and say so), else None."""
+        """The saved summary when this exact config already finished here (and say so), else None. A finished
+        run whose committed outputs (final/, ...) no longer match their manifests is named and not finished:
+        done.json goes and the stage runs again, resuming from its newest intact checkpoint."""
         if not self.finished():
+            return None
+        damaged = damaged_outputs(self.path)
+        if damaged:
+            print(f"[{stage}] {self.path} finished, but {damaged[0]}; running the stage again", flush=True)
+            if _on_main_process():
+                self.done_file.unlink(missing_ok=True)
             return None
         print(f"[{stage}] {self.path} already holds this finished run (config {self.hash}); nothing to do")
         return json.loads(self.done_file.read_text())
@@ -221,19 +385,22 @@ class RunDir:
         exactly as it was.
         """
         old_cfg = self.path / "config.json"
+        replace = False
         if old_cfg.is_file():
             old_hash = json.loads(old_cfg.read_text())["hash"]
             if old_hash != self.hash and not self.overwrite:
                 raise RunDirError(
                     f"{self.path} holds a run with another config (hash {old_hash}, this one {self.hash}); "
                     "choose another output.dir or set output.overwrite=true")
-            if old_hash != self.hash and is_main:
-                for sub in ("checkpoints", "final", "tb", "metrics.jsonl", "done.json", "eval.json"):
-                    p = self.path / sub
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            replace = old_hash != self.hash
         if not is_main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path)
+        if replace:  # the old run stays whole beside it until the new run commits something
+            fault_point("overwrite.moving_aside")
+            os.replace(self.path, replaced_path(self.path))
+            fault_point("overwrite.moved_aside")
+            self.path.mkdir()
         write_json_atomic(old_cfg, {"hash": self.hash, "config": to_dict(self.cfg)})
         write_json_atomic(self.path / "run.json", {
             "git_commit": git_commit(), "argv": sys.argv, "inputs": inputs or {},
@@ -242,6 +409,7 @@ class RunDir:
     def mark_done(self, summary: dict | None = None) -> None:
         write_json_atomic(self.done_file, {"config_hash": self.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                            **(summary or {})})
+        settle_replaced(self.path)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -297,7 +465,6 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------------------- disk space
-GIB = 1024 ** 3
 # Bytes per trainable parameter a checkpoint adds beyond the weights: AdamW's two moments, and fp32
 # master weights under mixed precision / ZeRO (an upper bound for plain fp32 training, which needs 8).
 OPTIMIZER_BYTES_PER_PARAM = 12
@@ -336,13 +503,10 @@ def saved_model_size(path: str | Path) -> tuple[int, int] | None:
 
 def check_disk_space(path: str | Path, need: int, what: str) -> None:
     """DiskSpaceError when the filesystem holding `path` has less than `need` bytes free."""
-    probe = Path(path).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = _free_bytes(Path(path))
     if free < need:
-        raise DiskSpaceError(f"not enough disk space in {path}: {what} needs about {need / GIB:.2f} GiB, "
-                             f"{free / GIB:.2f} GiB are free; free some space or choose another output.dir")
+        raise DiskSpaceError(f"not enough disk space in {path}: {what} needs about {format_size(need)}, "
+                             f"{format_size(free)} are free; free some space or choose another output.dir")
 
 
 class MetricsLog:

@@ -24,8 +24,9 @@ from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
                               ScheduleSection, TrainSection)
 from alignment.faults import fault_point
-from alignment.runs import (GIB, OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
-                            commit_dir, model_bytes, save_pretrained_atomic, saved_model_size, write_json_atomic)
+from alignment.runs import (OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
+                            commit_dir, disk_full_guard, format_size, model_bytes, save_pretrained_atomic,
+                            saved_model_size, settle_replaced, write_json_atomic)
 
 
 # Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
@@ -54,24 +55,34 @@ def check_loss(loss: torch.Tensor, where: str, run: RunDir, examples=None, what:
 
 def check_disk_before_sampling(run: RunDir, model_path: str, output, desc: str) -> None:
     """For stages that sample before they train (rejection sampling, GAtt): stop before the sampling when
-    the disk cannot hold the fine-tune of the saved model at `model_path` (sizes from its files)."""
+    the disk cannot hold the fine-tune of the saved model at `model_path` (sizes from its files): its final
+    model and, when it saves checkpoints, `keep_last` of them plus the one being written."""
     size = saved_model_size(model_path)
     if size is None:
         return
     weights, params = size
-    need = weights + (weights + OPTIMIZER_BYTES_PER_PARAM * params if output.save_every_steps else 0)
+    held = output.keep_last + 1 if output.save_every_steps else 0
+    need = weights + held * (weights + OPTIMIZER_BYTES_PER_PARAM * params)
     check_disk_space(run.path, need, f"[{desc}] the fine-tune of {params / 1e6:.1f}M parameters "
-                                     f"({weights / GIB:.2f} GiB of weights), its checkpoint and final model")
+                                     f"({format_size(weights)} of weights), {held} checkpoint(s) and its final model")
 
 
-def check_disk_for_run(run: RunDir, model, saves_checkpoints: bool, desc: str, saved_bytes: int | None = None) -> None:
-    """Stop before any work when the output disk cannot hold one checkpoint of `model` and the models the
-    run saves (`saved_bytes`; default: `model`'s weights once, the final model)."""
+def checkpoints_held(output: OutputSection, total: int) -> int:
+    """The most checkpoints on disk at once in a run of `total` steps: the `keep_last` kept ones plus the one
+    being written (pruning comes after the new one is complete); all of them when keep_last is 0."""
+    saves = (total - 1) // output.save_every_steps if output.save_every_steps else 0
+    return min(output.keep_last + 1, saves) if output.keep_last > 0 else saves
+
+
+def check_disk_for_run(run: RunDir, model, checkpoints: int, desc: str, saved_bytes: int | None = None) -> None:
+    """Stop before any work when the output disk cannot hold `checkpoints` checkpoints of `model` at once
+    (`checkpoints_held`) and the models the run saves (`saved_bytes`; default: `model`'s weights once, the
+    final model)."""
     weights, trainable = model_bytes(model)
     saved = weights if saved_bytes is None else saved_bytes
-    need = saved + (checkpoint_bytes(model) if saves_checkpoints else 0)
-    what = (f"one checkpoint ({trainable / 1e6:.1f}M trainable parameters, {weights / GIB:.2f} GiB of weights) and "
-            f"the saved models" if saves_checkpoints else f"the saved models ({saved / GIB:.2f} GiB)")
+    need = saved + checkpoints * checkpoint_bytes(model)
+    what = (f"{checkpoints} checkpoint(s) at once ({trainable / 1e6:.1f}M trainable parameters, {format_size(weights)} "
+            f"of weights) and the saved models" if checkpoints else f"the saved models ({format_size(saved)})")
     check_disk_space(run.path, need, f"[{desc}] {what}")
 
 
@@ -263,7 +274,8 @@ class Engine:
         self.bar.update(1)
         every = self.output.save_every_steps
         if every and done % every == 0 and done < total:
-            save_checkpoint(self.accelerator, self.run, done, self.output.keep_last, state)
+            need = checkpoint_bytes(self.accelerator.unwrap_model(self.model))
+            save_checkpoint(self.accelerator, self.run, done, self.output.keep_last, state, need=need)
         if done == _STOP_AFTER_STEP:  # fault injection for tests: die like a killed process, no cleanup
             os._exit(99)
 
@@ -284,11 +296,6 @@ def start_engine(model, optimizer_for: Callable[[torch.nn.Module], torch.optim.O
     return Engine(accelerator, model, optimizer, run, desc, optim, logging, output)
 
 
-def saves_checkpoints(output: OutputSection, total: int) -> bool:
-    """Whether a run of `total` steps writes a checkpoint before its end."""
-    return bool(output.save_every_steps) and output.save_every_steps < total
-
-
 # ----------------------------------------------------------------------------------------- the loop
 StepFn = Callable[[torch.nn.Module, list, float], tuple[torch.Tensor, dict]]
 
@@ -304,7 +311,7 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
     Returns a summary (steps, final metrics, throughput).
     """
     total = len(plan.steps)
-    check_disk_for_run(run, model, saves_checkpoints(cfg.output, total), desc)
+    check_disk_for_run(run, model, checkpoints_held(cfg.output, total), desc)
     engine = start_engine(model, lambda m: make_optimizer(m, cfg.optim), run=run, desc=desc,
                           distributed=cfg.distributed, train=cfg.train, optim=cfg.optim, logging=cfg.logging,
                           output=cfg.output, seed=cfg.seed)
@@ -375,9 +382,12 @@ def leave_zero3() -> None:
     unset_hf_deepspeed_config()
 
 
-def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int, state: dict | None = None) -> None:
+def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int, state: dict | None = None,
+                    need: int | None = None) -> None:
     """Full training state (model, optimizer, RNG; ZeRO shards per rank) plus the loop's own `state`
-    (`state.json`, with at least the step), written to a temp directory and renamed when complete."""
+    (`state.json`, with at least the step), written to a temp directory and renamed when complete. A full
+    disk stops the run in one line (`need`: the checkpoint's estimated size) and leaves no temp directory.
+    The first checkpoint of an `output.overwrite` run releases the run it replaces."""
     final = run.checkpoint_path(step)
     tmp = final.with_name(f".tmp-{final.name}")
     accelerator.wait_for_everyone()
@@ -385,12 +395,14 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep_last: int, state: 
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with disk_full_guard(final.parent, f"checkpoint {final.name}", need, tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     fault_point("checkpoint.state_saved")
     if accelerator.is_main_process:
         write_json_atomic(tmp / "state.json", {"step": step, **(state or {})})
         commit_dir(tmp, final)
+        settle_replaced(run.path)
         run.prune_checkpoints(keep_last)
     accelerator.wait_for_everyone()
 

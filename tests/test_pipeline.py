@@ -88,6 +88,17 @@ def test_pipeline_skips_reruns_downstream_and_resumes(tmp_path, capsys):
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in clean], rel=1e-5)
 
+    # a done stage whose final/ was damaged afterwards is named and re-made, never handed on
+    weights = tmp_path / "demo" / "sft" / "final" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    capsys.readouterr()
+    run_pipeline(load_config(PipelineConfig, recipe))
+    out = capsys.readouterr().out
+    assert "sft              finished, but final/model.safetensors: SHA-256" in out and "running it again" in out
+    assert weights.read_bytes() == good  # resumed from its step-4 checkpoint: the same model, bit for bit
+    assert stage_mtime(tmp_path, "base") == base_mtime
+
 
 def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
     raw = yaml.safe_load(write_recipe(tmp_path).read_text())

@@ -9,6 +9,7 @@ from alignment.config import DataSource
 from alignment.data.adapters import ADAPTERS, load_adapted
 from alignment.data.io import file_sha256, load_records
 from alignment.data.mixing import held_out_split
+from alignment.data.schemas import DataValidationError
 
 
 def load_source(src: DataSource, schema: str, report: list[dict] | None = None) -> list[dict]:
@@ -21,6 +22,8 @@ def load_source(src: DataSource, schema: str, report: list[dict] | None = None) 
     else:
         check_source(src.source, src.path)
         rows = load_adapted(src, schema, report)
+    if not rows:  # else a stage fails later, naming no file ("no training example left", accuracy null)
+        raise DataValidationError([(src.path, 0, "rows", f"no {schema} row in the file (it is empty)")])
     if src.held_out is not None:
         train, held_out = held_out_split(rows, src.held_out.fraction, src.held_out.salt)
         rows = held_out if src.held_out.side == "held_out" else train

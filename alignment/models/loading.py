@@ -8,6 +8,7 @@ import torch
 from alignment.config import ModelSection
 from alignment.distributed import local_device
 from alignment.models.tokenizer import load_tokenizer
+from alignment.runs import verify_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,12 +36,15 @@ def model_available(path: str, filename: str = "config.json") -> bool:
 
 def check_model_paths(paths: dict[str, str | None], hint: str = "") -> None:
     """Stop in one line, naming the recipe key and the path, when a model (or tokenizer) of a recipe is neither
-    a local directory nor a cached hub id: called before any data is loaded. `paths`: key -> path or None."""
+    a local directory nor a cached hub id, or is a directory we wrote (final/, best/, a checkpoint) that no
+    longer matches its manifest: called before any data is loaded. `paths`: key -> path or None."""
     for key, path in paths.items():
         filename = "tokenizer_config.json" if key.endswith("tokenizer") else "config.json"
         if path is not None and not model_available(path, filename):
             raise FileNotFoundError(f"{key}: {path} does not exist (neither a local directory nor a hub id in the "
                                     f"local Hugging Face cache){hint}")
+        if path is not None and Path(path).is_dir():
+            verify_model_dir(path, key)
 
 
 def model_paths(section: ModelSection, key: str = "model") -> dict[str, str | None]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 from alignment.config import EvalConfig
@@ -208,10 +207,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     # the run directory belongs to the settings; the checkpoint list may change between runs
     settings = dataclasses.replace(cfg, checkpoints=[], pipeline=None, against=None)
     run = RunDir(cfg.output.dir, settings, overwrite=cfg.output.overwrite)
-    old_cfg = run.path / "config.json"
-    if old_cfg.is_file() and json.loads(old_cfg.read_text())["hash"] != run.hash and cfg.output.overwrite:
-        shutil.rmtree(run.path / "results", ignore_errors=True)  # results of other settings
-    run.prepare(source_hashes(_inputs(cfg)))
+    run.prepare(source_hashes(_inputs(cfg)))  # other settings' results are moved aside (output.overwrite)
     root = run.path
 
     results = [Results(root, name, path) for name, path in checkpoints]

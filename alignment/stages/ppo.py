@@ -55,8 +55,8 @@ from alignment.rollout import (advantages_and_returns, build_batch, compute_rewa
                                policy_outputs, response_logprobs)
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import encode_for_reward, reward_scores
-from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, leave_zero3, make_optimizer,
-                                saves_checkpoints, start_engine)
+from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
+                                make_optimizer, start_engine)
 
 
 class KLBlowUpError(FloatingPointError):
@@ -389,7 +389,7 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         disable_dropout(m)
     actor_critic = ActorCritic(models.actor, models.critic)
     actor_bytes, critic_bytes = model_bytes(models.actor)[0], model_bytes(models.critic)[0]
-    check_disk_for_run(run, actor_critic, saves_checkpoints(cfg.output, total), "ppo",
+    check_disk_for_run(run, actor_critic, checkpoints_held(cfg.output, total), "ppo",
                        saved_bytes=2 * actor_bytes + critic_bytes)  # best, final, critic
     engine = start_engine(actor_critic, lambda policy: make_ppo_optimizer(policy, cfg), run=run, desc="ppo",
                           distributed=cfg.distributed,

@@ -38,7 +38,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -264,8 +263,7 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     kept_path = it_dir / "kept.jsonl"
     sft_cfg = iteration_sft_config(cfg, iteration, start, kept_path)
     run = RunDir(it_dir, sft_cfg, overwrite=cfg.output.overwrite)
-    if run.finished():
-        print(f"[rejection-sampling] v{iteration} is finished in {it_dir}; not touched")
+    if run.finished_summary(f"rs-v{iteration}") is not None:  # a damaged final/ is named and re-made
         return json.loads((it_dir / "report.json").read_text())
 
     store = ShardStore(it_dir / "samples")
@@ -341,11 +339,8 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     done = root.finished_summary("rejection-sampling")
     if done is not None:
         return done
-    old_cfg = root.path / "config.json"
-    replaced = old_cfg.is_file() and json.loads(old_cfg.read_text())["hash"] != root.hash
+    # output.overwrite with another config moves the whole old run aside, its iterations included
     root.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval, *cfg.eval.prompts]), is_main=is_main_process())
-    if replaced and is_main_process():  # output.overwrite with another config: its iterations go too
-        shutil.rmtree(root.path / "iterations", ignore_errors=True)
     reports = [run_iteration(cfg, root.path, n, rows, eval_dialogs, eval_prompts)
                for n in range(1, len(cfg.iterations) + 1)]
     summary = {"iterations": [str(iteration_dir(root.path, n) / "report.json") for n in range(1, len(reports) + 1)],

@@ -22,7 +22,7 @@ import torch
 from alignment.batching import build_plan, format_truncation, truncation_counts
 from alignment.config import RMConfig
 from alignment.data.mixing import mix_rm_data
-from alignment.data.schemas import RATINGS, pair_context
+from alignment.data.schemas import RATINGS, DataValidationError, pair_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.losses import preference_margin, ranking_loss
@@ -228,6 +228,11 @@ def load_rm_data(cfg: RMConfig) -> tuple[list[dict], list[dict], dict[str, list[
     primary = load_sources(cfg.data.primary, SCHEMA)
     secondary = load_sources(cfg.data.secondary, SCHEMA)
     tests = {name: load_sources(sources, SCHEMA) for name, sources in cfg.data.test.items()}
+    for name, rows in tests.items():
+        if not rows:  # an accuracy over no pair is null, not a result
+            files = ", ".join(src.path for src in cfg.data.test[name])
+            raise DataValidationError([(files, 0, f"data.test.{name}", "the test set has no pair (after held_out "
+                                                                         "and limit)")])
     return primary, secondary, tests
 
 
