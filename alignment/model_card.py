@@ -12,6 +12,7 @@ pipeline_tag `text-classification`.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ CARD_FILE = "README.md"
 POLICY, REWARD_MODEL = "policy", "reward model"
 PROJECT_LICENSE = "apache-2.0"  # pyproject.toml: a model trained from scratch by this code (the toy world) has it
 MAX_METRICS = 60  # rows of the metrics table; a card is read by people
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name": what the Hub takes as base_model
 
 
 def checkpoint_kind(checkpoint: str | Path) -> str | None:
@@ -74,7 +76,7 @@ def card_fields(checkpoint: str | Path, run_dir: str | Path, stage: str, stage_h
     if start and (Path(start) / CARD_FILE).is_file():
         parent = read_front_matter((Path(start) / CARD_FILE).read_text())
     base_model = parent.get("base_model")
-    if start and not Path(start).exists() and "/" in start:  # a hub id
+    if start and not Path(start).exists() and HUB_ID.fullmatch(start):
         base_model = start
     template = None
     if (Path(checkpoint) / "chat_format.json").is_file():
@@ -141,9 +143,9 @@ def render_card(fields: dict) -> str:
         lines.append("Prompt it in its training format: `tokenizer.apply_chat_template(messages, "
                      "add_generation_prompt=True)` renders exactly what it was trained on, BOS included, and "
                      "generation_config.json stops at its end of turn.")
-    lines.append("A research artefact of an RLHF reproduction: its metrics come from this project's evaluation "
+    lines += ["", "A research artefact of an RLHF reproduction: its metrics come from this project's evaluation "
                  "(programmatic gold scorers on the toy world, not human raters), it was not tested for "
-                 "deployment, and it may produce wrong or unsafe text.")
+                 "deployment, and it may produce wrong or unsafe text."]
     return "\n".join(lines) + "\n"
 
 
