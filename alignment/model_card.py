@@ -87,7 +87,7 @@ def card_fields(checkpoint: str | Path, run_dir: str | Path, stage: str, stage_h
         "license": parent.get("license") or (PROJECT_LICENSE if start is None else None),
         "recipe": _recipe(run.get("argv") or []), "config_hash": config.get("hash"),
         "commit": run.get("git_commit"), "inputs": run.get("inputs") or {}, "template": template,
-        "metrics": flat_metrics(result),
+        "metrics": flat_metrics(result), "metrics_source": "the run's eval.json",
     }
 
 
@@ -129,7 +129,7 @@ def render_card(fields: dict) -> str:
         lines.append("No input data files recorded.")
     lines += ["", "## Metrics", ""]
     if fields["metrics"]:
-        lines += ["From the run's eval.json.", "", "| metric | value |", "|---|---|"]
+        lines += [f"From {fields['metrics_source']}.", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4g} |" for key, value in fields["metrics"][:MAX_METRICS]]
         if len(fields["metrics"]) > MAX_METRICS:
             lines.append(f"\n{len(fields['metrics']) - MAX_METRICS} more in eval.json.")
