@@ -172,3 +172,13 @@ def test_base_model_and_license_follow_the_starting_checkpoints_card(tmp_path):
     assert front["base_model"] == "meta-llama/Llama-2-7b-hf" and "license" not in front
     (run / "config.json").write_text(json.dumps({"hash": "h1", "config": {"model": {"path": "runs/demo/pretrain/final"}}}))
     assert "base_model" not in read_front_matter(write_model_card(run / "final", run, "sft").read_text())
+
+
+def test_the_smollm2_import_card_names_its_hub_model_and_license():
+    from alignment.models.gguf_import import import_card
+
+    card = import_card("SmolLM2-135M-Instruct.Q4_1.gguf", "cafe01", 3e-6)
+    front = read_front_matter(card)
+    assert (front["base_model"], front["license"], front["pipeline_tag"]) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "text-generation")
+    assert "| max_abs_logit_diff | 3e-06 |" in card and "`cafe01`" in card
