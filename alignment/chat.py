@@ -263,6 +263,28 @@ def template_of(tokenizer) -> str:
     return getattr(tokenizer, _TEMPLATE_ATTR, None) or "llama2"
 
 
+# Prepended to a `model` template when a checkpoint is saved: every message's content stripped, as the encoders
+# strip it, so `apply_chat_template` of the saved tokenizer renders what `encode` gives for any messages.
+TRIM_CONTENTS_JINJA = (
+    "{%- set trimmed = namespace(messages=[]) -%}{%- for m in messages -%}"
+    "{%- set trimmed.messages = trimmed.messages + [{'role': m['role'], 'content': m['content'] | trim}] -%}"
+    "{%- endfor -%}{%- set messages = trimmed.messages -%}"
+)
+
+
+def hf_chat_template(tokenizer) -> str:
+    """The Jinja chat template a saved checkpoint's tokenizer carries, which renders exactly what `encode`
+    and (with `add_generation_prompt=True`) `encode_prompt` give, BOS included: LLAMA2_CHAT_TEMPLATE, or the
+    tokenizer's own template behind TRIM_CONTENTS_JINJA. Typed special-token text in a message is the one
+    difference: a Jinja template renders text, and the tokenizer then reads "</s>" as EOS."""
+    if template_of(tokenizer) == "llama2":
+        return LLAMA2_CHAT_TEMPLATE
+    own = getattr(tokenizer, "chat_template", None)
+    if not isinstance(own, str) or not own:
+        raise ValueError("chat.template 'model' needs a tokenizer with one chat_template string; this one has none")
+    return own if own.startswith(TRIM_CONTENTS_JINJA) else TRIM_CONTENTS_JINJA + own
+
+
 def set_template(tokenizer, template: str) -> None:
     """Make `tokenizer` encode with `template` from now on (and save it with the tokenizer); with "llama2"
     its Jinja chat template becomes LLAMA2_CHAT_TEMPLATE, which renders exactly that format."""

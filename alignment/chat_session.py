@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from alignment.chat import encode_prompt, stop_token_id
+from alignment.model_card import REWARD_MODEL, checkpoint_kind
 from alignment.models import loading as models_loading
 
 
@@ -41,11 +42,18 @@ class SamplingSettings:
 
 
 def load_policy(checkpoint: str | Path):
-    """(model, tokenizer) of a finished policy checkpoint directory, offline, in eval mode; a directory that
-    holds no model is one clear error (the shared loader also takes hub ids)."""
+    """(model, tokenizer) of a finished policy checkpoint directory, offline, in eval mode. A run directory
+    (its model is in final/), a reward model and a directory that holds no model are each one clear error
+    (the shared loader also takes hub ids)."""
     path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json); give a stage's final/ directory")
+    kind = checkpoint_kind(path)
+    if kind is None and checkpoint_kind(path / "final") is not None:
+        raise FileNotFoundError(f"{path} is a run directory; its model is in {path / 'final'}")
+    if kind is None:
+        raise FileNotFoundError(f"{path}: not a model checkpoint (no model config.json); give a stage's final/ "
+                                "directory")
+    if kind == REWARD_MODEL:
+        raise ValueError(f"{path} is a reward model (it scores answers, it does not chat); give a policy's final/")
     return models_loading.load_policy(str(path))
 
 

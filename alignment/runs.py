@@ -14,7 +14,9 @@ A run directory that holds a finished run with another config is never overwritt
 that holds checkpoints with the same config resumes from the newest intact one.
 
 Every directory made visible by `commit_dir` (checkpoints, `final/`) carries `MANIFEST.json`: the size and
-SHA-256 of each of its files, written before the directory is renamed into place. Resume checks the
+SHA-256 of each of its files, written before the directory is renamed into place. The model card
+(`README.md`, `alignment.model_card`) is written into `final/` when the run is done (it reports the run's
+evaluation) and is not in the manifest. Resume checks the
 newest checkpoint against it and, when a file is missing, short or changed (a torn write on a filesystem
 that reorders, a bad disk, a hand edit), says so and falls back to the previous intact checkpoint.
 A finished run whose `final/` (or any other committed output) no longer matches is not finished: it is
@@ -45,12 +47,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from alignment.chat import write_template
+from alignment.chat import hf_chat_template, stop_token_id, write_template
 from alignment.config import config_hash, to_dict
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.faults import fault_point
+from alignment.model_card import CARD_FILE, write_model_card
+from alignment.stages import STAGES
 
 CKPT_PREFIX = "step-"
+# tokenizer_config.json keys that describe how this machine loaded the tokenizer, not the tokenizer
+MACHINE_LOCAL_KEYS = ("local_files_only", "is_local", "name_or_path", "_commit_hash", "cache_dir")
 COMPLETE_MARK = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 REPLACED_SUFFIX = ".replaced"
@@ -171,7 +177,7 @@ def _tree_files(path: Path) -> list[str]:
     for root, _, files in os.walk(path):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), path)
-            if rel not in (MANIFEST, COMPLETE_MARK):
+            if rel not in (MANIFEST, COMPLETE_MARK, CARD_FILE):
                 out.append(rel)
     return sorted(out)
 
@@ -248,23 +254,56 @@ def save_pretrained_atomic(path: Path, model=None, tokenizer=None, state_dict: d
     need = model_bytes(model)[0] if model is not None else None
     with disk_full_guard(path.parent, f"{path.name} (save_pretrained)", need, tmp):
         if model is not None:
+            if tokenizer is not None and chat_template:
+                set_generation_ids(model, tokenizer)
             extra = {} if state_dict is None else {"state_dict": state_dict}
             model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            if chat_template:
-                write_template(tmp, tokenizer)
+            save_tokenizer_files(tokenizer, tmp, chat_template)
     commit_dir(tmp, path)
+
+
+def save_tokenizer_files(tokenizer, path: Path, chat_template: bool = True) -> None:
+    """The one way a tokenizer is written. With `chat_template`: its Jinja chat template is the one that
+    renders our encoding (`alignment.chat.hf_chat_template`, so plain `AutoTokenizer` users, TRL and vLLM
+    format prompts as we trained) and the choice is stored (`chat_format.json`). tokenizer_config.json
+    never keeps how this machine loaded it (MACHINE_LOCAL_KEYS). The tokenizer object is left unchanged."""
+    own = tokenizer.chat_template
+    if chat_template:
+        tokenizer.chat_template = hf_chat_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(str(path))
+    finally:
+        tokenizer.chat_template = own
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file():
+        kept = {k: v for k, v in json.loads(config.read_text()).items() if k not in MACHINE_LOCAL_KEYS}
+        config.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+    if chat_template:
+        write_template(path, tokenizer)
+
+
+def set_generation_ids(model, tokenizer) -> None:
+    """A causal LM's generation config starts, stops and pads as we do: BOS, the end of an answer in its
+    chat format (EOS, or the model template's end-of-turn token, listed before EOS where they differ) and
+    the tokenizer's pad id."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not model.can_generate():
+        return
+    stop, eos = stop_token_id(tokenizer), tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = stop if stop == eos else [stop, eos]
+    config.pad_token_id = tokenizer.pad_token_id
 
 
 def copy_dir_atomic(source: Path, path: Path) -> None:
     """A copy of the checkpoint directory `source` as `path`, committed like a save (its old manifest and
-    completion mark are written anew)."""
+    completion mark are written anew; its model card is not copied: the run that owns `path` writes its own)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with disk_full_guard(path.parent, f"{path.name} (a copy of {source})", _tree_bytes(source), tmp):
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARK, MANIFEST))
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARK, MANIFEST, CARD_FILE))
     commit_dir(tmp, path)
 
 
@@ -407,6 +446,11 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": library_versions()})
 
     def mark_done(self, summary: dict | None = None) -> None:
+        """done.json, written last; first the model card of `final/` where the run saved a model there."""
+        if (self.final_dir / "config.json").is_file():
+            stage = next((s for s in STAGES.values() if isinstance(self.cfg, s.config)), None)
+            write_model_card(self.final_dir, self.path, stage.command if stage else "unknown",
+                             stage.help if stage else "")
         write_json_atomic(self.done_file, {"config_hash": self.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                            **(summary or {})})
         settle_replaced(self.path)

