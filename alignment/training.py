@@ -22,7 +22,7 @@ import torch
 
 from alignment.batching import StepPlan
 from alignment.config import (DistributedSection, LoggingSection, OptimSection, OutputSection,
-                              ScheduleSection, TrainSection)
+                              ScheduleSection, TrainSection, to_dict)
 from alignment.faults import fault_point
 from alignment.runs import (OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
                             commit_dir, disk_full_guard, format_size, model_bytes, save_pretrained_atomic,
@@ -209,6 +209,7 @@ class Engine:
         self.optim, self.logging, self.output = optim, logging, output
         self.log: MetricsLog | None = None
         self.bar = None
+        self.grad_norms: list[float] = []  # of the optimizer steps since `take_grad_norm`
 
     def setup(self) -> str:
         """"N process(es), engine, precision" for the stage's first line."""
@@ -234,7 +235,9 @@ class Engine:
         from tqdm.auto import tqdm
 
         main = self.accelerator.is_main_process
-        self.log = MetricsLog(self.run.path, self.logging.tensorboard, enabled=main, resume_step=resume_step)
+        self.log = MetricsLog(self.run.path, self.logging.tensorboard, enabled=main, resume_step=resume_step,
+                              wandb=self.logging.wandb, name=self.desc,
+                              config=to_dict(self.run.cfg) if self.logging.wandb else None)
         self.bar = tqdm(total=total, initial=start, desc=self.desc, dynamic_ncols=True,
                         disable=not (main and self.logging.progress))
 
@@ -252,9 +255,20 @@ class Engine:
             if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
                 norm = acc.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
                 check_loss(norm, norm_where or where, self.run, what="the gradient norm")
+                self.grad_norms.append(float(norm))
+            elif acc.sync_gradients:  # DeepSpeed clipped and stepped inside backward
+                norm = self.model.get_global_grad_norm()
+                if norm is not None:
+                    self.grad_norms.append(float(norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def take_grad_norm(self) -> dict:
+        """{"grad_norm": mean norm before clipping over the optimizer steps since the last call} (empty when
+        there were none), and a fresh start."""
+        norms, self.grad_norms = self.grad_norms, []
+        return {"grad_norm": sum(norms) / len(norms)} if norms else {}
 
     def reduce(self, values: dict, reduction: str = "sum") -> dict:
         """Scalars (tensors or numbers) summed or averaged over all processes, as floats."""
@@ -341,13 +355,14 @@ def train(*, model, tokenizer, plan: StepPlan, step_fn: StepFn, cfg: LoopConfig,
         items_done += plan.items[step]
         done = step + 1
         fault_point("train.step")
+        grad_norm = engine.take_grad_norm()
         if engine.log_due(done, total):
             last = _step_metrics(engine.reduce(sums), plan.items[step])
             if not math.isfinite(last["loss"]):
                 raise NonFiniteLossError(f"[{desc}] step {done}: loss is {last['loss']}; the last good checkpoint "
                                          f"is {run.latest_checkpoint()}")
             rate = items_done / max(1e-9, time.perf_counter() - t0)
-            last.update(step=done, lr=lr, **{f"{unit}_per_s": rate})
+            last.update(step=done, lr=lr, **grad_norm, **{f"{unit}_per_s": rate})
             engine.log.log(last)
             engine.bar.set_postfix(loss=f"{last['loss']:.4f}", **{f"{unit}/s": f"{rate:.0f}"})
         engine.end_step(done, total)

@@ -442,13 +442,13 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         _check_finite(done, stats, run, None)
         elapsed = time.perf_counter() - t0
         stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size / elapsed,
-                     lr=cfg.optim.lr, step=done)
+                     lr=cfg.optim.lr, step=done, **engine.take_grad_norm())
         if evaluate and done % es.every_iterations == 0:
             stats.update(do_eval(done))
         state["iteration"] = done
         fault_point("ppo.iteration")
         if engine.log_due(done, total) or state["stopped"]:
-            engine.log.log(stats)
+            engine.log.log(stats, groups={k: "rollout" for k in (*rollout_stats, *timings)})
         engine.bar.set_postfix(reward=f"{stats['reward_combined']:.3f}", kl=f"{stats['kl']:.3f}")
         engine.end_step(done, total, state)
     engine.close()
