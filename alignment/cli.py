@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from alignment.config import ConfigError, load_config
+from alignment.config.describe import describe_config
 from alignment.data.schemas import DataValidationError
 from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
 from alignment.pipeline_recipe import config_class
-from alignment.runs import DiskSpaceError, RunDirError, is_disk_full, settle_replaced
+from alignment.runs import DiskSpaceError, RunDirError, describe_outputs, is_disk_full, settle_replaced
 from alignment.stages import STAGES, resolve
 
 # Each command's module is named "module:name" and imported (`resolve`) when the command runs: those of the
@@ -26,10 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     commands = [(s.command, s.help) for s in STAGES.values()] + [("pipeline", PIPELINE_HELP)]
     for name, help_text in commands:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        sections = ", ".join(f.name for f in dataclasses.fields(config_class(name)))
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"recipe sections: {sections}. Every key with its value, default, allowed values "
+                                  f"and meaning: align {name} --recipe FILE --show-config")
         p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set optim.lr=1e-5 (repeatable)")
+        p.add_argument("--show-config", action="store_true",
+                       help="print the resolved config (recipe + --set) key by key with defaults, allowed values and "
+                            "meanings, and exit without running")
         if name == "eval":
             p.add_argument("--checkpoint", dest="checkpoints", action="append", default=[], metavar="[NAME=]DIR",
                            help="a policy checkpoint to evaluate (repeatable; replaces the recipe's list)")
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # our own bars show a stage's progress; those of transformers / huggingface_hub ("Loading weights",
+    # "Writing model shards") repeat on every load and save: off unless the user sets the variable
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         if args.command == "data":
             return _data(args)
@@ -149,12 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                                                           overwrite=args.overwrite)
             return 0
         cfg = load_config(config_class(args.command), args.recipe, args.overrides + _eval_overrides(args))
+        if args.show_config:
+            print(describe_config(cfg))
+            return 0
         run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
         try:
             run(cfg)
         except BaseException:
             settle_replaced(cfg.output.dir)  # an output.overwrite that committed nothing yet: the old run is back
             raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"align {args.command}: {describe_outputs(cfg.output.dir)}")
         return 0
     except (ConfigError, ValueError, FileNotFoundError) as e:  # AnnotationError is a ValueError
         kind = "data error" if isinstance(e, DataValidationError) else "error"

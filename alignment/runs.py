@@ -331,6 +331,20 @@ def _committed_anything(path: Path) -> bool:
     return path.is_dir() and ((path / "done.json").is_file() or next(path.rglob(COMPLETE_MARK), None) is not None)
 
 
+def describe_outputs(path: str | Path) -> str:
+    """The end-of-run line: where the model, its evaluation, metrics and report are (only what exists)."""
+    path = Path(path)
+    parts = []
+    for name, what in (("final", "model"), ("best", "best checkpoint")):
+        if (path / name / "config.json").is_file():
+            parts.append(f"{what} {path / name}")
+    for name, what in (("eval.json", "evaluation"), ("report.html", "report"), ("metrics.jsonl", "metrics")):
+        if (path / name).is_file():
+            parts.append(f"{what} {path / name}")
+    state = "finished" if (path / "done.json").is_file() else "stopped before finishing (run again to resume)"
+    return f"{state}: " + ("; ".join(parts) if parts else f"outputs in {path}")
+
+
 def settle_replaced(path: str | Path) -> None:
     """Finish an overwrite of `path`: once the new run committed something the replaced run is deleted; before
     that (a failure, or a kill during start-up) the new run's partial files go and the replaced run is put

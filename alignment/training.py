@@ -198,6 +198,24 @@ def _fused_adamw_on_cpu() -> bool:
 
 
 # ----------------------------------------------------------------------------------------- the engine
+ENGINE_NAMES = {"NO": None, "MULTI_CPU": "gloo data parallel", "MULTI_GPU": "DDP", "FSDP": "FSDP",
+                "DEEPSPEED": "DeepSpeed"}
+
+
+def describe_setup(processes: int, distributed_type: str, mixed_precision: str, zero_stage: int | None,
+                   device: str) -> str:
+    """A readable run header: process count, engine (none for a single process) and precision ("no" mixed
+    precision is fp32)."""
+    parts = [f"{processes} process{'es' if processes != 1 else ''}" + (f" on {device}" if processes == 1 else "")]
+    engine = ENGINE_NAMES.get(distributed_type, distributed_type.lower())
+    if zero_stage is not None:
+        engine = f"DeepSpeed ZeRO-{zero_stage}"
+    if engine:
+        parts.append(engine)
+    parts.append("fp32" if mixed_precision in ("no", None) else mixed_precision)
+    return ", ".join(parts)
+
+
 class Engine:
     """An accelerate-prepared model and optimizer and the run they write to: the micro-step, resume, metrics,
     progress bar, checkpoints and stop hook of every training loop (`train` below, PPO's iterations).
@@ -212,12 +230,12 @@ class Engine:
         self.grad_norms: list[float] = []  # of the optimizer steps since `take_grad_norm`
 
     def setup(self) -> str:
-        """"N process(es), engine, precision" for the stage's first line."""
+        """What the stage runs on, for its first line: "1 process on cpu, fp32" or "8 processes, DeepSpeed
+        ZeRO-3, bf16" (`describe_setup`)."""
         acc = self.accelerator
-        engine = acc.distributed_type.name.lower()
-        if acc.state.deepspeed_plugin is not None:
-            engine += f" ZeRO-{acc.state.deepspeed_plugin.zero_stage}"
-        return f"{acc.num_processes} process(es), {engine}, {acc.mixed_precision} precision"
+        plugin = acc.state.deepspeed_plugin
+        return describe_setup(acc.num_processes, acc.distributed_type.name, acc.mixed_precision,
+                              plugin.zero_stage if plugin is not None else None, str(acc.device))
 
     def resume(self, key: str, total: int) -> dict | None:
         """Load the newest intact checkpoint (model, optimizer, RNG) and return its loop state (`state.json`,
