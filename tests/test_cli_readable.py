@@ -159,3 +159,48 @@ def test_third_party_progress_bars_are_off_unless_asked_for(tmp_path):
     assert off.stdout.strip().splitlines()[-1] == "bars False"
     on = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**plain, "HF_HUB_DISABLE_PROGRESS_BARS": "0"})
     assert on.stdout.strip().splitlines()[-1] == "bars True"
+
+
+def _run_paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _run_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _run_paths(v)]
+    return [value] if isinstance(value, str) and value.startswith("runs/") else []
+
+
+def test_every_input_of_a_single_stage_recipe_names_the_make_target_that_writes_it(monkeypatch):
+    """After `make demo`, `make ppo` alone finds no runs/tiny/...: its error must say which target writes each
+    input. Every runs/ path a single-stage recipe reads is under the output of some make target's recipe."""
+    from alignment.producers import made_by, producers
+
+    monkeypatch.chdir(REPO)
+    targets = {target: recipe for _, target, recipe in producers()}
+    assert {"data", "pretrain", "sft", "rm-helpful", "rm-safety", "ppo", "demo"} <= set(targets)
+    for target, recipe in targets.items():
+        if not recipe or target.startswith("demo"):
+            continue
+        d = to_dict(load_config(config_class(STAGES_BY_RECIPE[Path(recipe).stem]), REPO / recipe, []))
+        inputs = [p for key, v in d.items() if key != "output" for p in _run_paths(v)]
+        for path in inputs:
+            hint = made_by(path)
+            assert hint.startswith(" (made by `make "), (recipe, path)
+            producer = re.search(r"`make ([a-z-]+)`", hint)[1]
+            assert producer != target, (recipe, path)  # never its own output
+
+
+STAGES_BY_RECIPE = {"pretrain": "pretrain", "sft": "sft", "collect": "collect", "rm_helpful": "rm", "rm_safety": "rm",
+                    "rejection_sampling": "rejection-sampling", "ppo": "ppo", "gatt": "gatt",
+                    "safety_distill": "safety-distill", "eval": "eval"}
+
+
+def test_a_missing_input_says_which_command_makes_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    rc = main(["sft", "--recipe", "recipes/tiny/sft.yaml", "--set", f"output.dir={tmp_path / 'run'}",
+               "--set", "model.path=runs/tiny/base/no-such-final"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("align sft: error: model.path: runs/tiny/base/no-such-final does not exist")
+    assert err.endswith("(made by `make pretrain` (recipes/tiny/pretrain.yaml); `make demo` writes its own copy "
+                        "under runs/demo/ instead)")
+    assert not (tmp_path / "run").exists()

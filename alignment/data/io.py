@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 from alignment.data.schemas import FILE, ROW, DataValidationError, Problem, RowError, json_type, validate_records
 from alignment.faults import fault_point
+from alignment.producers import made_by
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Compressed JSON Lines: suffix -> open(path, "rb") of the decompressed stream.
@@ -67,7 +68,7 @@ def read_rows(path: str | os.PathLike, *, json_lines: bool = False) -> Iterator[
 def _open(path: Path, json_lines: bool = False, allow_nan: bool = False) -> Iterator[tuple[int, dict | RowError]]:
     """The reader for `path`, chosen and checked now (not on first iteration) so errors come at the call."""
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path}{made_by(path)}")
     if path.is_dir():
         return _read_dataset(_load_dataset_dir(path))
     if is_lfs_pointer(path):

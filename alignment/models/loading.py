@@ -8,6 +8,7 @@ import torch
 from alignment.config import ModelSection
 from alignment.distributed import local_device
 from alignment.models.tokenizer import load_tokenizer
+from alignment.producers import made_by
 from alignment.runs import verify_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +43,7 @@ def check_model_paths(paths: dict[str, str | None], hint: str = "") -> None:
         filename = "tokenizer_config.json" if key.endswith("tokenizer") else "config.json"
         if path is not None and not model_available(path, filename):
             raise FileNotFoundError(f"{key}: {path} does not exist (neither a local directory nor a hub id in the "
-                                    f"local Hugging Face cache){hint}")
+                                    f"local Hugging Face cache){made_by(path) or hint}")
         if path is not None and Path(path).is_dir():
             verify_model_dir(path, key)
 
