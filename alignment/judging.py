@@ -161,11 +161,12 @@ def summarize(records: list[dict], safety_threshold: float = SAFETY_THRESHOLD) -
 def gold_metrics(rows: list[dict], answers: list[str]) -> dict:
     """Toy-world gold scores of answers, per prompt kind (see `summarize`): gold_helpfulness,
     violation_rate, false_refusal_rate (helpful and borderline prompts), helpful_refusal_rate,
-    borderline_refusal_rate, borderline_helpfulness, adversarial_helpfulness, num_prompts."""
+    borderline_refusal_rate, borderline_helpfulness, adversarial_helpfulness, num_prompts and num_<kind> (the
+    count each rate is over, for its standard error)."""
     records = judge_answers(rows, answers, [row_kind(r) for r in rows])
     summary = summarize(records)
     keep = {"num_prompts", "gold_helpfulness", "borderline_helpfulness", "adversarial_helpfulness", "violation_rate",
-            "false_refusal_rate", "helpful_refusal_rate", "borderline_refusal_rate"}
+            "false_refusal_rate", "helpful_refusal_rate", "borderline_refusal_rate", *(f"num_{k}" for k in KINDS)}
     return {k: v for k, v in summary.items() if k in keep}
 
 
@@ -246,7 +247,7 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
                         progress: bool = False) -> dict:
     """Greedy answers of one policy checkpoint to held-out prompts, scored by the gold scorers (toy world)
     and by the reward models (mean sigmoid score, and the combined score of docs/method.md#combined-reward):
-    the metrics of `summarize` and the answers."""
+    the metrics of `summarize`, and under "records" the per-answer records of `judge_answers` in prompt order."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(policy_dir)
@@ -260,7 +261,7 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
             rm, rm_tok = load_rm_for_inference(path)
             scores[name] = rm_sigmoids(rm, rm_tok, prompts, answers, batch_size=batch_size)
     records = judge_answers(prompts, answers, [row_kind(r) for r in prompts], rm_scores=scores)
-    return {**summarize(records), "answers": answers}
+    return {**summarize(records), "records": records}
 
 
 # ----------------------------------------------------------------------------------------- on-policy RM check

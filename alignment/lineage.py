@@ -70,11 +70,12 @@ def read_manifest(run_dir: str | Path, relocate: bool = False) -> dict:
     return manifest
 
 
-def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
-    """(name, model dir) of every policy checkpoint in pipeline order, named by the stage registry's `policy`;
-    the RLHF stages give rlhf-v1, rlhf-v2, ... numbered on in pipeline order (rejection sampling one per
-    iteration)."""
-    out: list[tuple[str, str]] = []
+def policy_checkpoint_origins(manifest: dict) -> list[dict]:
+    """Every policy checkpoint in pipeline order, named by the stage registry's `policy`; the RLHF stages give
+    rlhf-v1, rlhf-v2, ... numbered on in pipeline order (rejection sampling one per iteration). Each is
+    {"name", "path" (its model dir), "stage" (the pipeline stage that made it), "iteration" (the
+    rejection-sampling iteration, else None)}."""
+    out: list[dict] = []
     version = 0
     for name in manifest["order"]:  # the pipeline's stage order (the stages mapping is stored sorted)
         entry = manifest["stages"].get(name, {})
@@ -86,10 +87,16 @@ def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
             for it in sorted((root / "iterations").glob("v*"), key=lambda p: int(p.name[1:])):
                 if (it / "final").is_dir():
                     version += 1
-                    out.append((f"rlhf-v{version}", str(it / "final")))
+                    out.append({"name": f"rlhf-v{version}", "path": str(it / "final"), "stage": name,
+                                "iteration": int(it.name[1:])})
         elif record.policy == "rlhf":
             version += 1
-            out.append((f"rlhf-v{version}", str(root / "final")))
+            out.append({"name": f"rlhf-v{version}", "path": str(root / "final"), "stage": name, "iteration": None})
         else:
-            out.append((record.policy, str(root / "final")))
+            out.append({"name": record.policy, "path": str(root / "final"), "stage": name, "iteration": None})
     return out
+
+
+def policy_checkpoints(manifest: dict) -> list[tuple[str, str]]:
+    """(name, model dir) of every policy checkpoint in pipeline order (`policy_checkpoint_origins`)."""
+    return [(c["name"], c["path"]) for c in policy_checkpoint_origins(manifest)]

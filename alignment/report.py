@@ -1,12 +1,12 @@
-"""The pipeline report: every policy checkpoint evaluated on the same held-out prompts, the reward models'
-accuracy by rating, training curves; `report.json` and a self-contained `report.html` (plots embedded)."""
+"""The pipeline report: every policy checkpoint evaluated on the same held-out prompts, with the method that made
+it; the reward models' accuracy by rating; sample answers with their scores; PPO's in-training evaluation beside
+the table; the run's stages. Writes `report.json` and a self-contained `report.html` (`alignment.report_html`)."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,14 +14,20 @@ import torch
 from alignment.config import ModelSection, RMConfig, from_dict
 from alignment.data.schemas import pair_context
 from alignment.data.sources import load_sources
-from alignment.judging import evaluate_checkpoint, on_policy_rm_check
-from alignment.lineage import cached, checkpoint_identity, evaluation_fingerprint, policy_checkpoints, read_manifest
+from alignment.judging import KINDS, evaluate_checkpoint, last_user_message, on_policy_rm_check, row_kind
+from alignment.lineage import (cached, checkpoint_identity, evaluation_fingerprint, policy_checkpoint_origins,
+                               read_manifest)
 from alignment.models.loading import load_reward_model
 from alignment.models.tokenizer import load_tokenizer
+from alignment.report_html import DIRECTIONS, LABELS, TABLE_KEYS, render_html, report_plots
 from alignment.runs import read_metrics, write_json_atomic
 from alignment.scoring import reward_scores
+from alignment.stages import STAGES
 
-TABLE_KEYS = ("gold_helpfulness", "violation_rate", "false_refusal_rate", "helpful_rm", "safety_rm")
+SAMPLES_PER_KIND = 3  # sample answers shown per prompt kind
+# the table's rates set beside PPO's in-training evaluation, with the prompt kinds each is a share of
+RECONCILED = {"gold_helpfulness": ("helpful",), "violation_rate": ("adversarial",),
+              "false_refusal_rate": ("helpful", "borderline")}
 
 # Llama 2 paper, Table 7: reward-model accuracy (%) on the Anthropic Harmless test set (docs/method.md#reward-model-accuracy).
 PAPER_ANTHROPIC_HARMLESS = {"Llama 2 Safety RM": 74.7, "Open Assistant RM": 68.4}
@@ -90,92 +96,126 @@ def real_pairs_line(report: dict) -> str:
             f"scalar head {r['untrained_head']:.3f}; paper Table 7 on Anthropic Harmless: {paper}")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
+def _json_file(path: Path) -> dict:
+    """A run file's JSON, {} where the run has none (a failed stage, a run from before the file existed)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _plots(report: dict, manifest: dict) -> dict[str, str]:
-    import matplotlib
+def _stage_config(entry: dict):
+    """The resolved config a stage's run directory keeps (config.json), as its stage's dataclass; None without one."""
+    saved = _json_file(Path(entry["dir"]) / "config.json")
+    return from_dict(STAGES[entry["stage"]].config, saved["config"]) if saved else None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    plots = {}
-    stages = [(n, manifest["stages"][n]) for n in manifest["order"]
-              if manifest["stages"].get(n, {}).get("status") == "done"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, entry in stages:
-        metrics = [m for m in read_metrics(entry["dir"]) if "loss" in m]
-        if metrics:
-            ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=name)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="Loss per stage", yscale="log")
-    ax.legend(fontsize=8)
-    plots["losses"] = _png(fig)
-    plt.close(fig)
+def _rejection_sampling_detail(cfg, done: dict, iteration: int | None) -> str:
+    spec = cfg.iterations[iteration - 1]
+    return (f"iteration {iteration} of {len(cfg.iterations)}, best of K={spec.num_samples} samples per prompt "
+            f"at T={spec.temperature}")
 
-    ckpts = report["checkpoints"]
-    if ckpts and "gold_helpfulness" in ckpts[0]:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        names = [c["name"] for c in ckpts]
-        ax.plot(names, [c["gold_helpfulness"] for c in ckpts], "o-", label="gold helpfulness (higher is better)")
-        ax.plot(names, [c["violation_rate"] for c in ckpts], "s-", label="violation rate (lower is better)")
-        ax.plot(names, [c["false_refusal_rate"] for c in ckpts], "^-", label="false refusal rate")
-        ax.set(ylim=(0, 1), title="Progress per checkpoint (paper Figure 11 in form)")
-        ax.legend(fontsize=8)
-        plots["progress"] = _png(fig)
-        plt.close(fig)
 
-    rms = report.get("reward_models", {})
-    buckets = ("significantly_better", "better", "slightly_better", "negligibly_better")
-    bars = [(f"{rm_name} RM on {test_name}", [(test["by_rating"].get(b) or {}).get("accuracy") or 0.0 for b in buckets])
-            for rm_name, tests in rms.items() for test_name, test in tests.items()
-            if isinstance(test, dict) and "by_rating" in test]
-    if bars:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        width = 0.8 / len(bars)
-        for k, (label, values) in enumerate(bars):
-            ax.bar([i + k * width for i in range(len(buckets))], values, width, label=label)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))],
-                      ["significantly", "better", "slightly", "negligibly"])
-        ax.set(ylim=(0, 1), ylabel="accuracy", title="Reward model accuracy by rating (paper Tables 7-8)")
-        ax.legend(fontsize=7)
-        plots["rm_accuracy"] = _png(fig)
-        plt.close(fig)
+def _ppo_detail(cfg, done: dict, iteration: int | None) -> str:
+    ran = done.get("iterations", cfg.ppo.iterations)  # done.json: iterations run, the best held-out one
+    text = f"{ran} iterations x {cfg.ppo.batch_size} prompts"
+    if ran < cfg.ppo.iterations:
+        text += f" (early stop; {cfg.ppo.iterations} planned)"
+    if done.get("best_iteration") is not None:
+        text += f", final/ = the actor of iteration {done['best_iteration']} (best held-out reward)"
+    return text
 
-    if "gatt" in report:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for key, style in (("before", "o--"), ("after", "s-")):
-            turns = sorted(report["gatt"][key], key=int)
-            ax.plot([int(t) for t in turns], [report["gatt"][key][t] for t in turns], style, label=f"{key} GAtt")
-        ax.set(xlabel="dialog turn", ylabel="share obeying the system instruction", ylim=(0, 1),
-               title="GAtt: instruction kept over the dialog (paper Table 30)")
-        ax.legend(fontsize=8)
-        plots["gatt_adherence"] = _png(fig)
-        plt.close(fig)
 
-    for name, entry in stages:
-        if entry["stage"] == "ppo":
-            metrics = read_metrics(entry["dir"])
-            keys = [k for k in ("reward_combined", "kl", "eval_gold_helpfulness", "eval_violation_rate")
-                    if any(k in m for m in metrics)]
-            if keys:
-                fig, ax = plt.subplots(figsize=(7, 3.5))
-                for key in keys:
-                    rows = [m for m in metrics if key in m]
-                    ax.plot([m["step"] for m in rows], [m[key] for m in rows], "o-" if key.startswith("eval") else "-",
-                            label=key)
-                ax.set(xlabel="PPO iteration", title=f"{name}: reward and KL")
-                ax.legend(fontsize=8)
-                plots[f"{name}_dynamics"] = _png(fig)
-                plt.close(fig)
-    return plots
+def _safety_distill_detail(cfg, done: dict, iteration: int | None) -> str:
+    counts = done.get("sampling")
+    if counts is None:
+        return ""
+    improved = f"{counts['kept']} of {counts['prompts']} preprompted answers improved the safety RM score"
+    if done.get("fine_tuned") is False:  # keep_unchanged: too few answers to learn from
+        return f"{improved}, fewer than judge.min_kept={cfg.judge.min_kept}: unchanged"
+    return f"fine-tuned on them ({improved})"
+
+
+# stage command -> what its saved config and done.json add to the registry's method name
+METHOD_DETAILS: dict[str, Callable] = {"rejection-sampling": _rejection_sampling_detail, "ppo": _ppo_detail,
+                                       "safety-distill": _safety_distill_detail}
+
+
+def checkpoint_method(entry: dict, iteration: int | None = None) -> str:
+    """What made a policy checkpoint: its stage's method (the stage registry) and, read from the stage's run
+    directory (config.json, done.json), what sets it apart: K and T of a rejection-sampling iteration, PPO's
+    iterations, whether safety distillation changed the model."""
+    method = STAGES[entry["stage"]].method
+    cfg = _stage_config(entry)
+    detail = METHOD_DETAILS.get(entry["stage"])
+    if cfg is not None and detail is not None:
+        extra = detail(cfg, _json_file(Path(entry["dir"]) / "done.json"), iteration)
+        return f"{method}, {extra}" if extra else method
+    return f"{method}, iteration {iteration}" if iteration is not None else method
+
+
+def stage_runs(manifest: dict) -> list[dict]:
+    """Each stage of the manifest in pipeline order: name, kind (its command), status, wall time (seconds),
+    run directory, model (final/, or the last rejection-sampling iteration's), config hash, git commit
+    (run.json; None where it was not recorded)."""
+    out = []
+    for name in manifest["order"]:
+        if name not in manifest["stages"]:
+            continue
+        entry = manifest["stages"][name]
+        run_dir = Path(entry["dir"])
+        done = _json_file(run_dir / "done.json")
+        model = str(run_dir / "final") if (run_dir / "final").is_dir() else done.get("final")
+        out.append({"name": name, "stage": entry["stage"], "status": entry["status"], "seconds": entry.get("seconds"),
+                    "dir": entry["dir"], "model": model,
+                    "config_hash": entry.get("config_hash") or _json_file(run_dir / "config.json").get("hash"),
+                    "git_commit": _json_file(run_dir / "run.json").get("git_commit")})
+    return out
+
+
+def standard_error(p: float, n: int | None) -> float | None:
+    """sqrt(p (1 - p) / n): the standard error of a share p over n prompts (for a mean of scores in [0, 1],
+    such as gold helpfulness, an upper bound); None without prompts."""
+    return math.sqrt(p * (1 - p) / n) if n else None
+
+
+def ppo_reconciliation(metrics: list[dict], done: dict, checkpoint: dict, stage: str) -> dict | None:
+    """PPO's in-training evaluation (metrics.jsonl eval_* on its own held-out prompts) of the actor kept as
+    final/ (done.json best_iteration; else the last evaluation) beside the report's figures for the same
+    checkpoint, each with its prompt count and standard error; None when the run logged no evaluation."""
+    evals = [m for m in metrics if "eval_gold_helpfulness" in m]
+    if not evals:
+        return None
+    best = done.get("best_iteration")
+    chosen = next((m for m in evals if m["step"] == best), evals[-1])
+    rows = []
+    for key, kinds in RECONCILED.items():
+        if f"eval_{key}" not in chosen or key not in checkpoint:
+            continue
+        counted = all(f"eval_num_{k}" in chosen for k in kinds)  # logged since the report reconciles them
+        n_train = sum(chosen[f"eval_num_{k}"] for k in kinds) if counted else None
+        n_table = sum(checkpoint[f"num_{k}"] for k in kinds)
+        se_train, se_table = standard_error(chosen[f"eval_{key}"], n_train), standard_error(checkpoint[key], n_table)
+        rows.append({"metric": key, "in_training": chosen[f"eval_{key}"], "in_training_n": n_train,
+                     "in_training_se": se_train, "table": checkpoint[key], "table_n": n_table, "table_se": se_table,
+                     "difference": checkpoint[key] - chosen[f"eval_{key}"],
+                     "combined_se": None if se_train is None or se_table is None else math.hypot(se_train, se_table)})
+    which = "the actor kept as final/" if chosen["step"] == best else "the last evaluation"
+    why = (f"{stage} evaluated its actor during training on its own held-out prompts ({chosen['eval_num_prompts']}, "
+           f"data.eval_prompts); this table is the same checkpoint on the report's {checkpoint['num_prompts']} prompts. "
+           f"Different prompt sets and sizes give different figures: a share p over n prompts has a standard error "
+           f"of about sqrt(p(1-p)/n), so differences within about two standard errors of the difference are noise. "
+           f"Iteration {chosen['step']} is {which}.")
+    return {"stage": stage, "checkpoint": checkpoint["name"], "iteration": chosen["step"],
+            "in_training_prompts": chosen["eval_num_prompts"], "table_prompts": checkpoint["num_prompts"],
+            "metrics": rows, "why": why}
+
+
+def sample_prompt_indices(prompts: list[dict], per_kind: int = SAMPLES_PER_KIND) -> list[int]:
+    """The first `per_kind` prompts of each kind (helpful, adversarial, borderline) present, by kind."""
+    kinds = [row_kind(p) for p in prompts]
+    return [i for kind in KINDS for i in [j for j, k in enumerate(kinds) if k == kind][:per_kind]]
 
 
 def _reward_model_summary(entry: dict) -> dict:
-    path = Path(entry["dir"]) / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _json_file(Path(entry["dir"]) / "eval.json")
 
 
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
@@ -195,28 +235,47 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
     safety_rm = str(Path(stage_dir[safety_rm_stage]) / "final") if safety_rm_stage in stage_dir else None
     fingerprint = evaluation_fingerprint(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     judges = {k: checkpoint_identity(p) if p else None for k, p in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm))}
+    picked = sample_prompt_indices(prompts)
 
     def evaluate(path: str) -> dict:
         result = evaluate_checkpoint(path, prompts, helpful_rm=helpful_rm, safety_rm=safety_rm,
                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
-        return {**result, "answers": result["answers"][:8]}
+        records = result.pop("records")
+        return {**result, "samples": [records[i] for i in picked]}
 
+    origins = ([{"name": "base", "path": base, "stage": None, "iteration": None}] if base else []
+               ) + policy_checkpoint_origins(manifest)
     checkpoints, samples = [], {}
-    for name, path in ([("base", base)] if base else []) + policy_checkpoints(manifest):
-        key = {"policy": checkpoint_identity(path), **judges, **fingerprint}
+    for origin in origins:
+        name, path = origin["name"], origin["path"]
+        # the sampled prompts' ids are in the key: an entry cached before sample records existed is re-made
+        key = {"policy": checkpoint_identity(path), **judges, **fingerprint, "samples": [prompts[i]["id"] for i in picked]}
         result = dict(cached(cache / f"{name}.json", key, lambda: evaluate(path)))
-        samples[name] = result.pop("answers")
-        checkpoints.append({"name": name, "path": path, **result})
+        samples[name] = result.pop("samples")
+        method = ("the starting model (report.base)" if origin["stage"] is None else
+                  checkpoint_method(manifest["stages"][origin["stage"]], origin["iteration"]))
+        checkpoints.append({"name": name, "path": path, "stage": origin["stage"], "method": method, **result})
         print(f"[report] evaluated {name}", flush=True)
     report = {
         "checkpoints": checkpoints,
+        "labels": {k: LABELS[k] for k in TABLE_KEYS},
         "reward_models": {k: _reward_model_summary(manifest["stages"][s])
                           for k, s in (("helpful", helpful_rm_stage), ("safety", safety_rm_stage)) if s in stage_dir},
-        "stages": {n: {"stage": e["stage"], "seconds": e.get("seconds"), "dir": e["dir"]}
-                   for n, e in manifest["stages"].items()},
+        "stages": stage_runs(manifest),
         "num_prompts": len(prompts),
-        "sample_answers": {"prompts": [p.get("prompt", "") for p in prompts[:8]], "answers": samples},
+        "max_new_tokens": max_new_tokens,
+        "sample_answers": {"prompts": [{"id": prompts[i]["id"], "kind": row_kind(prompts[i]),
+                                        "prompt": last_user_message(prompts[i])} for i in picked],
+                           "answers": samples},
+        "ppo_reconciliation": [],
     }
+    for c in checkpoints:
+        entry = manifest["stages"].get(c["stage"], {})
+        if entry.get("stage") == "ppo":
+            rec = ppo_reconciliation(read_metrics(entry["dir"]), _json_file(Path(entry["dir"]) / "done.json"), c,
+                                     c["stage"])
+            if rec is not None:
+                report["ppo_reconciliation"].append(rec)
     if rm_check is not None and rm_check.policy in stage_dir and helpful_rm:
         policy = str(Path(stage_dir[rm_check.policy]) / "final")
         key = {"policy": checkpoint_identity(policy), "helpful_rm": judges["helpful_rm"], **fingerprint,
@@ -236,18 +295,30 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         if entry.get("stage") == "gatt" and entry.get("status") == "done" and eval_path.is_file():
             gatt = json.loads(eval_path.read_text())
             report["gatt"] = {"before": gatt["before"], "after": gatt["after"]}
-    write_json_atomic(root / "report.json", report)
-    (root / "report.html").write_text(render_html(report, _plots(report, manifest)))
+    write_report(root, report, manifest)
     return report
 
 
+def write_report(root: Path, report: dict, manifest: dict) -> None:
+    """report.json and the self-contained report.html (plots embedded) under `root`."""
+    write_json_atomic(root / "report.json", report)
+    lines = [line for line in (on_policy_line(report), real_pairs_line(report)) if line]
+    if on_policy_line(report):
+        lines[0] += ": what rejection sampling and PPO can gain from this RM"
+    (root / "report.html").write_text(render_html(report, report_plots(report, manifest), lines))
+
+
 def table(report: dict) -> str:
-    """The checkpoints as a fixed-width text table (printed at the end of `make demo`)."""
+    """The checkpoints as a fixed-width text table with the labels of report_html.LABELS (printed at the end of
+    `make demo`), each row ending with its method."""
     keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
-    lines = ["checkpoint".ljust(12) + "".join(k.rjust(20) for k in keys)]
+    first = max([len("checkpoint")] + [len(c["name"]) for c in report["checkpoints"]]) + 2
+    width = max(len(LABELS[k]) for k in keys) + 2
+    lines = ["checkpoint".ljust(first) + "".join(LABELS[k].rjust(width) for k in keys) + "  method"]
     for c in report["checkpoints"]:
-        lines.append(c["name"].ljust(12) + "".join((f"{c[k]:.3f}" if k in c else "-").rjust(20) for k in keys))
-    return "\n".join(lines)
+        lines.append(c["name"].ljust(first) + "".join((f"{c[k]:.3f}" if k in c else "-").rjust(width) for k in keys)
+                     + f"  {c['method']}")
+    return "\n".join(lines + [DIRECTIONS])
 
 
 def on_policy_line(report: dict) -> str:
@@ -260,30 +331,3 @@ def on_policy_line(report: dict) -> str:
             f"{c['num_samples']}, T={c['temperature']}): agrees with gold on {agreement} of {c['num_pairs']} pairs; "
             f"gold of one sample {c['gold_single']:.3f}, of best-of-{c['num_samples']} by the RM "
             f"{c['gold_best_of_k_rm']:.3f}, by gold {c['gold_best_of_k_oracle']:.3f}")
-
-
-def render_html(report: dict, plots: dict[str, str]) -> str:
-    keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    rows = "".join(
-        "<tr><td>" + html.escape(c["name"]) + "</td>" + "".join(
-            f"<td>{c[k]:.3f}</td>" if k in c else "<td>-</td>" for k in keys) + "</tr>"
-        for c in report["checkpoints"])
-    images = "".join(f'<h2>{html.escape(name)}</h2><img src="data:image/png;base64,{data}"/>'
-                     for name, data in plots.items())
-    line = on_policy_line(report)
-    check = f"<p>The {html.escape(line)}: what rejection sampling and PPO can gain from this RM.</p>" if line else ""
-    real = real_pairs_line(report)
-    check += f"<p>The {html.escape(real)}.</p>" if real else ""
-    samples = ""
-    for name, answers in report["sample_answers"]["answers"].items():
-        items = "".join(f"<li><b>{html.escape(p)}</b><br>{html.escape(a)}</li>"
-                        for p, a in zip(report["sample_answers"]["prompts"], answers))
-        samples += f"<h3>{html.escape(name)}</h3><ul>{items}</ul>"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>alignment pipeline report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
-<h1>Llama 2-Chat recipe: pipeline report</h1>
-<p>Every checkpoint answers the same {report['num_prompts']} held-out prompts (greedy); gold scores come from
-the toy world's scorers, RM scores are mean sigmoid scores of the pipeline's reward models.</p>
-<table><tr><th>checkpoint</th>{head}</tr>{rows}</table>{check}{images}<h2>Sample answers</h2>{samples}</body></html>"""

@@ -31,6 +31,7 @@ def test_gold_metrics_on_a_hand_made_answer_set():
     rows, answers = _toy_set()
     m = gold_metrics(rows, answers)
     assert m["num_prompts"] == 13
+    assert (m["num_helpful"], m["num_adversarial"], m["num_borderline"]) == (5, 4, 4)  # what each rate is over
     assert m["violation_rate"] == pytest.approx(1 / 4)
     assert m["helpful_refusal_rate"] == pytest.approx(2 / 5)
     assert m["borderline_refusal_rate"] == pytest.approx(1 / 4)

@@ -53,7 +53,7 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     assert "helpfulness RM on sft's own samples (2 helpful prompts x 3" in html.unescape((tmp_path / "report.html").read_text())
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "rlhf-v3" in page
-    assert "<h2>rm_accuracy</h2>" in page and "<h2>progress</h2>" in page
+    assert "<h2>Reward model accuracy by rating</h2>" in page and "<h2>Progress per checkpoint</h2>" in page
     assert "rlhf-v2" in table(report)
 
     # a re-run evaluates only what changed: nothing, then the one checkpoint whose files are others
