@@ -65,6 +65,11 @@ def test_the_directory_is_a_plain_hf_checkpoint_with_a_manifest(converted):
     assert (tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token, tokenizer.eos_token_id) == (
         "<|im_start|>", 1, "<|im_end|>", 2)
     assert tokenizer.model_max_length == 8192
+    # the model's own ChatML template is stored: its evaluation as "base" encodes prompts the way it was trained
+    from alignment.chat import read_template, template_of
+    from alignment.models.tokenizer import load_tokenizer
+
+    assert read_template(out) == "model" and template_of(load_tokenizer(out)) == "model"
 
 
 def test_logits_equal_the_gguf_models_on_fixed_prompts(converted):

@@ -16,6 +16,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+from alignment.chat import read_template, set_template, write_template
 from alignment.data.io import file_sha256
 from alignment.model_card import CARD_FILE, POLICY, render_card
 from alignment.runs import MANIFEST, commit_dir, verify_dir
@@ -55,7 +56,7 @@ def _need_gguf() -> None:
 
 def is_imported(out: Path, gguf_sha256: str) -> bool:
     """Whether `out` is an intact directory converted from the GGUF with this SHA-256."""
-    if verify_dir(out):
+    if verify_dir(out) or read_template(out) != "model":  # converted before the template was stored: again
         return False
     manifest = json.loads((out / MANIFEST).read_text())
     return manifest.get("source", {}).get("sha256") == gguf_sha256
@@ -106,6 +107,10 @@ def import_smollm2(out: str | Path = DEFAULT_OUT, gguf_path: str | Path | None =
         model.generation_config.save_pretrained(tmp)
         gguf_tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unbounded
         gguf_tokenizer.save_pretrained(tmp)
+        # it was trained on its own ChatML template: stored, so every stage and `align eval` of this directory
+        # encodes prompts that way (without it, the Llama-2 format is assumed and the model answers nothing)
+        set_template(gguf_tokenizer, "model")
+        write_template(tmp, gguf_tokenizer)
         del model
         t = phase("save", t)
         max_diff = verify_conversion(tmp, gguf_model, gguf_tokenizer)
