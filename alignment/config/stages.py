@@ -132,8 +132,9 @@ class DPOConfig(FineTuneSections):
     model: ModelSection  # the policy, and the reference pi_ref (with LoRA: the model with adapters disabled)
     data: RMData
     output: OutputSection
+    # required (`dpo: {}` takes every default): a minimal RM recipe must not read as a DPO one (`align plan`)
+    dpo: DPOSection
     chat: ChatSection = field(default_factory=ChatSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-7, weight_decay=0.0))
     schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(kind="linear", warmup_ratio=0.1))
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=1.0, packing=False))

@@ -10,9 +10,9 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignment.config import (CollectConfig, EvalConfig, GAttConfig, PPOConfig, PretrainConfig, RejectionSamplingConfig,
-                              RMConfig, SafetyDistillConfig, SFTConfig)
-from alignment.stage_memory import plan_gatt, plan_ppo, plan_rejection_sampling, plan_rm, plan_sft
+from alignment.config import (CollectConfig, DPOConfig, EvalConfig, GAttConfig, PPOConfig, PretrainConfig,
+                              RejectionSamplingConfig, RMConfig, SafetyDistillConfig, SFTConfig)
+from alignment.stage_memory import plan_dpo, plan_gatt, plan_ppo, plan_rejection_sampling, plan_rm, plan_sft
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ STAGES: dict[str, Stage] = {s.command: s for s in [
     Stage("ppo", PPOConfig, "alignment.stages.ppo:run_ppo",
           "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping", policy="rlhf",
           planner=plan_ppo),
+    Stage("dpo", DPOConfig, "alignment.stages.dpo:run_dpo",
+          "offline DPO (or IPO) on the RMs' preference pairs, the starting model as reference; no reward model",
+          policy="dpo", planner=plan_dpo),
     Stage("gatt", GAttConfig, "alignment.stages.gatt:run_gatt",
           "Ghost Attention: multi-turn dialogs sampled with the instruction on every turn, fine-tuned with it as "
           "first-turn system prompt", policy="gatt", planner=plan_gatt),
