@@ -389,7 +389,8 @@ def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     """
     h = _log_ratio_gap(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     if isinstance(margin, torch.Tensor) and margin.shape != h.shape:
-        raise ValueError(f"margin must be a float or [B] like the log-probs {tuple(h.shape)}; got {tuple(margin.shape)}")
+        raise ValueError(f"margin must be a float or [B] like the log-probs {tuple(h.shape)}; "
+                         f"got {tuple(margin.shape)}")
     loss = -F.logsigmoid(beta * h - (0.0 if margin is None else margin)).mean()
     return loss, _dpo_metrics(loss, policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
 

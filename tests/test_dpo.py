@@ -221,7 +221,8 @@ def test_killed_run_resumes_bitwise_and_reuses_the_cached_reference(tmp_path, na
     assert "resuming from" in out and f"reference log-probs read from {cache}" in out
     assert cache.stat().st_mtime_ns == stamp  # not computed again
     assert _metrics(run_dir) == clean  # exactly: the same losses, rewards, accuracies, learning rates
-    assert _sha(run_dir / "final" / "model.safetensors") == _sha(tmp_path / "full" / "run" / "final" / "model.safetensors")
+    clean_final = tmp_path / "full" / "run" / "final"
+    assert _sha(run_dir / "final" / "model.safetensors") == _sha(clean_final / "model.safetensors")
     ref_full = json.loads((tmp_path / "full" / "run" / REFERENCE_FILE).read_text())["logprobs"]
     assert json.loads(cache.read_text())["logprobs"] == ref_full
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.batching import attention_inputs, build_plan, collate, format_truncation, pack_balanced, \
-    truncation_counts
+from alignment.batching import (attention_inputs, build_plan, collate, format_truncation, pack_balanced,
+                                truncation_counts)
 from alignment.config import DPOConfig, SFTData
 from alignment.data.mixing import mix_rm_data
 from alignment.data.schemas import RATINGS, pair_context
