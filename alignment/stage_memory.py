@@ -185,6 +185,24 @@ def plan_rm(cfg, setup: Setup, default: str | None) -> StagePlan:
     return StagePlan("rm", setup, (rm,), (train,), max(_loading(setup, [rm]), rm.cpu_per_node))
 
 
+def plan_dpo(cfg, setup: Setup, default: str | None) -> StagePlan:
+    """The fine-tuning planner plus the reference: before training, the starting model itself (a full copy on
+    the main process's GPU, before the ZeRO engine; with LoRA, its adapters off) computes the reference
+    log-probs of every pair, dpo.batch_size pairs (2x the rows) per forward without gradients; the training
+    phase holds no second model. One forward per micro-batch holds its chosen and rejected answers: 2x rows."""
+    reference = _frozen(setup, cfg.model.path, "reference (the starting model)", Head.LM, cfg.model.dtype, default)
+    shape = resolve_shape(cfg.model.path, default)
+    rows = 2 * cfg.dpo.batch_size
+    ref = Phase("reference", ((f"{reference.role} {reference.shape}: weights", reference.gpu),
+                              (f"reference forward: one layer's activations and the logits, {rows} x "
+                               f"{cfg.train.max_length} tokens",
+                               layer_activation_bytes(shape, rows, cfg.train.max_length, act_bytes=setup.act_bytes)
+                               + rows * cfg.train.max_length * shape.vocab_size * setup.act_bytes), RESERVED))
+    policy, train = _finetune(cfg, setup, default, rows=2 * cfg.train.micro_batch_size)
+    cpu = max(_loading(setup, [policy]), policy.cpu_per_node)
+    return StagePlan("dpo", setup, (reference, policy), (ref, train), cpu)
+
+
 def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan:
     """Sampling (the sampler and the RMs as full copies on every GPU, K samples per prompt in a generation
     batch) and fine-tuning run one after the other; the sampler of the largest iteration counts."""

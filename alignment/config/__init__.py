@@ -11,7 +11,8 @@ from alignment.config.sections import (AttnImplementation, ChatSection, DataSour
                                        RewardJudgeSection, RewardModelRunSection, SAFETY_THRESHOLD, ScheduleSection,
                                        TrainSection)
 from alignment.config.stages import (CollectConfig, CollectData, CriticSection, DEFAULT_REFUSAL_MARKERS,
-                                     EarlyStoppingSection, EvalConfig, EvalGenerationSection, EvalJudgeSection,
+                                     DPOConfig, DPOSection, EarlyStoppingSection, EvalConfig, EvalGenerationSection,
+                                     EvalJudgeSection,
                                      EvalOutputSection, EvalPromptSets, GAttConfig, GAttData, GAttEvalSection,
                                      GAttSamplingSection, MarginScale, MixSection, PPOConfig, PPOData,
                                      PPORewardSection, PPOSection, PretrainConfig, PretrainData,

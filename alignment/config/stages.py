@@ -105,6 +105,43 @@ class RMConfig(FineTuneSections):
     ablation: RMAblationSection = field(default_factory=RMAblationSection)
 
 
+# --------------------------------------------------------------------------------------------- DPO (issue 25)
+@dataclass(frozen=True)
+class DPOSection:
+    """The preference loss (alignment.losses.DPO_LOSSES) against the starting model as reference."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO (Rafailov et al. 2023); ipo: Azar et al. 2023
+    beta: float = ranged("> 0", 0.1)  # the KL strength: implicit reward beta * log(pi / ref); IPO's tau
+    # the RMs' rating margin (Table 27) subtracted from beta * h in the sigmoid loss; "none": plain DPO
+    margin_scale: MarginScale = "none"
+    # pairs per forward of the reference pass (before training) and of the held-out pair evaluation
+    batch_size: int = ranged(">= 1", 16)
+
+    def __post_init__(self):
+        if self.loss == "ipo" and self.margin_scale != "none":
+            raise ConfigError(f"dpo.margin_scale {self.margin_scale!r} is for the sigmoid loss; IPO's target "
+                              "1/(2 beta) is the gap it asks for: set dpo.margin_scale: none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig(FineTuneSections):
+    """`align dpo`: offline DPO/IPO on preference pairs, the same files and mixes as the RMs (`data` is an RM
+    data section: the pairs, their mix and held-out test sets), from the SFT model, which is also the
+    reference (its log-probs computed once before training)."""
+
+    model: ModelSection  # the policy, and the reference pi_ref (with LoRA: the model with adapters disabled)
+    data: RMData
+    output: OutputSection
+    # required (`dpo: {}` takes every default): a minimal RM recipe must not read as a DPO one (`align plan`)
+    dpo: DPOSection
+    chat: ChatSection = field(default_factory=ChatSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-7, weight_decay=0.0))
+    schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(kind="linear", warmup_ratio=0.1))
+    train: TrainSection = field(default_factory=lambda: TrainSection(epochs=1.0, packing=False))
+    # answers to held-out prompts, gold-scored in the toy world, as the SFT stage evaluates
+    eval: EvalSection = field(default_factory=lambda: EvalSection(max_prompts=200))
+
+
 @dataclass(frozen=True)
 class RSIteration:
     """One rejection-sampling iteration (RLHF-V1, V2, ...): K samples per prompt at one temperature."""

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from types import MappingProxyType
 
-from alignment.config import RMConfig
+from alignment.config import DPOConfig, RMConfig
 
 
 _WHITESPACE = re.compile(r"\s+")
@@ -134,10 +134,11 @@ def held_out_split(rows: list[dict], fraction: float, salt: str = "") -> tuple[l
     return train, held_out
 
 
-def mix_rm_data(cfg: RMConfig, primary: list[dict], secondary: list[dict],
+def mix_rm_data(cfg: RMConfig | DPOConfig, primary: list[dict], secondary: list[dict],
                 tests: dict[str, list[dict]]) -> tuple[list[dict], dict]:
-    """The training pairs and the mix report (`mix.json`): pairs whose prompt is in a test set dropped
-    (`data.dedup_test_prompts`), then primary and secondary mixed as `data.mix` says."""
+    """The training pairs and the mix report (`mix.json`) of a stage with an RM data section (the reward
+    models, DPO): pairs whose prompt is in a test set dropped (`data.dedup_test_prompts`), then primary and
+    secondary mixed as `data.mix` says, with the stage's seed."""
     dedup = None
     if cfg.data.dedup_test_prompts:  # before mixing, so the mix's ratio holds on what is trained
         primary, dedup_primary = drop_test_prompts(primary, tests)

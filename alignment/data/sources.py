@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from alignment.config import DataSource
+from alignment.config import DataSource, RMData
 from alignment.data.adapters import ADAPTERS, load_adapted
 from alignment.data.io import file_sha256, load_records
 from alignment.data.mixing import held_out_split
@@ -48,3 +48,17 @@ def load_sources(sources: list[DataSource], schema: str, report: list[dict] | No
 
 def source_hashes(sources: list[DataSource]) -> dict[str, str]:
     return {src.path: file_sha256(src.path) for src in sources}
+
+
+def load_preference_data(data: RMData) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """(primary, secondary, {test name: rows}) of an RM-style data section (the reward models and DPO), every
+    file validated (file:row errors) before anything is written; a test set left with no pair is an error."""
+    primary = load_sources(data.primary, "preference_pair")
+    secondary = load_sources(data.secondary, "preference_pair")
+    tests = {name: load_sources(sources, "preference_pair") for name, sources in data.test.items()}
+    for name, rows in tests.items():
+        if not rows:  # an accuracy over no pair is null, not a result
+            files = ", ".join(src.path for src in data.test[name])
+            raise DataValidationError([(files, 0, f"data.test.{name}", "the test set has no pair (after held_out "
+                                                                         "and limit)")])
+    return primary, secondary, tests

@@ -11,9 +11,9 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignment.config import (CollectConfig, EvalConfig, GAttConfig, PPOConfig, PretrainConfig, RejectionSamplingConfig,
-                              RMConfig, SafetyDistillConfig, SFTConfig)
-from alignment.stage_memory import plan_gatt, plan_ppo, plan_rejection_sampling, plan_rm, plan_sft
+from alignment.config import (CollectConfig, DPOConfig, EvalConfig, GAttConfig, PPOConfig, PretrainConfig,
+                              RejectionSamplingConfig, RMConfig, SafetyDistillConfig, SFTConfig)
+from alignment.stage_memory import plan_dpo, plan_gatt, plan_ppo, plan_rejection_sampling, plan_rm, plan_sft
 
 
 class TrainingLoss(str, enum.Enum):
@@ -21,6 +21,7 @@ class TrainingLoss(str, enum.Enum):
 
     LM = "lm"  # token-mean NLL of the trained text (pretraining, SFT, fine-tunes on kept answers)
     RANKING = "ranking"  # the reward model's pairwise ranking loss (with a margin)
+    DPO = "dpo"  # the DPO / IPO preference loss of the policy against its reference
     PPO = "ppo"  # policy and value losses of PPO iterations (logged as policy_loss / value_loss)
 
 
@@ -61,6 +62,9 @@ STAGES: dict[str, Stage] = {s.command: s for s in [
     Stage("ppo", PPOConfig, "alignment.stages.ppo:run_ppo",
           "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping", policy="rlhf",
           planner=plan_ppo, method="PPO", loss=TrainingLoss.PPO),
+    Stage("dpo", DPOConfig, "alignment.stages.dpo:run_dpo",
+          "offline DPO (or IPO) on the RMs' preference pairs, the starting model as reference; no reward model",
+          policy="dpo", planner=plan_dpo, method="offline DPO", loss=TrainingLoss.DPO),
     Stage("gatt", GAttConfig, "alignment.stages.gatt:run_gatt",
           "Ghost Attention: multi-turn dialogs sampled with the instruction on every turn, fine-tuned with it as "
           "first-turn system prompt", policy="gatt", planner=plan_gatt,

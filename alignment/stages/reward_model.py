@@ -22,8 +22,8 @@ import torch
 from alignment.batching import build_plan, format_truncation, truncation_counts
 from alignment.config import RMConfig
 from alignment.data.mixing import mix_rm_data
-from alignment.data.schemas import RATINGS, DataValidationError, pair_context
-from alignment.data.sources import load_sources, source_hashes
+from alignment.data.schemas import RATINGS, pair_context
+from alignment.data.sources import load_preference_data, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import check_model_paths, load_reward_model, model_paths
@@ -225,15 +225,7 @@ def _pct(x: float | None) -> str:
 # ----------------------------------------------------------------------------------------- the stage
 def load_rm_data(cfg: RMConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """Every input file validated (file:row errors) before anything is written: primary, secondary, tests."""
-    primary = load_sources(cfg.data.primary, SCHEMA)
-    secondary = load_sources(cfg.data.secondary, SCHEMA)
-    tests = {name: load_sources(sources, SCHEMA) for name, sources in cfg.data.test.items()}
-    for name, rows in tests.items():
-        if not rows:  # an accuracy over no pair is null, not a result
-            files = ", ".join(src.path for src in cfg.data.test[name])
-            raise DataValidationError([(files, 0, f"data.test.{name}", "the test set has no pair (after held_out "
-                                                                         "and limit)")])
-    return primary, secondary, tests
+    return load_preference_data(cfg.data)
 
 
 def run_rm(cfg: RMConfig) -> dict:

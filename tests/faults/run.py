@@ -38,7 +38,7 @@ def _preload() -> None:
 
     import alignment.cli  # noqa: F401
     import alignment.pipeline  # noqa: F401
-    from alignment.stages import gatt, ppo, pretrain, rejection_sampling, reward_model, sft  # noqa: F401
+    from alignment.stages import dpo, gatt, ppo, pretrain, rejection_sampling, reward_model, sft  # noqa: F401
 
 
 def _build_fixtures_in_child(root: Path) -> None:

@@ -104,6 +104,17 @@ def reward_model(fix: Fixtures, out: Path) -> list[str]:
         "output.save_every_steps": 2, "output.dir": str(out), **QUIET})
 
 
+def dpo(fix: Fixtures, out: Path) -> list[str]:
+    return _args("dpo", TINY / "dpo.yaml", {
+        "model.path": str(fix.base), "data.primary": _src(fix, "pref_helpful_train"),
+        "data.secondary": _src(fix, "pref_safety_train"),
+        "data.test": {"helpful": _src(fix, "pref_helpful_test"), "safety": _src(fix, "pref_safety_test")},
+        "dpo.margin_scale": "small", "dpo.batch_size": 8, "eval.prompts": _src(fix, "eval_helpful"),
+        "eval.max_new_tokens": 8, "eval.compare_base": False, "optim.lr": 3e-3,
+        "train.max_steps": 6, "train.micro_batch_size": 4, "train.max_length": 128,
+        "output.save_every_steps": 2, "output.dir": str(out), **QUIET})
+
+
 def rejection_sampling(fix: Fixtures, out: Path) -> list[str]:
     return _args("rejection-sampling", TINY / "rejection_sampling.yaml", {
         "model.path": str(fix.base), "data.prompts": _src(fix, "rl_prompts"), "data.eval": _src(fix, "sft_eval"),
@@ -166,5 +177,5 @@ def pipeline(fix: Fixtures, out: Path) -> list[str]:
 
 STAGES: dict[str, Callable[[Fixtures, Path], list[str]]] = {
     "pretrain": pretrain, "sft": sft, "rm": reward_model, "rejection-sampling": rejection_sampling,
-    "ppo": ppo, "gatt": gatt, "pipeline": pipeline,
+    "ppo": ppo, "dpo": dpo, "gatt": gatt, "pipeline": pipeline,
 }
