@@ -332,7 +332,8 @@ def _committed_anything(path: Path) -> bool:
 
 
 def describe_outputs(path: str | Path) -> str:
-    """The end-of-run line: where the model, its evaluation, metrics and report are (only what exists)."""
+    """The end-of-run line of a command that returned normally: where its model, evaluation, metrics and report
+    are (only what exists)."""
     path = Path(path)
     parts = []
     for name, what in (("final", "model"), ("best", "best checkpoint")):
@@ -341,8 +342,7 @@ def describe_outputs(path: str | Path) -> str:
     for name, what in (("eval.json", "evaluation"), ("report.html", "report"), ("metrics.jsonl", "metrics")):
         if (path / name).is_file():
             parts.append(f"{what} {path / name}")
-    state = "finished" if (path / "done.json").is_file() else "stopped before finishing (run again to resume)"
-    return f"{state}: " + ("; ".join(parts) if parts else f"outputs in {path}")
+    return "finished: " + ("; ".join(parts) if parts else f"outputs in {path}")
 
 
 def settle_replaced(path: str | Path) -> None:

@@ -108,7 +108,7 @@ def test_run_header_reads_as_words():
 def test_end_of_run_line_names_the_model_and_what_else_exists(tmp_path):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
-    assert describe_outputs(run).startswith("stopped before finishing")
+    assert describe_outputs(run) == f"finished: outputs in {run}"  # final/ without a model is not named
     (run / "final" / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")
     (run / "done.json").write_text(json.dumps({"config_hash": "x"}))

@@ -61,7 +61,7 @@ def test_zero_two_processes_match_one_process(tmp_path, nano_model_dir, zero):
     out = _launch(recipe, 2, f"output.dir={tmp_path / 'two'}", "train.grad_accum=1",
                   f"distributed.deepspeed={REPO / 'recipes/deepspeed' / (zero + '.json')}", "output.save_every_steps=4")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"deepspeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
+    assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) >= 5
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
@@ -94,7 +94,7 @@ def test_rm_zero_two_processes_match_one_process(tmp_path, nano_model_dir, zero)
     out = _launch(path, 2, f"output.dir={tmp_path / 'two'}", "train.grad_accum=1",
                   f"distributed.deepspeed={_zero_json(tmp_path, zero)}", stage="rm")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"deepspeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
+    assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 6
     for key in ("loss", "accuracy"):
@@ -119,7 +119,7 @@ def test_ppo_two_processes_match_one_process_until_the_first_update(tmp_path, na
     assert one.returncode == 0, one.stderr[-4000:]
     two = _cli(path, f"output.dir={tmp_path / 'two'}", f"distributed.deepspeed={_zero_json(tmp_path, zero)}", nproc=2)
     assert two.returncode == 0, two.stderr[-4000:]
-    assert f"deepspeed ZeRO-{zero[-1]}" in two.stdout + two.stderr
+    assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in two.stdout + two.stderr
     first_one, first_two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
     keys = ["reward_helpful", "reward_safety", "reward_combined", "reward_total", "kl", "response_length",
             "value_mean", "value_loss"]
@@ -178,7 +178,7 @@ def test_accelerate_launch_with_the_single_node_config_matches_one_process(tmp_p
     out = _launch(recipe, 2, f"output.dir={tmp_path / 'two'}", "train.grad_accum=1",
                   "distributed.deepspeed=recipes/deepspeed/zero3.json", launcher=launcher)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "deepspeed ZeRO-3" in out.stdout + out.stderr
+    assert "2 processes, DeepSpeed ZeRO-3" in out.stdout + out.stderr
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     mismatch = _launch(recipe, 2, f"output.dir={tmp_path / 'three'}", "train.grad_accum=1",
                        "distributed.deepspeed=recipes/deepspeed/zero2.json", launcher=launcher)

@@ -244,7 +244,7 @@ def test_zero_two_processes_two_iterations(tmp_path, nano_model_dir, zero):
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = _cli(path, f"distributed.deepspeed={tmp_path / 'ds.json'}", nproc=2)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert f"deepspeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
+    assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
     rows = read_metrics(tmp_path / "run")
     assert [m["step"] for m in rows] == [0, 1, 2]
     assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-5)
