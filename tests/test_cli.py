@@ -91,7 +91,7 @@ def test_every_stage_record_resolves():
         assert dataclasses.is_dataclass(record.config) and record.config.__name__.endswith("Config"), command
         assert record.planner is None or record.planner.__module__ == "alignment.stage_memory", command
     policies = [s.policy for s in STAGES.values() if s.policy]
-    assert policies == ["base", "sft", "rlhf", "rlhf", "gatt", "safety"]
+    assert policies == ["base", "sft", "rlhf", "rlhf", "dpo", "gatt", "safety"]
 
 
 def test_help_and_a_bad_key_do_not_import_torch(tmp_path):

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {**{s.command: s.config for s in STAGES.values()}, "pipeline": PipelineConfig}
 RECIPES = {"pretrain": "pretrain.yaml", "sft": "sft.yaml", "rm": "rm_helpful.yaml", "collect": "collect.yaml",
            "rejection-sampling": "rejection_sampling.yaml", "ppo": "ppo.yaml", "gatt": "gatt.yaml",
-           "safety-distill": "safety_distill.yaml", "eval": "eval.yaml", "pipeline": "pipeline.yaml"}
+           "safety-distill": "safety_distill.yaml", "eval": "eval.yaml", "dpo": "dpo.yaml", "pipeline": "pipeline.yaml"}
 LIST, ENTRY = "[0]", ".x"  # path steps into a list's first item and a mapping's value
 
 
