@@ -11,39 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from alignment.config import ConfigError, DPOConfig, LoraSection, ModelSection, load_config
 from alignment.losses import DPO_LOSSES, DPOLoss, dpo_sigmoid_loss, ipo_loss
 from alignment.runs import RunDir, read_metrics
 
-from conftest import write_jsonl
-from test_reward_model import make_pairs
+from test_reward_model import make_pairs, pair_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"pairs_per_s"}
 
 
 def recipe(tmp_path: Path, base, train_rows, test_rows=None, name="r.yaml", **sections) -> Path:
-    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
-    test = write_jsonl(tmp_path / "test.jsonl", test_rows if test_rows is not None else train_rows[:16])
-    raw = {
-        "model": {"path": str(base)},
-        # the default test set is the first training pairs, so the test-prompt dedup is off here
-        "data": {"primary": [{"path": str(train)}], "test": {"helpful": [{"path": str(test)}]},
-                 "dedup_test_prompts": False},
+    return pair_recipe(tmp_path, base, train_rows, test_rows, name, {
         "dpo": {"loss": "sigmoid", "beta": 0.5, "batch_size": 16},
         "train": {"epochs": 1, "micro_batch_size": 4, "max_length": 64, "packing": False},
-        "optim": {"lr": 3e-3, "weight_decay": 0.0},
         "schedule": {"kind": "constant", "warmup_ratio": 0.0},
-        "logging": {"every_steps": 1, "progress": False, "tensorboard": False},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    }, sections)
 
 
 def t(*values) -> torch.Tensor:

@@ -48,7 +48,9 @@ def make_pairs(n: int, seed: int = 0, kind: str = "helpfulness", prefix: str = "
     return rows
 
 
-def recipe(tmp_path: Path, base, train_rows, test_rows=None, name="r.yaml", **sections) -> Path:
+def pair_recipe(tmp_path: Path, base, train_rows, test_rows, name: str, stage: dict, sections: dict) -> Path:
+    """A recipe over preference-pair files for a stage that reads the RMs' data section (rm, dpo): the shared
+    sections, the stage's own `stage` sections over them, then the test's `sections`."""
     train = write_jsonl(tmp_path / "train.jsonl", train_rows)
     test = write_jsonl(tmp_path / "test.jsonl", test_rows if test_rows is not None else train_rows[:16])
     raw = {
@@ -56,19 +58,25 @@ def recipe(tmp_path: Path, base, train_rows, test_rows=None, name="r.yaml", **se
         # the default test set is the first training pairs, so the test-prompt dedup is off here
         "data": {"primary": [{"path": str(train)}], "test": {"helpful": [{"path": str(test)}]},
                  "dedup_test_prompts": False},
-        "margin_scale": "small",
-        "train": {"epochs": 1, "micro_batch_size": 8, "max_length": 64, "packing": False},
         "optim": {"lr": 3e-3, "weight_decay": 0.0},
-        "schedule": {"kind": "cosine", "warmup_ratio": 0.03, "min_warmup_steps": 2, "min_lr_ratio": 0.1},
         "logging": {"every_steps": 1, "progress": False, "tensorboard": False},
-        "eval": {"histogram": False},
         "output": {"dir": str(tmp_path / "run")},
+        **stage,
     }
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def recipe(tmp_path: Path, base, train_rows, test_rows=None, name="r.yaml", **sections) -> Path:
+    return pair_recipe(tmp_path, base, train_rows, test_rows, name, {
+        "margin_scale": "small",
+        "train": {"epochs": 1, "micro_batch_size": 8, "max_length": 64, "packing": False},
+        "schedule": {"kind": "cosine", "warmup_ratio": 0.03, "min_warmup_steps": 2, "min_lr_ratio": 0.1},
+        "eval": {"histogram": False},
+    }, sections)
 
 
 def reward_model(base):
