@@ -65,14 +65,18 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 @contextlib.contextmanager
 def _scalar_head_outputs(model):
-    """Capture the scalar head's output at every position (``[B, T, 1]``) during a forward of a
-    sequence-classification model, which itself returns only the value at each row's last non-pad token.
+    """Capture the scalar head's output ("scores", ``[B, T, 1]``) and input ("inputs", ``[B, T, hidden]``)
+    at every position during a forward of a sequence-classification model, which itself returns only the
+    value at each row's last non-pad token.
     The head is the outermost module named "score" (also through peft, DeepSpeed and DDP wrappers)."""
     head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
     if head is None:
         raise ValueError(f"{type(model).__name__} has no scalar head named 'score'")
     captured: dict[str, torch.Tensor] = {}
-    handle = head.register_forward_hook(lambda _m, _i, out: captured.__setitem__("scores", out))
+    def keep(_module, inputs, out):
+        captured["inputs"], captured["scores"] = inputs[0], out
+
+    handle = head.register_forward_hook(keep)
     try:
         yield captured
     finally:
@@ -88,6 +92,18 @@ def packed_scores(model, sequences: list[list[int]], pad_id: int, attn_implement
     the one the sequence gets alone. Each is read at its last token (the EOS of the answer), as
     `last_token_scores` reads it on right-padded rows.
     """
+    return _packed_head(model, sequences, pad_id, attn_implementation)[1]
+
+
+def packed_features(model, sequences: list[list[int]], pad_id: int, attn_implementation: str = "sdpa") -> torch.Tensor:
+    """What the scalar head reads [N, hidden] for each of `sequences` (the final hidden state at its last
+    token), from one packed forward as `packed_scores`: the head's score is a linear function of it."""
+    return _packed_head(model, sequences, pad_id, attn_implementation)[0]
+
+
+def _packed_head(model, sequences: list[list[int]], pad_id: int, attn_implementation: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head input [N, hidden], score [N]) of each sequence at its last token, from one packed forward."""
     lengths = [len(s) for s in sequences]
     rows = pack_balanced(lengths, list(range(len(sequences))), max(lengths))
     batch = collate([{"input_ids": s} for s in sequences], rows, pad_id, keys=("input_ids",))
@@ -101,7 +117,8 @@ def packed_scores(model, sequences: list[list[int]], pad_id: int, attn_implement
     batch = {k: v.to(param.device) for k, v in batch.items()}
     with _scalar_head_outputs(model) as captured:
         model(**attention_inputs(batch, attn_implementation, param.dtype))
-    return captured["scores"][row_of.to(param.device), end_of.to(param.device), 0]
+    at = (row_of.to(param.device), end_of.to(param.device))
+    return captured["inputs"][at], captured["scores"][at][:, 0]
 
 
 @torch.no_grad()

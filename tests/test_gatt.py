@@ -347,3 +347,16 @@ def test_replayed_dialogs_are_trained_beside_the_gatt_dialogs_and_checked_first(
     gatt_examples = json.loads((run / "sampling.json").read_text())["examples"]
     assert json.loads((run / "done.json").read_text())["examples"] == gatt_examples + len(replay)
     assert f"{gatt_examples} GAtt examples and 3 replayed dialogs" in capsys.readouterr().out
+
+
+def test_a_rewritten_answer_keeps_the_models_first_sentence_so_it_ends_as_told():
+    from alignment.stages.gatt import first_sentence, fix_answer
+
+    end_bye = [{"type": "end", "value": "Bye"}]
+    cut = "The capital is Paris. It has many museums, and the Louvre is the one that"  # cut at max_new_tokens
+    assert fix_answer(end_bye, cut) == "The capital is Paris. Bye."
+    assert check_instruction(end_bye, fix_answer(end_bye, cut))
+    assert first_sentence("\n\nWhat? No.\nSecond line.") == "What?"
+    assert first_sentence("3.5 is more than 3. Yes") == "3.5 is more than 3."  # a decimal point is no end
+    assert first_sentence("no end at all") == "no end at all"
+    assert fix_answer(end_bye, "As Darwin, seven. Bye.") == "As Darwin, seven. Bye."  # undo, cut, redo

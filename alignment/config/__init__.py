@@ -17,6 +17,7 @@ from alignment.config.stages import (CollectConfig, CollectData, CriticSection, 
                                      GAttSamplingSection, MarginScale, MixSection, PPOConfig, PPOData,
                                      PPORewardSection, PPOSection, PretrainConfig, PretrainData,
                                      RejectionSamplingConfig, RMAblationSection, RMConfig, RMData, RMEvalSection,
+                                     RMProbeSection,
                                      RSData, RSGenerationSection, RSIteration, RSPolicySection, RSRewardSection,
                                      RSSweepSection, SafetyDistillConfig, SafetyDistillData, SafetyJudgeSection,
                                      SafetyPrepromptSection, SFTConfig, SFTData, TinyModelSection)

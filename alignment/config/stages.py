@@ -89,6 +89,19 @@ class RMAblationSection:
     margin_scales: list[MarginScale] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RMProbeSection:
+    """A linear probe instead of fine-tuning (docs/method.md#linear-probe-reward-models-beyond-the-paper):
+    the trunk stays frozen, the last-token features of every pair's two answers are computed once (cached in
+    the run), and the scalar head alone is fit to the ranking loss by L-BFGS. One forward pass over the data,
+    no backward through the model: several times more pairs than LoRA in the same CPU time."""
+
+    enabled: bool = False
+    l2: float = ranged(">= 0", 0.05)  # penalty l2/2 * |w * sd|^2: on the head over standardised features
+    max_iter: int = ranged(">= 1", 200)  # L-BFGS iterations (full batch; the fit is convex)
+    batch_size: int = ranged(">= 1", 16)  # answers per forward while computing the features
+
+
 @dataclass(frozen=True, kw_only=True)
 class RMConfig(FineTuneSections):
     model: ModelSection  # path: the SFT checkpoint the RM starts from
@@ -103,6 +116,12 @@ class RMConfig(FineTuneSections):
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=1.0, packing=False))
     eval: RMEvalSection = field(default_factory=RMEvalSection)
     ablation: RMAblationSection = field(default_factory=RMAblationSection)
+    probe: RMProbeSection = field(default_factory=RMProbeSection)
+
+    def __post_init__(self):
+        if self.probe.enabled and self.model.lora.enabled:
+            raise ConfigError("probe.enabled trains the scalar head alone on a frozen model: set "
+                              "model.lora.enabled=false (or probe.enabled=false to fine-tune with LoRA)")
 
 
 # --------------------------------------------------------------------------------------------- DPO (issue 25)

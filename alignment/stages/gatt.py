@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from alignment.chat import encode, template_of
@@ -134,8 +135,19 @@ def print_adherence(result: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- sampling
 def fix_answer(constraints: list, answer: str) -> str:
-    """`answers: rewrite`: strip what the model half-applied, then apply the constraints (toy world)."""
-    return apply_instruction(constraints, undo_instruction(constraints, answer) or answer)
+    """`answers: rewrite`: strip what the model half-applied, keep its first sentence, then apply the
+    constraints (toy world). A real model's sampled answer is often cut at `max_new_tokens` mid-sentence;
+    rewritten whole, it would teach "End: Bye." as a word after a cut-off clause, which no answer of the
+    same length can reach; its first sentence is complete and leaves room for what the instruction adds."""
+    return apply_instruction(constraints, first_sentence(undo_instruction(constraints, answer) or answer))
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to its first sentence end (. ! ? followed by a space or the end) on its first non-empty
+    line; the whole line where it has none."""
+    line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
+    match = re.match(r"(.+?[.!?])(?=\s|$)", line)
+    return match.group(1) if match else line
 
 
 def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]) -> list[DialogPlan]:

@@ -15,6 +15,7 @@ them per rating bucket (Table 28: `ablation.json`, `ablation.md`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -24,12 +25,13 @@ from alignment.config import RMConfig
 from alignment.data.mixing import mix_rm_data
 from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_preference_data, source_hashes
-from alignment.distributed import is_main_process, world_size
+from alignment.distributed import is_main_process, main_process_does, world_size
+from alignment.faults import fault_point
 from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import check_model_paths, load_reward_model, model_paths
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
-from alignment.runs import RunDir, write_json_atomic
-from alignment.scoring import encode_for_reward, packed_scores, reward_scores
+from alignment.runs import COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic, write_json_atomic
+from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores
 from alignment.training import LoopConfig, train
 
 SCHEMA = "preference_pair"
@@ -278,10 +280,121 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
                   "whose prompt is in a test set")
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
     model = load_reward_model(cfg.model, tokenizer.pad_token_id)
-    step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
-    summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
-                    desc=f"rm[{cfg.margin_scale}]", unit="pairs")
+    if cfg.probe.enabled:
+        summary = probe_reward_model(cfg, model, tokenizer, examples, run)
+    else:
+        step = rm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation)
+        summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
+                        desc=f"rm[{cfg.margin_scale}]", unit="pairs")
     summary.update(pairs=len(pairs), margin_scale=cfg.margin_scale, truncation=truncation)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- linear probe
+@torch.no_grad()
+def pair_features(model, examples: list[dict], pad_id: int, *, batch_size: int, attn_implementation: str = "sdpa",
+                  desc: str = "rm-probe") -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N, hidden], rejected [N, hidden]): what the scalar head reads for each pair's two answers
+    (`alignment.scoring.packed_features`), in float32, `batch_size` answers per packed forward by length."""
+    from tqdm.auto import tqdm
+
+    seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    out = None
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        idx = order[start:start + batch_size]
+        feats = packed_features(model, [seqs[i] for i in idx], pad_id, attn_implementation).float().cpu()
+        if out is None:
+            out = torch.empty(len(seqs), feats.shape[1])
+        out[idx] = feats
+    model.train(was_training)
+    n = len(examples)
+    return out[:n], out[n:]
+
+
+def fit_ranking_probe(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, *, l2: float,
+                      max_iter: int, log=None) -> tuple[torch.Tensor, dict]:
+    """The linear head w [hidden] (score = w . h) minimising the paper's ranking loss on fixed features,
+    -mean_i log sigmoid(w . (c_i - r_i) - m_i) + l2/2 |w * sd|^2 (`alignment.losses.ranking_loss`), where sd
+    is each feature's standard deviation over all 2N answers: the fit runs on standardised features
+    z = h / sd with u = w * sd (a feature's mean cancels in c_i - r_i), by full-batch L-BFGS in float64 (the
+    loss is convex: the same data give the same head). `log(iteration, loss)` after each iteration.
+    Returns (w, {"loss", "accuracy", "iterations"}), accuracy on the training pairs."""
+    c, r, m = chosen.double(), rejected.double(), margin.double()
+    sd = torch.cat([c, r]).std(dim=0).clamp_min(1e-6)
+    z = (c - r) / sd
+    u = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=1, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(z @ u - m)).mean() + l2 / 2 * (u @ u)
+        loss.backward()
+        return loss
+
+    previous, iterations = float("inf"), 0
+    for iterations in range(1, max_iter + 1):  # one L-BFGS iteration per call; its history carries over
+        loss = opt.step(objective).item()
+        if log is not None:
+            log(iterations, loss)
+        if abs(previous - loss) <= 1e-10 * max(1.0, abs(loss)):
+            break
+        previous = loss
+    w = (u.detach() / sd)
+    accuracy = ((c - r) @ w > 0).double().mean().item()
+    return w.float(), {"loss": float(objective().detach()), "accuracy": accuracy, "iterations": iterations}
+
+
+def set_scalar_head(model, weight: torch.Tensor) -> None:
+    """Write the probe's w into the model's scalar head ("score", Linear(hidden, 1)); a bias, where the
+    head has one, is zeroed (a constant shifts every score alike and leaves each pair's order)."""
+    head = model.score
+    with torch.no_grad():
+        head.weight.copy_(weight.view_as(head.weight).to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def probe_reward_model(cfg: RMConfig, model, tokenizer, examples: list[dict], run: RunDir) -> dict:
+    """`probe.enabled`: features of every pair from the frozen model (cached as `probe_features.pt`, so a
+    killed run resumes after them), the head fit by `fit_ranking_probe`, the model saved to final/. The main
+    process does the work (one forward pass over the data); other processes wait for final/."""
+    features = run.path / "probe_features.pt"
+    desc = f"rm-probe[{cfg.margin_scale}]"
+    summary: dict = {}
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        cached = torch.load(features) if features.is_file() else None
+        if cached is not None and cached.get("config_hash") == run.hash and len(cached["chosen"]) == len(examples):
+            chosen, rejected = cached["chosen"], cached["rejected"]
+            print(f"[{desc}] features of {len(examples)} pairs read from {features}")
+        else:
+            print(f"[{desc}] features of {len(examples)} pairs from the frozen model (one forward pass)")
+            chosen, rejected = pair_features(model, examples, tokenizer.pad_token_id, batch_size=cfg.probe.batch_size,
+                                             attn_implementation=cfg.model.attn_implementation, desc=desc)
+            tmp = features.with_suffix(".tmp")
+            torch.save({"chosen": chosen, "rejected": rejected, "config_hash": run.hash}, tmp)
+            tmp.replace(features)
+            fault_point("rm.probe_features")
+        seconds_features = time.perf_counter() - t0
+        margin = torch.tensor([e["margin"] for e in examples])
+        log = MetricsLog(run.path, cfg.logging.tensorboard, resume_step=0, wandb=cfg.logging.wandb, name=desc)
+        weight, fit = fit_ranking_probe(chosen, rejected, margin, l2=cfg.probe.l2, max_iter=cfg.probe.max_iter,
+                                        log=lambda it, loss: log.log({"step": it, "loss": loss}))
+        log.close()
+        set_scalar_head(model, weight)
+        save_pretrained_atomic(run.final_dir, model, tokenizer)
+        elapsed = time.perf_counter() - t0
+        print(f"[{desc}] head fit in {fit['iterations']} L-BFGS iterations: loss {fit['loss']:.4f}, training "
+              f"accuracy {fit['accuracy']:.3f}")
+        summary.update(steps=fit["iterations"], resumed_from=0, final={"loss": fit["loss"], "accuracy": fit["accuracy"]},
+                       probe={**fit, "features_seconds": seconds_features, "l2": cfg.probe.l2},
+                       pairs_per_s=len(examples) / max(elapsed, 1e-9), seconds=elapsed)
+
+    main_process_does(work, lambda: (run.final_dir / COMPLETE_MARK).is_file(), "the probe's final model", desc)
     return summary
 
 

@@ -1,0 +1,95 @@
+"""The linear-probe reward model (`probe.enabled`): the fit is the optimum of the ranking loss it states
+(checked by its gradient, computed here by hand), it does not depend on the features' units, the features are
+what the scalar head reads, and `align rm` with a probe saves a model whose own scores order pairs as the fit
+did; a probe with LoRA is refused in one line."""
+import json
+import math
+
+import pytest
+import torch
+
+from alignment.config import RMConfig, load_config
+from alignment.config.loader import ConfigError
+from alignment.stages.reward_model import encode_pairs, fit_ranking_probe, pair_features, run_rm, score_pairs
+
+from test_reward_model import make_pairs, recipe, reward_model
+
+
+def _pairs(n=200, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(dim, generator=g)
+    chosen, rejected = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    swap = (chosen @ truth) < (rejected @ truth)  # the better answer by the true direction is "chosen"...
+    flip = torch.rand(n, generator=g) < 0.15  # ...but for 15% label noise
+    swap ^= flip
+    chosen[swap], rejected[swap] = rejected[swap].clone(), chosen[swap].clone()
+    return chosen, rejected, truth
+
+
+def test_the_fit_is_where_the_stated_objective_has_zero_gradient():
+    chosen, rejected, _ = _pairs()
+    margin = torch.linspace(0.0, 1.0, len(chosen))
+    l2 = 0.05
+    w, info = fit_ranking_probe(chosen, rejected, margin, l2=l2, max_iter=200)
+    # by hand: loss(u) = mean softplus(-(z u - m)) + l2/2 |u|^2 with z = (c - r) / sd, u = w * sd
+    c, r, m = chosen.double(), rejected.double(), margin.double()
+    sd = torch.cat([c, r]).std(dim=0)
+    z, u = (c - r) / sd, w.double() * sd
+    s = 1 / (1 + torch.exp(z @ u - m))  # sigmoid(-(z u - m))
+    grad = -(s[:, None] * z).mean(dim=0) + l2 * u
+    assert grad.abs().max() < 1e-5, grad
+    loss = torch.log1p(torch.exp(-(z @ u - m))).mean() + l2 / 2 * (u @ u)
+    assert math.isclose(info["loss"], float(loss), rel_tol=1e-5)
+    assert info["accuracy"] == pytest.approx(float(((c - r) @ w.double() > 0).double().mean()))
+
+
+def test_the_probe_finds_the_preferred_direction_whatever_the_features_units():
+    chosen, rejected, truth = _pairs(n=400)
+    w, info = fit_ranking_probe(chosen, rejected, torch.zeros(len(chosen)), l2=0.01, max_iter=200)
+    assert torch.nn.functional.cosine_similarity(w, truth, dim=0) > 0.9
+    assert 0.75 < info["accuracy"] < 0.95  # 15% of the labels are flipped
+    scale = torch.tensor([1.0, 1e3, 1e-3, 5.0, 1.0, 200.0])  # one feature in other units changes nothing
+    w2, _ = fit_ranking_probe(chosen * scale, rejected * scale, torch.zeros(len(chosen)), l2=0.01, max_iter=200)
+    assert torch.allclose((chosen * scale) @ w2, chosen @ w, rtol=1e-3, atol=1e-4)
+
+
+def test_features_are_what_the_scalar_head_reads(nano_model_dir):
+    model, tokenizer = reward_model(nano_model_dir)
+    examples = encode_pairs(tokenizer, make_pairs(6), 64, "small")
+    chosen, rejected = pair_features(model, examples, tokenizer.pad_token_id, batch_size=5)
+    with torch.no_grad():
+        want_c, want_r = score_pairs(model, examples, list(range(6)), tokenizer.pad_token_id)
+        head = model.score.weight[0].float()
+    assert torch.allclose(chosen @ head, want_c, atol=1e-4)
+    assert torch.allclose(rejected @ head, want_r, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["nano_model_dir", "smollm2_random_dir"])
+def test_align_rm_with_a_probe_saves_a_model_that_scores_as_the_fit(tmp_path, base, request):
+    base_dir = request.getfixturevalue(base)
+    smollm2 = base == "smollm2_random_dir"  # ChatML, pad = EOS, a 49k vocabulary
+    train = make_pairs(40 if smollm2 else 120, seed=1)
+    path = recipe(tmp_path, base_dir, train, make_pairs(8 if smollm2 else 40, seed=2, prefix="t"),
+                  probe={"enabled": True, "l2": 0.05, "batch_size": 7}, **({"chat": {"template": "model"}} if smollm2 else {}))
+    summary = run_rm(load_config(RMConfig, path))
+    run = tmp_path / "run"
+    assert (run / "probe_features.pt").is_file() and (run / "done.json").is_file()
+    fit_accuracy = summary["probe"]["accuracy"]
+    # the saved model, loaded back as the RM stage's evaluation does, orders the training pairs as the fit did
+    model, tokenizer = reward_model(run / "final")  # as saved (its chat template stored with it)
+    with torch.no_grad():
+        model.score.weight.div_(50.0)  # reward_model() spreads a new head's scores; undo it for the saved one
+        examples = encode_pairs(tokenizer, train, 64, "small")
+        c, r = score_pairs(model, examples, list(range(len(examples))), tokenizer.pad_token_id)
+    assert (c > r).double().mean().item() == pytest.approx(fit_accuracy, abs=1 / len(train))
+    assert fit_accuracy > (0.55 if smollm2 else 0.6)  # 40 pairs in 576 dimensions: the random model's features fit
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, summary["probe"]["iterations"] + 1))
+    assert records[-1]["loss"] <= records[0]["loss"]
+
+
+def test_a_probe_with_lora_is_refused_in_one_line(tmp_path, nano_model_dir):
+    path = recipe(tmp_path, nano_model_dir, make_pairs(8), probe={"enabled": True},
+                  model={"path": str(nano_model_dir), "lora": {"enabled": True}})
+    with pytest.raises(ConfigError, match="model.lora.enabled=false"):
+        load_config(RMConfig, path)
