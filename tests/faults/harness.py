@@ -44,7 +44,7 @@ from alignment.faults import AT_ENV, TRACE_ENV, read_trace
 REPO = Path(__file__).resolve().parents[2]
 TIMING = re.compile(r"(_per_s$|^time_|^seconds$|^finished$|^started$)")
 PHASES = (("checkpoint", ("checkpoint.", "commit.")), ("sampling", ("sampling.", "gatt.sampled")),
-          ("training", ("train.", "ppo.")), ("file write", ("io.",)), ("pipeline", ("pipeline.",)))
+          ("training", ("train.", "ppo.", "rm.")), ("file write", ("io.",)), ("pipeline", ("pipeline.",)))
 DAMAGES = ("flip", "truncate", "delete", "torn-log", "litter")
 MAX_ATTEMPTS = 6
 RUN_TIMEOUT = 600.0

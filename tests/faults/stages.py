@@ -104,6 +104,12 @@ def reward_model(fix: Fixtures, out: Path) -> list[str]:
         "output.save_every_steps": 2, "output.dir": str(out), **QUIET})
 
 
+def reward_model_probe(fix: Fixtures, out: Path) -> list[str]:
+    """The RM as a linear probe (probe.enabled): features cached in the run, then the head fit and saved."""
+    args = reward_model(fix, out)
+    return args + ["--set", "probe.enabled=true", "--set", "model.lora.enabled=false"]
+
+
 def dpo(fix: Fixtures, out: Path) -> list[str]:
     return _args("dpo", TINY / "dpo.yaml", {
         "model.path": str(fix.base), "data.primary": _src(fix, "pref_helpful_train"),
@@ -176,6 +182,7 @@ def pipeline(fix: Fixtures, out: Path) -> list[str]:
 
 
 STAGES: dict[str, Callable[[Fixtures, Path], list[str]]] = {
-    "pretrain": pretrain, "sft": sft, "rm": reward_model, "rejection-sampling": rejection_sampling,
+    "pretrain": pretrain, "sft": sft, "rm": reward_model, "rm-probe": reward_model_probe,
+    "rejection-sampling": rejection_sampling,
     "ppo": ppo, "dpo": dpo, "gatt": gatt, "pipeline": pipeline,
 }
