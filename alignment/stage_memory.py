@@ -180,7 +180,20 @@ def plan_sft(cfg, setup: Setup, default: str | None) -> StagePlan:
 
 
 def plan_rm(cfg, setup: Setup, default: str | None) -> StagePlan:
-    # one forward scores the chosen and the rejected answers of micro_batch_size pairs: 2x the rows
+    """The fine-tuning planner with a scalar head, a micro-batch's chosen and rejected answers in one forward;
+    or, with `probe.enabled`, the frozen model on the main process (a full copy, no optimizer states, no
+    gradients) computing features probe.batch_size answers per forward, and their cache in CPU memory."""
+    if cfg.probe.enabled:
+        rm = _frozen(setup, cfg.model.path, "reward model (frozen, probe)", Head.SCORE, cfg.model.dtype, default)
+        shape = resolve_shape(cfg.model.path, default)
+        rows = cfg.probe.batch_size
+        features = Phase("features", ((f"{rm.role} {rm.shape}: weights", rm.gpu),
+                                      (f"forward: one layer's activations, {rows} x {cfg.train.max_length} tokens",
+                                       layer_activation_bytes(shape, rows, cfg.train.max_length,
+                                                              act_bytes=setup.act_bytes)), RESERVED))
+        return StagePlan("rm", setup, (rm,), (features,), _loading(setup, [rm]),
+                         notes=("probe: the head is fit on the main process from cached features "
+                                "(2 x pairs x hidden floats in CPU memory); other processes wait",))
     rm, train = _finetune(cfg, setup, default, Head.SCORE, "reward model", rows=2 * cfg.train.micro_batch_size)
     return StagePlan("rm", setup, (rm,), (train,), max(_loading(setup, [rm]), rm.cpu_per_node))
 

@@ -239,6 +239,12 @@ def test_stage_plans_hold_the_models_each_stage_loads():
     rm = _plan("recipes/llama2-7b/rm_helpful.yaml", "rm")
     assert rm.models[0].params == num_params(LLAMA2["llama2-7b"], Head.SCORE)
     assert "4 x 4096 tokens" in rm.phases[0].items[1][0]  # 2 pairs per micro-batch: chosen + rejected rows
+    probe = _plan("recipes/llama2-7b/rm_helpful.yaml", "rm", 8, 1, "probe.enabled=true", "model.lora.enabled=false")
+    assert [p.name for p in probe.phases] == ["features"] and not probe.models[0].trainable
+    weights = 2 * num_params(LLAMA2["llama2-7b"], Head.SCORE)  # a bf16 full copy: no gradients, no Adam states
+    assert probe.models[0].gpu == weights and dict(probe.phases[0].items)[
+        "reward model (frozen, probe) llama2-7b: weights"] == weights
+    assert probe.peak.total <= 80 * GiB  # a full copy on one GPU: more than ZeRO-3 training holds per GPU, still fits
     zero2 = _plan("recipes/llama2-7b/sft.yaml", "sft", 8, 1, "distributed.deepspeed=recipes/deepspeed/zero2.json")
     assert dict(zero2.phases[0].items)["ZeRO-2 communication buckets"] == 2 * (5e8 + 5e8) * 4.5
 
