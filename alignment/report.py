@@ -79,7 +79,9 @@ def real_pairs_summary(rm_dir: str | Path, test: str, cache: Path) -> dict:
            "seed": rm_cfg.seed, "max_length": rm_cfg.train.max_length, "template": rm_cfg.chat.template}
     untrained = cached(cache / f"untrained_head_{test}.json", key,
                        lambda: {"accuracy": pair_accuracy(*untrained_head_scores(rm_cfg, rows))})
-    return {"test": test, "count": len(rows), "safety_rm": trained["accuracy"],
+    training = ("a linear probe" if rm_cfg.probe.enabled else "LoRA" if rm_cfg.model.lora.enabled
+                else "full fine-tuning")
+    return {"test": test, "count": len(rows), "safety_rm": trained["accuracy"], "training": training,
             "shorter_answer_wins": pair_accuracy(*shorter_answer_scores(rows)),
             "untrained_head": untrained["accuracy"], "untrained_head_model": rm_cfg.model.path,
             "paper_table7_anthropic_harmless": {k: v / 100 for k, v in PAPER_ANTHROPIC_HARMLESS.items()}}
@@ -91,7 +93,8 @@ def real_pairs_line(report: dict) -> str:
     if not r:
         return ""
     paper = ", ".join(f"{name} {acc:.3f}" for name, acc in r["paper_table7_anthropic_harmless"].items())
-    return (f"safety RM on {r['count']} held-out real pairs ({r['test']}): accuracy {r['safety_rm']:.3f}; "
+    return (f"safety RM ({r['training']}) on {r['count']} held-out real pairs ({r['test']}): accuracy "
+            f"{r['safety_rm']:.3f}; "
             f"the shorter answer wins {r['shorter_answer_wins']:.3f}; its starting model with an untrained "
             f"scalar head {r['untrained_head']:.3f}; paper Table 7 on Anthropic Harmless: {paper}")
 

@@ -151,6 +151,7 @@ def test_real_pairs_summary_puts_the_rm_beside_computed_baselines_and_the_paper(
     assert summary["untrained_head"] == pair_accuracy(chosen, rejected)
     line = real_pairs_line({"reward_models": {"safety": {"real_pairs": summary}}})
     assert "accuracy 0.750" in line and "the shorter answer wins 0.667" in line and "Llama 2 Safety RM 0.747" in line
+    assert summary["training"] == "full fine-tuning" and "safety RM (full fine-tuning) on 6" in line
 
     # cached: a second report does not score the pairs again
     monkeypatch.setattr(report_module, "untrained_head_scores", lambda *a: pytest.fail("scored again"))

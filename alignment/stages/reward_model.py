@@ -273,7 +273,8 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
         write_json_atomic(run.path / "mix.json", mix)
         c = mix["counts"]
         print(f"[rm] {len(pairs)} pairs: {c['primary']} primary + {c['secondary_drawn']} of "
-              f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; {len(plan.steps)} steps")
+              f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; "
+              + ("a linear probe (features, then the head by L-BFGS)" if cfg.probe.enabled else f"{len(plan.steps)} steps"))
         if mix["dedup_test_prompts"] is not None:
             d = mix["dedup_test_prompts"]
             print(f"[rm] dropped {d['primary']['removed']} primary and {d['secondary']['removed']} secondary pairs "
