@@ -70,11 +70,15 @@ def test_align_rm_with_a_probe_saves_a_model_that_scores_as_the_fit(tmp_path, ba
     smollm2 = base == "smollm2_random_dir"  # ChatML, pad = EOS, a 49k vocabulary
     train = make_pairs(40 if smollm2 else 120, seed=1)
     path = recipe(tmp_path, base_dir, train, make_pairs(8 if smollm2 else 40, seed=2, prefix="t"),
-                  probe={"enabled": True, "l2": 0.05, "batch_size": 7}, **({"chat": {"template": "model"}} if smollm2 else {}))
+                  probe={"enabled": True, "batch_size": 7, **({"l2": [0.05]} if smollm2 else {})},
+                  **({"chat": {"template": "model"}} if smollm2 else {}))
     summary = run_rm(load_config(RMConfig, path))
     run = tmp_path / "run"
     assert (run / "probe_features.pt").is_file() and (run / "done.json").is_file()
     fit_accuracy = summary["probe"]["accuracy"]
+    cv = summary["probe"]["cv_accuracy"]  # the default grid is cross-validated; one given penalty is not
+    assert (sorted(cv) == ["0.05", "0.2", "0.5", "2.0"]) if not smollm2 else cv == {}
+    assert summary["probe"]["l2"] == (float(max(cv, key=lambda k: (cv[k], float(k)))) if cv else 0.05)
     # the saved model, loaded back as the RM stage's evaluation does, orders the training pairs as the fit did
     model, tokenizer = reward_model(run / "final")  # as saved (its chat template stored with it)
     with torch.no_grad():
@@ -93,3 +97,27 @@ def test_a_probe_with_lora_is_refused_in_one_line(tmp_path, nano_model_dir):
                   model={"path": str(nano_model_dir), "lora": {"enabled": True}})
     with pytest.raises(ConfigError, match="model.lora.enabled=false"):
         load_config(RMConfig, path)
+
+
+def test_cross_validation_picks_the_penalty_that_generalises():
+    from alignment.stages.reward_model import choose_probe_l2
+
+    g = torch.Generator().manual_seed(3)
+    n, dim = 60, 120  # few pairs, many noise features: an unpenalised head fits the noise
+    chosen, rejected = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    chosen[:, 0] += 1.0  # one weak real signal
+    zero = torch.zeros(n)
+    best, table = choose_probe_l2(chosen, rejected, zero, [1e-4, 3.0], folds=5, seed=0, max_iter=100)
+    assert set(table) == {"0.0001", "3.0"} and all(0.0 <= v <= 1.0 for v in table.values())
+    assert table["3.0"] > table["0.0001"] and best == 3.0, table
+    assert choose_probe_l2(chosen, rejected, zero, [0.7], folds=5, seed=0, max_iter=100) == (0.7, {})
+    # a tie goes to the larger penalty: identical features for every pair give every l2 the same accuracy
+    same = torch.ones(n, dim)
+    assert choose_probe_l2(same, same, zero, [0.1, 1.0], folds=3, seed=0, max_iter=10)[0] == 1.0
+
+
+def test_an_empty_or_negative_penalty_grid_is_refused(tmp_path, nano_model_dir):
+    for bad, message in (([], "probe.l2 is empty"), ([-1.0], "probe.l2")):
+        path = recipe(tmp_path, nano_model_dir, make_pairs(8), probe={"enabled": True, "l2": bad})
+        with pytest.raises(ConfigError, match=message):
+            load_config(RMConfig, path)

@@ -97,7 +97,10 @@ class RMProbeSection:
     no backward through the model: several times more pairs than LoRA in the same CPU time."""
 
     enabled: bool = False
-    l2: float = ranged(">= 0", 0.05)  # penalty l2/2 * |w * sd|^2: on the head over standardised features
+    # penalties l2/2 * |w * sd|^2 (on the head over standardised features) to choose from: by k-fold
+    # cross-validated accuracy on the training pairs where there are several, the best (the larger on a tie)
+    l2: list[float] = ranged(">= 0", factory=lambda: [0.05, 0.2, 0.5, 2.0])
+    cv_folds: int = ranged(">= 2", 5)  # folds of the cross-validation that picks l2
     max_iter: int = ranged(">= 1", 200)  # L-BFGS iterations (full batch; the fit is convex)
     batch_size: int = ranged(">= 1", 16)  # answers per forward while computing the features
 
@@ -119,6 +122,8 @@ class RMConfig(FineTuneSections):
     probe: RMProbeSection = field(default_factory=RMProbeSection)
 
     def __post_init__(self):
+        if not self.probe.l2:
+            raise ConfigError("probe.l2 is empty: give at least one penalty (e.g. [0.5])")
         if self.probe.enabled and self.model.lora.enabled:
             raise ConfigError("probe.enabled trains the scalar head alone on a frozen model: set "
                               "model.lora.enabled=false (or probe.enabled=false to fine-tune with LoRA)")

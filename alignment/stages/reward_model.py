@@ -348,6 +348,29 @@ def fit_ranking_probe(chosen: torch.Tensor, rejected: torch.Tensor, margin: torc
     return w.float(), {"loss": float(objective().detach()), "accuracy": accuracy, "iterations": iterations}
 
 
+def choose_probe_l2(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, grid: list[float], *,
+                    folds: int, seed: int, max_iter: int) -> tuple[float, dict[str, float]]:
+    """The penalty of `grid` whose probe ranks held-out folds best: the pairs in a seeded random order are cut
+    into `folds` folds; each fold is scored by the head `fit_ranking_probe` fits on the others (accuracy:
+    chosen scored above rejected). Returns (best l2, {str(l2): mean accuracy over the folds}); a tie goes to
+    the larger penalty (the smoother head). A one-value grid is returned as is, with no folds run."""
+    if len(grid) == 1:
+        return grid[0], {}
+    order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))
+    parts = [order[k::folds] for k in range(folds)]
+    table = {}
+    for l2 in grid:
+        right = 0
+        for held in parts:
+            keep = torch.ones(len(chosen), dtype=torch.bool)
+            keep[held] = False
+            w, _ = fit_ranking_probe(chosen[keep], rejected[keep], margin[keep], l2=l2, max_iter=max_iter)
+            right += int(((chosen[held] - rejected[held]) @ w > 0).sum())
+        table[str(l2)] = right / len(chosen)
+    best = max(grid, key=lambda l2: (table[str(l2)], l2))
+    return best, table
+
+
 def set_scalar_head(model, weight: torch.Tensor) -> None:
     """Write the probe's w into the model's scalar head ("score", Linear(hidden, 1)); a bias, where the
     head has one, is zeroed (a constant shifts every score alike and leaves each pair's order)."""
@@ -382,8 +405,13 @@ def probe_reward_model(cfg: RMConfig, model, tokenizer, examples: list[dict], ru
             fault_point("rm.probe_features")
         seconds_features = time.perf_counter() - t0
         margin = torch.tensor([e["margin"] for e in examples])
+        p = cfg.probe
+        l2, cv = choose_probe_l2(chosen, rejected, margin, p.l2, folds=p.cv_folds, seed=cfg.seed, max_iter=p.max_iter)
+        if cv:
+            print(f"[{desc}] l2 by {p.cv_folds}-fold cross-validated accuracy: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in cv.items()) + f"; chosen {l2}")
         log = MetricsLog(run.path, cfg.logging.tensorboard, resume_step=0, wandb=cfg.logging.wandb, name=desc)
-        weight, fit = fit_ranking_probe(chosen, rejected, margin, l2=cfg.probe.l2, max_iter=cfg.probe.max_iter,
+        weight, fit = fit_ranking_probe(chosen, rejected, margin, l2=l2, max_iter=p.max_iter,
                                         log=lambda it, loss: log.log({"step": it, "loss": loss}))
         log.close()
         set_scalar_head(model, weight)
@@ -392,7 +420,7 @@ def probe_reward_model(cfg: RMConfig, model, tokenizer, examples: list[dict], ru
         print(f"[{desc}] head fit in {fit['iterations']} L-BFGS iterations: loss {fit['loss']:.4f}, training "
               f"accuracy {fit['accuracy']:.3f}")
         summary.update(steps=fit["iterations"], resumed_from=0, final={"loss": fit["loss"], "accuracy": fit["accuracy"]},
-                       probe={**fit, "features_seconds": seconds_features, "l2": cfg.probe.l2},
+                       probe={**fit, "features_seconds": seconds_features, "l2": l2, "cv_accuracy": cv},
                        pairs_per_s=len(examples) / max(elapsed, 1e-9), seconds=elapsed)
 
     main_process_does(work, lambda: (run.final_dir / COMPLETE_MARK).is_file(), "the probe's final model", desc)
