@@ -46,18 +46,29 @@ def closing_summary(nb) -> str:
     return text
 
 
-def test_gatt_attention_notebook_executes(kernel, nano_model_dir, monkeypatch):
-    monkeypatch.setenv("GATT_BEFORE", str(nano_model_dir))
-    monkeypatch.setenv("GATT_AFTER", str(nano_model_dir))
+def test_gatt_attention_notebook_executes(kernel, nano_model_dir, tmp_path, monkeypatch):
+    """"Before" is the model the GAtt run started from (its config's model.path), not a fixed directory."""
+    import shutil
+
+    run = tmp_path / "gatt"
+    shutil.copytree(nano_model_dir, run / "final")
+    (run / "config.json").write_text(json.dumps({"hash": "x", "config": {"model": {"path": str(nano_model_dir)}}}))
+    monkeypatch.setenv("GATT_RUN", str(run))
     monkeypatch.setenv("GATT_TURNS", "3")
     monkeypatch.setenv("GATT_MAX_NEW_TOKENS", "6")
     nb = execute(REPO / "notebooks" / "gatt_attention.ipynb", kernel)
     text = outputs_text(nb)
+    assert f"before GAtt: {nano_model_dir} (model.path of {run}/config.json)" in text
+    assert f"after GAtt:  {run / 'final'}" in text
     assert "system instruction:" in text
     assert text.count("attention on the system prompt per turn") == 2
+    assert text.count("log-prob gain from the system prompt per turn") == 2
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert len(images) == 3
+    summary = closing_summary(nb)
+    # the same weights before and after: the same attention and the same dependence on the system prompt
+    assert "3 turns" in summary and "the same weights" in summary
 
 
 def _rm_eval(acc: float) -> dict:
