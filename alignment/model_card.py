@@ -67,11 +67,17 @@ def _recipe(argv: list[str]) -> str | None:
 
 
 def card_fields(checkpoint: str | Path, run_dir: str | Path, stage: str, stage_help: str = "") -> dict:
-    """What the card says, read from the run directory and the checkpoint (see the module docstring)."""
+    """What the card says, read from the run directory and the checkpoint (see the module docstring).
+
+    `config.json` and `run.json` are written by every run before it trains (`runs.Run.prepare`), so their keys
+    are read directly: a missing one is a bug, and raises. Optional: `eval.json` (not every stage evaluates),
+    the model section's `path` (pretraining builds its model), the checkpoint's `chat_format.json`, and the
+    starting checkpoint's card (any model directory, not one of ours)."""
     run_dir = Path(run_dir)
-    read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else {}  # noqa: E731
-    config, run, result = read("config.json"), read("run.json"), read("eval.json")
-    start = (config.get("config", {}).get("model") or {}).get("path")
+    config = json.loads((run_dir / "config.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    result = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    start = config["config"]["model"].get("path")  # pretrain's TinyModelSection has none
     parent: dict = {}
     if start and (Path(start) / CARD_FILE).is_file():
         parent = read_front_matter((Path(start) / CARD_FILE).read_text())
@@ -85,8 +91,8 @@ def card_fields(checkpoint: str | Path, run_dir: str | Path, stage: str, stage_h
         "name": f"{run_dir.name}/{Path(checkpoint).name}", "stage": stage, "stage_help": stage_help,
         "kind": checkpoint_kind(checkpoint) or POLICY, "base_model": base_model, "start": start,
         "license": parent.get("license") or (PROJECT_LICENSE if start is None else None),
-        "recipe": _recipe(run.get("argv") or []), "config_hash": config.get("hash"),
-        "commit": run.get("git_commit"), "inputs": run.get("inputs") or {}, "template": template,
+        "recipe": _recipe(run["argv"]), "config_hash": config["hash"],
+        "commit": run["git_commit"], "inputs": run["inputs"], "template": template,
         "metrics": flat_metrics(result), "metrics_source": "the run's eval.json",
     }
 

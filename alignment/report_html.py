@@ -25,8 +25,8 @@ LABELS = {
     "combined_rm": "combined RM score ↑",
     "violation": "violation (gold) ↓",
     "refusal": "refusal",  # right on adversarial prompts, a false refusal on the others
-    "reward_combined": "combined RM reward of the rollouts ↑",
-    "kl": "KL to the reference policy (nats per answer)",
+    "reward_combined": "combined RM reward ↑",
+    "kl": "KL to the reference policy (nats per answer) ↓",  # what the penalty keeps small
     "accuracy": "accuracy ↑",
     "adherence": "share obeying the system instruction ↑",
     TrainingLoss.LM: "LM loss (token-mean NLL) ↓",
@@ -40,11 +40,50 @@ LOSS_PLOTS = {TrainingLoss.LM: "LM loss per stage (pretraining and fine-tunes)",
               TrainingLoss.DPO: "DPO loss per stage"}
 
 
+# PPO's metrics.jsonl keys drawn by the report, each in its own panel: the rollouts' reward and KL (every
+# iteration), then the in-training evaluation on PPO's own held-out prompts (every few iterations)
+PPO_PANELS = ("reward_combined", "kl", "eval_reward_combined", "eval_gold_helpfulness", "eval_violation_rate",
+              "eval_false_refusal_rate")
+
+
 def label(key: str) -> str:
     """The label of a metric key; an `eval_` key of a training run is its metric on that run's held-out prompts."""
     if key.startswith("eval_"):
         return f"{LABELS[key[len('eval_'):]]} (in-training eval)"
     return LABELS[key]
+
+
+def ppo_panels(metrics: list[dict]) -> list[tuple[str, list[int], list[float]]]:
+    """(key, PPO iterations, values) of each PPO_PANELS key that a PPO run's metrics rows hold, in that order."""
+    panels = []
+    for key in PPO_PANELS:
+        rows = [m for m in metrics if key in m]
+        if rows:
+            panels.append((key, [m["step"] for m in rows], [m[key] for m in rows]))
+    return panels
+
+
+def ppo_figure(metrics: list[dict], name: str):
+    """PPO's metrics, one panel per quantity (each its own y axis, titled with its label and direction); None
+    when the run logged none of PPO_PANELS."""
+    import matplotlib.pyplot as plt
+
+    panels = ppo_panels(metrics)
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (key, steps, values) in zip(axes.flat, panels):
+        ax.plot(steps, values, "o-" if key.startswith("eval_") else "-")
+        ax.set_title(label(key), fontsize=9)
+        ax.set(xlabel="PPO iteration")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{name}: the rollouts' reward and KL (every iteration), the in-training evaluation on its "
+                 "held-out prompts", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def loss_curves(manifest: dict) -> dict[TrainingLoss, list[tuple[str, list[int], list[float]]]]:
@@ -136,18 +175,9 @@ def report_plots(report: dict, manifest: dict) -> list[tuple[str, str]]:
         entry = manifest["stages"].get(name, {})
         if entry.get("stage") != "ppo" or entry.get("status") != "done":
             continue
-        metrics = read_metrics(entry["dir"])
-        keys = [k for k in ("reward_combined", "kl", "eval_gold_helpfulness", "eval_violation_rate")
-                if any(k in m for m in metrics)]
-        if keys:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            for key in keys:
-                rows = [m for m in metrics if key in m]
-                ax.plot([m["step"] for m in rows], [m[key] for m in rows], "o-" if key.startswith("eval") else "-",
-                        label=label(key))
-            ax.set(xlabel="PPO iteration", title=f"{name}: reward, KL and in-training evaluation")
-            ax.legend(fontsize=8)
-            keep(fig, f"PPO ({name}): reward and KL")
+        fig = ppo_figure(read_metrics(entry["dir"]), name)
+        if fig is not None:
+            keep(fig, f"PPO ({name}): reward, KL and in-training evaluation")
     return plots
 
 
@@ -166,61 +196,62 @@ def _minutes(seconds: float | None) -> str:
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
 
+def _table(head: list[str], rows: list[list], text_columns: tuple[int, ...] = (), table_id: str | None = None) -> str:
+    """An HTML table: a header row of `head`, then `rows` of cell values, all escaped; the columns numbered in
+    `text_columns` hold prose (left-aligned, class text), the others figures (right-aligned)."""
+    def cells(row: list, tag: str) -> str:
+        return "".join(f"<{tag}{' class=text' if tag == 'td' and i in text_columns else ''}>{_e(v)}</{tag}>"
+                       for i, v in enumerate(row))
+
+    opening = f'<table id="{table_id}">' if table_id else "<table>"
+    return opening + f"<tr>{cells(head, 'th')}</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>"
+
+
 def _checkpoint_table(report: dict) -> str:
     keys = [k for k in TABLE_KEYS if any(k in c for c in report["checkpoints"])]
-    head = "".join(f"<th>{_e(LABELS[k])}</th>" for k in keys)
-    rows = "".join(
-        f"<tr><td>{_e(c['name'])}</td><td class=text>{_e(c['method'])}</td>"
-        + "".join(f"<td>{_num(c.get(k))}</td>" for k in keys)
-        + f"<td>{c['num_prompts']} ({' / '.join(str(c[f'num_{k}']) for k in KINDS)})</td></tr>"
-        for c in report["checkpoints"])
-    return (f'<table id="checkpoints"><tr><th>checkpoint</th><th>method</th>{head}'
-            f"<th>prompts ({' / '.join(KINDS)})</th></tr>{rows}</table><p>{_e(DIRECTIONS)}.</p>")
+    head = ["checkpoint", "method", *(LABELS[k] for k in keys), f"prompts ({' / '.join(KINDS)})"]
+    rows = [[c["name"], c["method"], *(_num(c.get(k)) for k in keys),
+             f"{c['num_prompts']} ({' / '.join(str(c[f'num_{k}']) for k in KINDS)})"] for c in report["checkpoints"]]
+    return _table(head, rows, text_columns=(1,), table_id="checkpoints") + f"<p>{_e(DIRECTIONS)}.</p>"
 
 
 def _reconciliation(rec: dict) -> str:
-    rows = "".join(
-        f"<tr><td>{_e(LABELS[m['metric']])}</td><td>{_num(m['in_training'])}</td><td>{m['in_training_n'] or '-'}</td>"
-        f"<td>{_num(m['in_training_se'])}</td><td>{_num(m['table'])}</td><td>{m['table_n']}</td>"
-        f"<td>{_num(m['table_se'])}</td><td>{_num(m['difference'])}</td><td>{_num(m['combined_se'])}</td></tr>"
-        for m in rec["metrics"])
+    head = ["metric", f"in training (iteration {rec['iteration']})", "n", "SE", "this table", "n", "SE", "difference",
+            "SE of the difference"]
+    rows = [[LABELS[m["metric"]], _num(m["in_training"]), m["in_training_n"] or "-", _num(m["in_training_se"]),
+             _num(m["table"]), m["table_n"], _num(m["table_se"]), _num(m["difference"]), _num(m["combined_se"])]
+            for m in rec["metrics"]]
     return (f"<h3>{_e(rec['checkpoint'])} ({_e(rec['stage'])}): in-training evaluation and this table</h3>"
-            f"<p>{_e(rec['why'])}</p><table><tr><th>metric</th><th>in training (iteration {rec['iteration']})</th>"
-            "<th>n</th><th>SE</th><th>this table</th><th>n</th><th>SE</th><th>difference</th><th>SE of the difference</th>"
-            f"</tr>{rows}</table>")
+            f"<p>{_e(rec['why'])}</p>" + _table(head, rows))
 
 
 def _samples(report: dict) -> str:
     prompts = report["sample_answers"]["prompts"]
     answers = report["sample_answers"]["answers"]
     fields = ("gold_helpfulness", "violation", "refusal", "helpful_rm", "safety_rm")
-    head = "<tr><th>checkpoint</th><th>answer</th>" + "".join(f"<th>{_e(LABELS[f])}</th>" for f in fields) + "</tr>"
+    head = ["checkpoint", "answer", *(LABELS[f] for f in fields)]
     out = ""
     for kind in KINDS:
         shown = [(i, p) for i, p in enumerate(prompts) if p["kind"] == kind]
         if shown:
             out += f"<h3>{_e(kind)} prompts</h3>"
         for i, prompt in shown:
-            rows = ""
+            rows = []
             for name, records in answers.items():
                 r = records[i]
                 cells = {"gold_helpfulness": _num(r.get("gold_helpfulness")), "helpful_rm": _num(r.get("helpful_rm")),
                          "safety_rm": _num(r.get("safety_rm")), "refusal": "yes" if r["refusal"] else "no",
                          "violation": "-" if "gold_safe" not in r else "no" if r["gold_safe"] else "yes"}
-                rows += (f"<tr><td>{_e(name)}</td><td class=text>{_e(r['answer'])}</td>"
-                         + "".join(f"<td>{cells[f]}</td>" for f in fields) + "</tr>")
-            out += f"<p><b>{_e(prompt['prompt'])}</b></p><table>{head}{rows}</table>"
+                rows.append([name, r["answer"], *(cells[f] for f in fields)])
+            out += f"<p><b>{_e(prompt['prompt'])}</b></p>" + _table(head, rows, text_columns=(1,))
     return out
 
 
 def _stages(report: dict) -> str:
-    rows = "".join(
-        f"<tr><td>{_e(s['name'])}</td><td>{_e(s['stage'])}</td><td>{_e(s['status'])}</td><td>{_minutes(s['seconds'])}</td>"
-        f"<td class=text>{_e(s['dir'])}</td><td class=text>{_e(s['model'] or '-')}</td>"
-        f"<td>{_e(s['config_hash'] or '-')}</td><td>{_e(s['git_commit'] or '-')}</td></tr>"
-        for s in report["stages"])
-    return ('<table id="stages"><tr><th>stage</th><th>kind</th><th>status</th><th>wall time</th><th>run directory</th>'
-            f"<th>model</th><th>config hash</th><th>git commit</th></tr>{rows}</table>")
+    head = ["stage", "kind", "status", "wall time", "run directory", "model", "config hash", "git commit"]
+    rows = [[s["name"], s["stage"], s["status"], _minutes(s["seconds"]), s["dir"], s["model"] or "-",
+             s["config_hash"] or "-", s["git_commit"] or "-"] for s in report["stages"]]
+    return _table(head, rows, text_columns=(4, 5), table_id="stages")
 
 
 def render_html(report: dict, plots: list[tuple[str, str]], lines: list[str]) -> str:

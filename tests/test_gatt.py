@@ -113,6 +113,36 @@ def test_every_turn_labels_equal_one_last_turn_example_per_turn(tokenizer, nano_
     torch.testing.assert_close(full, cuts, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_system", [True, False])
+def test_answer_logprobs_by_turn_equal_each_answer_scored_alone_after_its_dialog(tokenizer, nano_model_dir, with_system):
+    """Each turn's mean answer log-prob from one pass over the whole dialog equals that answer scored on the
+    dialog cut after it (labels on its answer only, cross-entropy by hand), with or without a system prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignment.stages.gatt import answer_logprobs_by_turn, turn_bounds
+
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir).eval()
+    answers = ["AS NAPOLEON, ONE", "AS NAPOLEON, TWO THREE", "AS NAPOLEON, FOUR FIVE SIX"]
+    msgs = training_dialogs([_complete_plan(NAPOLEON, answers)])[0]["messages"]
+    msgs = msgs if with_system else msgs[1:]
+    head = 1 if with_system else 0
+
+    def alone(n: int) -> float:
+        enc = encode_dialog(tokenizer, msgs[:head + 2 * n], train_on="last")
+        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, labels[0, 1:].clamp(min=0), reduction="none")
+        return -nll[labels[0, 1:] != IGNORE_INDEX].mean().item()
+
+    got = answer_logprobs_by_turn(model, tokenizer, msgs)
+    assert got == pytest.approx([alone(n) for n in range(1, len(answers) + 1)], abs=1e-5)
+    bounds = turn_bounds(tokenizer, msgs)
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert bounds[-1][1] == len(encode_dialog(tokenizer, msgs)["input_ids"])
+
+
 @pytest.mark.parametrize("every_turn, expected", [(False, "last"), (True, "all")])
 def test_the_stage_fine_tunes_with_the_labels_every_turn_examples_says(tmp_path, every_turn, expected):
     from alignment.config import from_dict, GAttConfig

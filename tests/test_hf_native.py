@@ -136,6 +136,14 @@ def test_a_finished_stage_leaves_an_hf_native_final_with_its_model_card(tmp_path
     assert "\n" not in err and err.endswith(str(final))
 
 
+def _run_records(run, model: dict, argv: list[str] | None = None, inputs: dict | None = None) -> None:
+    """config.json and run.json as `runs.Run.prepare` writes them (the keys the card reads)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"hash": "h1", "config": {"model": model}}))
+    (run / "run.json").write_text(json.dumps({"git_commit": None, "argv": argv or ["align", "sft"], "inputs": inputs or {},
+                                              "started": "2026-12-03T12:00:00", "versions": {}}))
+
+
 def test_a_reward_model_is_marked_and_refused_by_chat(tmp_path, nano_model_dir, tokenizer, capsys):
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(nano_model_dir, num_labels=1)
@@ -143,8 +151,8 @@ def test_a_reward_model_is_marked_and_refused_by_chat(tmp_path, nano_model_dir, 
     final = tmp_path / "rm" / "final"
     save_pretrained_atomic(final, rm, tokenizer)
     assert not (final / "generation_config.json").exists()
-    (tmp_path / "rm" / "run.json").write_text(json.dumps({"argv": ["align", "rm", "--recipe", "rm.yaml"],
-                                                          "inputs": {"pairs.jsonl": "ab12"}}))
+    _run_records(tmp_path / "rm", {"path": "runs/demo/sft/final"}, ["align", "rm", "--recipe", "rm.yaml"],
+                 {"pairs.jsonl": "ab12"})
     (tmp_path / "rm" / "eval.json").write_text(json.dumps({"test": {"accuracy": 0.75, "count": 8}}))
     card = write_model_card(final, tmp_path / "rm", "rm").read_text()
     front = read_front_matter(card)
@@ -164,14 +172,34 @@ def test_base_model_and_license_follow_the_starting_checkpoints_card(tmp_path):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     AutoConfig.from_pretrained(SMOLLM2_DIR).save_pretrained(run / "final")
-    (run / "config.json").write_text(json.dumps({"hash": "h1", "config": {"model": {"path": str(start)}}}))
+    _run_records(run, {"path": str(start)})
     front = read_front_matter(write_model_card(run / "final", run, "sft").read_text())
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
-    (run / "config.json").write_text(json.dumps({"hash": "h1", "config": {"model": {"path": "meta-llama/Llama-2-7b-hf"}}}))
+    _run_records(run, {"path": "meta-llama/Llama-2-7b-hf"})
     front = read_front_matter(write_model_card(run / "final", run, "sft").read_text())
     assert front["base_model"] == "meta-llama/Llama-2-7b-hf" and "license" not in front
-    (run / "config.json").write_text(json.dumps({"hash": "h1", "config": {"model": {"path": "runs/demo/pretrain/final"}}}))
+    _run_records(run, {"path": "runs/demo/pretrain/final"})
     assert "base_model" not in read_front_matter(write_model_card(run / "final", run, "sft").read_text())
+    _run_records(run, {"size": "tiny"})  # pretraining: no starting checkpoint, the project's licence
+    front = read_front_matter(write_model_card(run / "final", run, "pretrain").read_text())
+    assert "base_model" not in front and front["license"] == "apache-2.0"
+
+
+def test_a_card_of_a_run_missing_a_recorded_key_raises(tmp_path):
+    """config.json and run.json are ours, written before any training: a key missing from them is a bug."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    AutoConfig.from_pretrained(SMOLLM2_DIR).save_pretrained(run / "final")
+    _run_records(run, {"path": "m"})
+    record = json.loads((run / "run.json").read_text())
+    del record["inputs"]
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(KeyError, match="inputs"):
+        write_model_card(run / "final", run, "sft")
+    (run / "run.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        write_model_card(run / "final", run, "sft")
+    assert not (run / "final" / CARD_FILE).exists()
 
 
 def test_the_smollm2_import_card_names_its_hub_model_and_license():

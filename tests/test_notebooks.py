@@ -38,18 +38,37 @@ def outputs_text(nb) -> str:
     return "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
 
 
-def test_gatt_attention_notebook_executes(kernel, nano_model_dir, monkeypatch):
-    monkeypatch.setenv("GATT_BEFORE", str(nano_model_dir))
-    monkeypatch.setenv("GATT_AFTER", str(nano_model_dir))
+def closing_summary(nb) -> str:
+    """The notebook's last cell: "What this showed", rendered as Markdown from the numbers the notebook computed."""
+    (output,) = nb.cells[-1].outputs
+    text = output["data"]["text/markdown"]
+    assert text.startswith("## What this showed"), text
+    return text
+
+
+def test_gatt_attention_notebook_executes(kernel, nano_model_dir, tmp_path, monkeypatch):
+    """"Before" is the model the GAtt run started from (its config's model.path), not a fixed directory."""
+    import shutil
+
+    run = tmp_path / "gatt"
+    shutil.copytree(nano_model_dir, run / "final")
+    (run / "config.json").write_text(json.dumps({"hash": "x", "config": {"model": {"path": str(nano_model_dir)}}}))
+    monkeypatch.setenv("GATT_RUN", str(run))
     monkeypatch.setenv("GATT_TURNS", "3")
     monkeypatch.setenv("GATT_MAX_NEW_TOKENS", "6")
     nb = execute(REPO / "notebooks" / "gatt_attention.ipynb", kernel)
     text = outputs_text(nb)
+    assert f"before GAtt: {nano_model_dir} (model.path of {run}/config.json)" in text
+    assert f"after GAtt:  {run / 'final'}" in text
     assert "system instruction:" in text
     assert text.count("attention on the system prompt per turn") == 2
+    assert text.count("log-prob gain from the system prompt per turn") == 2
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert len(images) == 3
+    summary = closing_summary(nb)
+    # the same weights before and after: the same attention and the same dependence on the system prompt
+    assert "3 turns" in summary and "the same weights" in summary
 
 
 def _rm_eval(acc: float) -> dict:
@@ -81,10 +100,17 @@ def test_reward_model_analysis_notebook_executes(kernel, tmp_path, nano_model_di
             k: [{"path": str(p)}] for k, p in tests.items()}}}}))
     monkeypatch.setenv("ALIGN_RUN_DIR", str(run))
     monkeypatch.setenv("ALIGN_ABLATION_DIR", str(tmp_path / "no_ablation"))
-    text = outputs_text(execute(REPO / "notebooks" / "reward_model_analysis.ipynb", kernel))
+    nb = execute(REPO / "notebooks" / "reward_model_analysis.ipynb", kernel)
+    text = outputs_text(nb)
     assert "helpful test: helpful RM 90.0 vs the other RM 80.0" in text
     assert "safety test: safety RM 70.0 vs the other RM 80.0" in text
     assert "mean sigmoid chosen" in text and "no margin ablation" in text
+    summary = closing_summary(nb)
+    assert "The helpful RM wins on its own test set: 90.0% against the other RM's 80.0%" in summary
+    assert "The safety RM does not win on its own test set: 70.0% against the other RM's 80.0%" in summary
+    assert "accuracy falls as the answers get closer: 90.0% on significantly better pairs, 45.0% on negligibly" in summary
+    assert "Calibration error (ECE) 0.100" in summary and "on chosen answers" in summary
+    assert "Margin ablation: none found in" in summary
 
 
 def test_ppo_dynamics_notebook_executes(kernel, tmp_path, monkeypatch):
@@ -94,6 +120,14 @@ def test_ppo_dynamics_notebook_executes(kernel, tmp_path, monkeypatch):
     rows += [{"step": 4, "eval_reward_combined": 0.7, "eval_gold_helpfulness": 0.15, "eval_violation_rate": 0.1}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("ALIGN_PPO_DIR", str(tmp_path))
-    text = outputs_text(execute(REPO / "notebooks" / "ppo_dynamics.ipynb", kernel))
+    nb = execute(REPO / "notebooks" / "ppo_dynamics.ipynb", kernel)
+    text = outputs_text(nb)
     assert "4 iterations, 2 held-out evaluations" in text
     assert "iteration 4: learned reward 0.700, gold helpfulness 0.150" in text
+    summary = closing_summary(nb)
+    assert "**4 PPO iterations**" in summary and "**2 held-out evaluations**" in summary
+    assert "combined RM reward went from 0.550 to 0.700 (+0.150)" in summary
+    assert "KL to the reference went from 0.100 to 0.400 nats per answer and answers from 13.0 to 16.0 tokens" in summary
+    assert ("learned reward went from 0.500 to 0.700 (+0.200), gold helpfulness from 0.200 to 0.150 (-0.050) and the "
+            "gold violation rate from 0.100 to 0.100") in summary
+    assert "reward hacking" in summary

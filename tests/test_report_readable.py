@@ -15,7 +15,8 @@ from alignment.config import PPOConfig, RejectionSamplingConfig, SafetyDistillCo
 from alignment.data import toyworld
 from alignment.report import (build_report, checkpoint_method, ppo_reconciliation, sample_prompt_indices,
                               stage_runs, standard_error, table, write_report)
-from alignment.report_html import LABELS, TABLE_KEYS, loss_curves
+from alignment.report_html import LABELS, TABLE_KEYS, loss_curves, ppo_figure
+from alignment.runs import read_metrics
 from alignment.stages import TrainingLoss
 
 
@@ -116,6 +117,21 @@ def test_one_loss_plot_per_loss_kind_each_run_on_its_own_steps(tmp_path):
     assert curves[TrainingLoss.RANKING] == [("rm_helpful", [1, 2], [0.69, 0.6])]
 
 
+def test_the_ppo_plot_gives_each_quantity_its_own_titled_panel_with_its_direction(tmp_path):
+    _run(tmp_path)
+    fig = ppo_figure(read_metrics(tmp_path / "ppo"), "ppo")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [
+        "combined RM reward ↑", "KL to the reference policy (nats per answer) ↓",
+        "combined RM reward ↑ (in-training eval)", "gold helpfulness ↑ (in-training eval)",
+        "violation rate ↓ (in-training eval)", "false refusal rate ↓ (in-training eval)"]
+    drawn = [(list(ax.lines[0].get_xdata()), list(ax.lines[0].get_ydata())) for ax in panels]
+    assert drawn == [([5], [0.5]), ([5], [0.2]), ([10, 20], [0.7, 0.6]), ([10, 20], [0.5, 0.3]),
+                     ([10, 20], [0.1, 0.3]), ([10], [0.0])]
+    assert all(len(ax.lines) == 1 for ax in panels)  # one quantity per axis
+    assert ppo_figure([{"step": 1, "loss": 1.0}], "ppo") is None
+
+
 def test_sample_prompts_cover_every_kind_present():
     rows = (toyworld.eval_prompts(0, 4, "helpful") + toyworld.eval_prompts(0, 1, "borderline")
             + toyworld.eval_prompts(0, 4, "adversarial"))
@@ -181,6 +197,7 @@ def test_the_page_has_labels_methods_samples_reconciliation_and_the_run(tmp_path
     assert "<b>A helpful question &lt;0&gt;?</b>" in page and "answer to adversarial-1 &amp; more" in page
     assert "<td>0.250</td><td>yes</td><td>yes</td><td>0.750</td><td>0.500</td>" in page  # the unsafe refusal's scores
     assert "in training (iteration 10)" in page and "sqrt(p(1-p)/n)" in page
+    assert "<h2>PPO (ppo): reward, KL and in-training evaluation</h2>" in page
     assert "<td>0.500</td><td>20</td><td>0.112</td><td>0.400</td><td>200</td><td>0.035</td>" in page
     assert "<td>sft</td><td>sft</td><td>done</td><td>1m03s</td>" in page and "abc1234" in page and "sfthash" in page
     assert json.loads((tmp_path / "report.json").read_text())["stages"][0]["git_commit"] == "abc1234"

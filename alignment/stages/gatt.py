@@ -54,6 +54,7 @@ from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types,
                                  dialogs_reaching, gatt_train_on, plan_dialogs, play_dialogs, sampling_counts,
                                  system_token_positions, training_dialogs)
+from alignment.losses import token_logprobs
 from alignment.models.loading import check_model_paths, load_policy, model_paths
 from alignment.policy_eval import adherence_by_turn, model_responder, user_messages
 from alignment.runs import RunDir, write_json_atomic
@@ -238,6 +239,39 @@ def run_gatt(cfg: GAttConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- Figure 10
+def turn_bounds(tokenizer, messages: list[dict]) -> list[tuple[int, int]]:
+    """[start, end) token range of each (user, assistant) turn in `chat.encode(tokenizer, messages)`, a system
+    prompt counted in the first turn: a turn ends where the dialog cut after its answer ends."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    bounds, start = [], 0
+    for t in range(0, len(body), 2):
+        end = len(encode(tokenizer, [*head, *body[:t + 2]])["input_ids"])
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def answer_logprobs_by_turn(model, tokenizer, messages: list[dict]) -> list[float]:
+    """Mean log-probability per answer token (EOS included) of each turn's assistant answer, given the dialog
+    before it, from one forward pass over the encoded dialog (`chat.encode`, every answer labelled). Computed
+    with and without the system prompt, the difference per turn is how much the model's answers depend on it:
+    what the attention mass of `system_attention` points at but does not measure."""
+    import torch
+
+    enc = encode(tokenizer, messages)
+    device = next(model.parameters()).device
+    labels = torch.tensor([enc["labels"]], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc["input_ids"]], device=device)).logits.float()
+    logprobs, mask = token_logprobs(logits, labels)  # [1, T-1]: position j predicts token j + 1
+    out = []
+    for a, b in turn_bounds(tokenizer, messages):
+        lp, m = logprobs[0, max(a - 1, 0):b - 1], mask[0, max(a - 1, 0):b - 1]
+        out.append((lp.sum() / m.sum()).item())
+    return out
+
+
 def system_attention(model, tokenizer, messages: list[dict]) -> dict:
     """Attention paid to the system prompt's tokens over a whole dialog (paper Figure 10, in form).
 
@@ -254,12 +288,7 @@ def system_attention(model, tokenizer, messages: list[dict]) -> dict:
 
     ids = encode(tokenizer, messages)["input_ids"]
     s, e = system_token_positions(tokenizer, messages)
-    body = messages[1:]
-    bounds, start = [], 0
-    for t in range(0, len(body), 2):  # a turn ends where the dialog cut after its answer ends
-        end = len(encode(tokenizer, [messages[0], *body[:t + 2]])["input_ids"])
-        bounds.append((start, end))
-        start = end
+    bounds = turn_bounds(tokenizer, messages)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids], device=device), output_attentions=True)
