@@ -28,6 +28,8 @@ def _pairs(n=200, dim=6, seed=0):
 
 def test_the_fit_is_where_the_stated_objective_has_zero_gradient():
     chosen, rejected, _ = _pairs()
+    offset = torch.linspace(1.0, 4.0, chosen.shape[1])  # features with a mean, as hidden states have
+    chosen, rejected = chosen + offset, rejected + offset
     margin = torch.linspace(0.0, 1.0, len(chosen))
     l2 = 0.05
     w, info = fit_ranking_probe(chosen, rejected, margin, l2=l2, max_iter=200)
@@ -37,7 +39,12 @@ def test_the_fit_is_where_the_stated_objective_has_zero_gradient():
     z, u = (c - r) / sd, w.double() * sd
     s = 1 / (1 + torch.exp(z @ u - m))  # sigmoid(-(z u - m))
     grad = -(s[:, None] * z).mean(dim=0) + l2 * u
-    assert grad.abs().max() < 1e-5, grad
+    e = torch.cat([c, r]).mean(dim=0) / sd  # the constraint u . e = 0: the average answer scores 0
+    e = e / e.norm()
+    assert abs(float(u @ e)) < 1e-8
+    assert abs(float((torch.cat([c, r]) @ w.double()).mean())) < 1e-5
+    grad_on_constraint = grad - (grad @ e) * e  # zero within the plane the constraint leaves (KKT)
+    assert grad_on_constraint.abs().max() < 1e-5, grad_on_constraint
     loss = torch.log1p(torch.exp(-(z @ u - m))).mean() + l2 / 2 * (u @ u)
     assert math.isclose(info["loss"], float(loss), rel_tol=1e-5)
     assert info["accuracy"] == pytest.approx(float(((c - r) @ w.double() > 0).double().mean()))
@@ -99,17 +106,25 @@ def test_a_probe_with_lora_is_refused_in_one_line(tmp_path, nano_model_dir):
         load_config(RMConfig, path)
 
 
-def test_cross_validation_picks_the_penalty_that_generalises():
+def test_cross_validation_scores_each_penalty_on_folds_it_did_not_fit():
     from alignment.stages.reward_model import choose_probe_l2
 
     g = torch.Generator().manual_seed(3)
-    n, dim = 60, 120  # few pairs, many noise features: an unpenalised head fits the noise
+    n, dim = 40, 30
     chosen, rejected = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
-    chosen[:, 0] += 1.0  # one weak real signal
+    chosen[:, 0] += 0.5  # one weak real signal (with no mean over all answers)
+    rejected[:, 0] -= 0.5
     zero = torch.zeros(n)
-    best, table = choose_probe_l2(chosen, rejected, zero, [1e-4, 3.0], folds=5, seed=0, max_iter=100)
-    assert set(table) == {"0.0001", "3.0"} and all(0.0 <= v <= 1.0 for v in table.values())
-    assert table["3.0"] > table["0.0001"] and best == 3.0, table
+    best, table = choose_probe_l2(chosen, rejected, zero, [1e-4, 3.0], folds=2, seed=7, max_iter=100)
+    # by hand: the pairs in the seeded order, every other one to each fold, each fold scored by a head fit on the other
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    for l2 in (1e-4, 3.0):
+        right = 0
+        for held, fit_on in ((order[0::2], order[1::2]), (order[1::2], order[0::2])):
+            w, _ = fit_ranking_probe(chosen[fit_on], rejected[fit_on], zero[fit_on], l2=l2, max_iter=100)
+            right += int(((chosen[held] - rejected[held]) @ w > 0).sum())
+        assert table[str(l2)] == right / n
+    assert best == max((1e-4, 3.0), key=lambda l2: (table[str(l2)], l2))
     assert choose_probe_l2(chosen, rejected, zero, [0.7], folds=5, seed=0, max_iter=100) == (0.7, {})
     # a tie goes to the larger penalty: identical features for every pair give every l2 the same accuracy
     same = torch.ones(n, dim)

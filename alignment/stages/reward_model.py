@@ -319,18 +319,31 @@ def fit_ranking_probe(chosen: torch.Tensor, rejected: torch.Tensor, margin: torc
                       max_iter: int, log=None) -> tuple[torch.Tensor, dict]:
     """The linear head w [hidden] (score = w . h) minimising the paper's ranking loss on fixed features,
     -mean_i log sigmoid(w . (c_i - r_i) - m_i) + l2/2 |w * sd|^2 (`alignment.losses.ranking_loss`), where sd
-    is each feature's standard deviation over all 2N answers: the fit runs on standardised features
-    z = h / sd with u = w * sd (a feature's mean cancels in c_i - r_i), by full-batch L-BFGS in float64 (the
-    loss is convex: the same data give the same head). `log(iteration, loss)` after each iteration.
-    Returns (w, {"loss", "accuracy", "iterations"}), accuracy on the training pairs."""
+    is each feature's standard deviation over all 2N answers, subject to w . mean(h) = 0.
+
+    The fit runs on standardised features z = h / sd with u = w * sd, by full-batch L-BFGS in float64 (the loss
+    is convex and the constraint linear: the same data give the same head). The constraint sets the scores'
+    level, which pairs alone leave free: the average training answer scores 0 (sigmoid 0.5). A Llama scalar
+    head has no bias, and the combined reward's safety switch reads the safety score's level (a probe fit
+    without it scored every answer ~0.9, so the switch never fired). u is kept orthogonal to the mean
+    standardised feature by optimising v and projecting, u = v - (v . e) e.
+    `log(iteration, loss)` after each iteration. Returns (w, {"loss", "accuracy", "iterations"}), accuracy on
+    the training pairs."""
     c, r, m = chosen.double(), rejected.double(), margin.double()
-    sd = torch.cat([c, r]).std(dim=0).clamp_min(1e-6)
+    both = torch.cat([c, r])
+    sd = both.std(dim=0).clamp_min(1e-6)
     z = (c - r) / sd
-    u = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=1, line_search_fn="strong_wolfe")
+    e = both.mean(dim=0) / sd
+    e = e / e.norm().clamp_min(1e-12)
+    v = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([v], lr=1.0, max_iter=1, line_search_fn="strong_wolfe")
+
+    def head() -> torch.Tensor:
+        return v - (v @ e) * e
 
     def objective() -> torch.Tensor:
         opt.zero_grad()
+        u = head()
         loss = torch.nn.functional.softplus(-(z @ u - m)).mean() + l2 / 2 * (u @ u)
         loss.backward()
         return loss
@@ -343,7 +356,7 @@ def fit_ranking_probe(chosen: torch.Tensor, rejected: torch.Tensor, margin: torc
         if abs(previous - loss) <= 1e-10 * max(1.0, abs(loss)):
             break
         previous = loss
-    w = (u.detach() / sd)
+    w = head().detach() / sd
     accuracy = ((c - r) @ w > 0).double().mean().item()
     return w.float(), {"loss": float(objective().detach()), "accuracy": accuracy, "iterations": iterations}
 
