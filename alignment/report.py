@@ -116,6 +116,12 @@ def _rejection_sampling_detail(cfg, done: dict, iteration: int | None) -> str:
             f"at T={spec.temperature}")
 
 
+def _rl_method(cfg) -> str:
+    """The RL stage's algorithm as the report names it: "PPO", or with its answers per prompt "RLOO K=4"."""
+    name = cfg.ppo.algorithm.upper()
+    return name if cfg.ppo.num_samples == 1 else f"{name} K={cfg.ppo.num_samples}"
+
+
 def _ppo_detail(cfg, done: dict, iteration: int | None) -> str:
     ran = done.get("iterations", cfg.ppo.iterations)  # done.json: iterations run, the best held-out one
     text = f"{ran} iterations x {cfg.ppo.batch_size} prompts"
@@ -139,14 +145,18 @@ def _safety_distill_detail(cfg, done: dict, iteration: int | None) -> str:
 # stage command -> what its saved config and done.json add to the registry's method name
 METHOD_DETAILS: dict[str, Callable] = {"rejection-sampling": _rejection_sampling_detail, "ppo": _ppo_detail,
                                        "safety-distill": _safety_distill_detail}
+# stage command -> its method's name read from its saved config, where one stage runs several methods
+METHOD_NAMES: dict[str, Callable] = {"ppo": _rl_method}
 
 
 def checkpoint_method(entry: dict, iteration: int | None = None) -> str:
     """What made a policy checkpoint: its stage's method (the stage registry) and, read from the stage's run
     directory (config.json, done.json), what sets it apart: K and T of a rejection-sampling iteration, PPO's
-    iterations, whether safety distillation changed the model."""
+    iterations, whether safety distillation changed the model. The RL stage names its algorithm ("RLOO K=4")."""
     method = STAGES[entry["stage"]].method
     cfg = _stage_config(entry)
+    if cfg is not None and entry["stage"] in METHOD_NAMES:
+        method = METHOD_NAMES[entry["stage"]](cfg)
     detail = METHOD_DETAILS.get(entry["stage"])
     if cfg is not None and detail is not None:
         extra = detail(cfg, _json_file(Path(entry["dir"]) / "done.json"), iteration)

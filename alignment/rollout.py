@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from alignment.chat import IGNORE_INDEX
-from alignment.losses import (KL_ESTIMATORS, KLEstimator, entropy_from_logits, gae, masked_var,
-                              masked_whiten, token_logprobs)
+from alignment.losses import (GROUP_ADVANTAGES, KL_ESTIMATORS, KLEstimator, RLAlgorithm, entropy_from_logits, gae,
+                              masked_var, masked_whiten, token_logprobs)
 from alignment.rewards import combine, ppo_score, token_rewards
 
 
@@ -111,6 +111,21 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, response
     """GAE advantages, whitened over this process's rollout, and the value targets ``[B, L]``."""
     advantages, returns = gae(rewards, values, response_mask, gamma=gamma, lam=lam)
     return masked_whiten(advantages, response_mask), returns
+
+
+def group_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, num_samples: int,
+                     algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Critic-free advantages (RLOO or GRPO) of a rollout whose rows hold the K = `num_samples` answers of each
+    prompt side by side (rows ``i * K .. i * K + K - 1``: prompt i).
+
+    rewards ``[B, L]`` (`compute_rewards`: RLOO's carry ``-beta * KL`` per token, GRPO's are computed with
+    beta 0, its KL being in the loss); each row's sequence reward is their sum over its response tokens.
+    Returns ``(advantages [B, L], sequence rewards [B])``: a row's advantage (`alignment.losses.rloo_advantages`
+    or `grpo_advantages` over its prompt's group) on every response token, 0 elsewhere.
+    """
+    sequence = masked_row_sum(rewards, response_mask)
+    advantage = GROUP_ADVANTAGES[RLAlgorithm(algorithm)](sequence.view(-1, num_samples)).reshape(-1)
+    return torch.where(response_mask, advantage.unsqueeze(1), torch.zeros_like(rewards)), sequence
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -262,29 +262,32 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
 
 
 def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
-    """Actor and critic in one ZeRO engine; reference and RMs frozen full copies on every GPU (on the CPU
-    between their phases with reward.offload). Under ZeRO-3 generation gathers the actor's full weights.
-    Rows are prompt_tokens + rollout.max_new_tokens long."""
+    """Actor and critic in one ZeRO engine (the actor alone for the critic-free ppo.algorithm rloo and grpo);
+    reference and RMs frozen full copies on every GPU (on the CPU between their phases with reward.offload).
+    Under ZeRO-3 generation gathers the actor's full weights. Rows are prompt_tokens + rollout.max_new_tokens
+    long; each process answers its prompts ppo.num_samples times."""
     m, r = cfg.model, cfg.reward
     actor = _trained(setup, m.path, "actor", Head.LM, m.lora, default)
+    has_critic = cfg.ppo.algorithm == "ppo"
     critic_path = cfg.critic.path or r.helpful_rm
-    critic = _trained(setup, critic_path, "critic", Head.VALUE, None, default)
+    critic = _trained(setup, critic_path, "critic", Head.VALUE, None, default) if has_critic else None
+    trained = [actor, critic] if has_critic else [actor]
     reference = None if m.lora.enabled else _frozen(setup, r.reference or m.path, "reference", Head.LM, r.dtype, default)
     helpful = _frozen(setup, r.helpful_rm, "helpful RM", Head.SCORE, r.dtype, default)
     safety = _frozen(setup, r.safety_rm, "safety RM", Head.SCORE, r.dtype, default)
     frozen = [x for x in (reference, helpful, safety) if x is not None]
-    states = [_states(actor), _states(critic)]
+    states = [_states(x) for x in trained]
     resident = [] if r.offload else frozen
 
     def weights(models):
         return [(f"{x.role} {x.shape}: frozen weights", x.gpu) for x in models]
 
-    actor_shape, critic_shape = resolve_shape(m.path, default), resolve_shape(critic_path, default)
+    actor_shape = resolve_shape(m.path, default)
     gen = states + weights(resident)
     if setup.zero is not None and setup.zero.stage == 3:
         gen.append((f"actor {actor.shape}: weights gathered for generation", 2 * actor.params))
     # each process answers its share of the iteration's prompts, rollout.batch_size at a time
-    rollout_rows = min(cfg.rollout.batch_size, max(1, cfg.ppo.batch_size // setup.num_gpus))
+    rollout_rows = min(cfg.rollout.batch_size, max(1, cfg.ppo.batch_size // setup.num_gpus) * cfg.ppo.num_samples)
     gen += _generation_items(setup, actor_shape, rollout_rows, cfg.rollout.max_new_tokens, "actor")
     rm_shape = resolve_shape(r.helpful_rm, default)
     score = states + weights(resident if not r.offload else [helpful, safety])
@@ -296,11 +299,13 @@ def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
     rows, seq = cfg.ppo.micro_batch_size, setup.prompt_tokens + cfg.rollout.max_new_tokens
     acts = [(_acts_label("actor", rows, seq, m.gradient_checkpointing),
              activation_bytes(actor_shape, rows, seq, checkpointing=m.gradient_checkpointing, act_bytes=setup.act_bytes,
-                              attn=m.attn_implementation, logit_positions=cfg.rollout.max_new_tokens + 1, logit_bytes=4)),
-            (_acts_label("critic", rows, seq, cfg.critic.gradient_checkpointing),
-             activation_bytes(critic_shape, rows, seq, checkpointing=cfg.critic.gradient_checkpointing,
-                              act_bytes=setup.act_bytes, attn=m.attn_implementation, head=Head.VALUE))]
-    phases.append(_train_phase(setup, [actor, critic], acts, resident))
-    cpu = max(_loading(setup, [actor, critic, *frozen]), actor.cpu_per_node + critic.cpu_per_node
+                              attn=m.attn_implementation, logit_positions=cfg.rollout.max_new_tokens + 1, logit_bytes=4))]
+    if has_critic:
+        acts.append((_acts_label("critic", rows, seq, cfg.critic.gradient_checkpointing),
+                     activation_bytes(resolve_shape(critic_path, default), rows, seq,
+                                      checkpointing=cfg.critic.gradient_checkpointing, act_bytes=setup.act_bytes,
+                                      attn=m.attn_implementation, head=Head.VALUE)))
+    phases.append(_train_phase(setup, trained, acts, resident))
+    cpu = max(_loading(setup, [*trained, *frozen]), sum(x.cpu_per_node for x in trained)
               + (setup.gpus_per_node * sum(x.gpu for x in frozen) if r.offload else 0))
-    return StagePlan("ppo", setup, (actor, critic, *frozen), tuple(phases), cpu)
+    return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu)

@@ -37,9 +37,9 @@ def side_runner(stage: str, impl: str):
 
     from benchmarks import rl, rm, sft
 
-    module = {"sft": sft, "rm": rm, "rl": rl, "sft-smollm2": sft, "rm-smollm2": rm}[stage]
+    module = {"sft": sft, "rm": rm, "rl": rl, "rloo": rl, "grpo": rl, "sft-smollm2": sft, "rm-smollm2": rm}[stage]
     runner = module.run_ours if impl == "ours" else module.run_trl
-    return runner if stage == "rl" else functools.partial(runner, stage=stage)
+    return functools.partial(runner, stage=stage)
 
 
 if __name__ == "__main__":

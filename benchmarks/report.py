@@ -4,7 +4,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-TARGETS = {"sft": 1.5, "rm": 1.5, "rl": 2.0, "sft-smollm2": 1.5, "rm-smollm2": 1.5}
+TARGETS = {"sft": 1.5, "rm": 1.5, "rl": 2.0, "rloo": 2.0, "grpo": 2.0, "sft-smollm2": 1.5, "rm-smollm2": 1.5}
+# why an RL row compares no losses, in the table's words
+NO_LOSS_CHECK = {"rl": "PPO vs RLOO", "rloo": "own samples", "grpo": "own samples"}
+# what the split line calls each RL row's iteration
+RL_NAMES = {"rl": "RL", "rloo": "RLOO", "grpo": "GRPO"}
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
 
@@ -21,7 +25,7 @@ def results_table(results: dict) -> str:
         e = results[stage]
         met = "met" if e["ratio"] >= target and e["ours_peak_mem_mb"] <= e["trl_peak_mem_mb"] else "not met"
         check = e["loss_check"]
-        losses = ("n/a (PPO vs RLOO)" if check["agree"] is None else
+        losses = (f"n/a ({NO_LOSS_CHECK[stage]})" if check["agree"] is None else
                   f"yes (max rel. diff {check['max_rel_diff']:.1e})" if check["agree"] else "NO")
         lines.append(f"| {stage} ({e['peer']}) | {e['unit']} | {_num(e['ours'])} | {_num(e['trl'])} | "
                      f"**{e['ratio']:.2f}** | {target} ({met}) | {e['ours_peak_mem_mb']:.0f} | "
@@ -30,12 +34,15 @@ def results_table(results: dict) -> str:
 
 
 def split_line(results: dict) -> str:
-    if "rl" not in results:
-        return ""
-    split = results["rl"]["ours_split_seconds"]
-    total = sum(split.values()) or 1.0
-    parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in split.items())
-    return f"Where our RL iteration's time goes: {parts}."
+    lines = []
+    for stage, name in RL_NAMES.items():
+        if stage not in results:
+            continue
+        split = results[stage]["ours_split_seconds"]
+        total = sum(split.values()) or 1.0
+        parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in split.items())
+        lines.append(f"Where our {name} iteration's time goes: {parts}.")
+    return "\n".join(lines)
 
 
 def padding_line(results: dict) -> str:

@@ -1,6 +1,6 @@
 """`make bench`: ours vs TRL on SFT, reward-model and RL steps, side by side, then the scaling table.
 
-    python -m benchmarks.run [--stages sft,rm,rl] [--repeats 1] [--threads 1] [--size bench] [--quick]
+    python -m benchmarks.run [--stages sft,rm,rl,rloo,grpo] [--repeats 1] [--threads 1] [--size bench] [--quick]
 
 Builds the benchmark world (`benchmarks.world`), runs each stage's two sides in lock step in their own
 processes (`benchmarks.lockstep`), checks that both sides' per-step losses agree (same batches, same
@@ -24,9 +24,12 @@ from benchmarks.world import World
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-UNITS = {"sft": "tokens/s", "rm": "pairs/s", "rl": "samples/s", "sft-smollm2": "tokens/s", "rm-smollm2": "pairs/s"}
-PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "rl": "trl.RLOOTrainer",
-         "sft-smollm2": "trl.SFTTrainer", "rm-smollm2": "trl.RewardTrainer"}
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "rl": "samples/s", "rloo": "samples/s", "grpo": "samples/s",
+         "sft-smollm2": "tokens/s", "rm-smollm2": "pairs/s"}
+PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "rl": "trl.RLOOTrainer", "rloo": "trl.RLOOTrainer",
+         "grpo": "trl.GRPOTrainer", "sft-smollm2": "trl.SFTTrainer", "rm-smollm2": "trl.RewardTrainer"}
+# the RL rows (benchmarks.rl): sampled answers, so the two sides' losses are of different batches
+RL_STAGES = ("rl", "rloo", "grpo")
 # Losses of the same batches from the same weights agree to float32 round-off; beyond this they differ.
 LOSS_RTOL = 1e-3
 
@@ -81,10 +84,11 @@ def summarize(stage: str, runs: list[dict[str, dict]]) -> dict:
         "trl_step_seconds": [r["trl"]["step_seconds"] for r in runs],
     }
     last = runs[-1]
-    if stage == "rl":
+    if stage in RL_STAGES:
         entry["ours_split_seconds"] = last["ours"]["split_seconds"]
         entry["new_tokens"] = {"ours": last["ours"]["new_tokens"], "trl": last["trl"]["new_tokens"]}
-        entry["loss_check"] = {"agree": None, "reason": "PPO (ours) and RLOO (TRL) optimise different objectives"}
+        entry["loss_check"] = {"agree": None, "reason": "PPO (ours) and RLOO (TRL) optimise different objectives"
+                               if stage == "rl" else "each side trains on the answers it sampled itself"}
     else:
         entry["loss_check"] = loss_check(last["ours"]["losses"], last["trl"]["losses"])
         entry["padded_tokens"] = {side: last[side]["padded_tokens"] for side in ("ours", "trl")
@@ -122,7 +126,7 @@ def environment(spec: BenchSpec) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="sft,rm,rl,sft-smollm2,rm-smollm2")
+    parser.add_argument("--stages", default="sft,rm,rl,rloo,grpo,sft-smollm2,rm-smollm2")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     parser.add_argument("--size", default="bench")

@@ -23,7 +23,8 @@ class StageSpec:
 class RLSpec(StageSpec):
     new_tokens: int = 32  # max new tokens per answer
     micro_batch: int = 8  # rows per forward/backward of the update
-    generations: int = 2  # TRL RLOO answers per prompt (it needs two); ours answers batch prompts once
+    # answers per prompt of TRL's trainers and of our rloo / grpo (K; at least two); our PPO answers batch prompts once
+    generations: int = 2
     kl_beta: float = 0.05
 
 
@@ -47,8 +48,9 @@ class BenchSpec:
     rm_smollm2: StageSpec = field(default_factory=lambda: StageSpec(steps=3, batch=8, max_length=128))
 
     def stage(self, name: str) -> StageSpec:
-        """The spec of a stage by its name in `benchmarks.run` ("sft", "rm", "rl", "sft-smollm2", "rm-smollm2")."""
-        return getattr(self, name.replace("-", "_"))
+        """The spec of a stage by its name in `benchmarks.run` ("sft", "rm", "rl", "sft-smollm2", "rm-smollm2");
+        the RL rows "rloo" and "grpo" share "rl"'s (the same answers, tokens and steps as our PPO's row)."""
+        return self.rl if name in ("rloo", "grpo") else getattr(self, name.replace("-", "_"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -92,6 +92,7 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     # batch per step in the quick spec: 4 (tiny stages), 2 (SmolLM2-135M stages)
     for stage, unit, batch in (("sft", "tokens/s", 4), ("rm", "pairs/s", 4), ("rl", "samples/s", 4),
+                               ("rloo", "samples/s", 4), ("grpo", "samples/s", 4),
                                ("sft-smollm2", "tokens/s", 2), ("rm-smollm2", "pairs/s", 2)):
         e = results[stage]
         assert e["unit"] == unit and e["repeats"] == 1
@@ -126,4 +127,8 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     text = readme.read_text()
     assert "stale table" not in text and text.endswith("after\n")
     assert "| sft (trl.SFTTrainer) | tokens/s |" in text and "| rl (trl.RLOOTrainer) | samples/s |" in text
+    assert "| rloo (trl.RLOOTrainer) | samples/s |" in text and "| grpo (trl.GRPOTrainer) | samples/s |" in text
+    for stage in ("rloo", "grpo"):  # no critic: no values in the scoring pass
+        assert set(results[stage]["ours_split_seconds"]) == {"generation", "reward models", "reference and old policy",
+                                                             "update"}
     assert "| sft-smollm2 (trl.SFTTrainer) | tokens/s |" in text and "| rm-smollm2 (trl.RewardTrainer) |" in text

@@ -91,7 +91,7 @@ def test_ppo_killed_before_its_first_checkpoint_starts_over_with_the_same_metric
 def test_one_seeded_kill_trial_per_stage(tmp_path):
     """The fast subset of `make test-faults`: every stage but the pipeline (tests/test_pipeline.py kills
     that one), one trial each."""
-    stages = "pretrain,sft,rm,rm-probe,rejection-sampling,ppo,dpo,gatt"
+    stages = "pretrain,sft,rm,rm-probe,rejection-sampling,ppo,rloo,grpo,dpo,gatt"
     out = subprocess.run([sys.executable, str(REPO / "tests" / "faults" / "run.py"), "--trials", "1", "--stages",
                           stages, "--no-determinism-check", "--work", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)

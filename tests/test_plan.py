@@ -249,6 +249,18 @@ def test_stage_plans_hold_the_models_each_stage_loads():
     assert dict(zero2.phases[0].items)["ZeRO-2 communication buckets"] == 2 * (5e8 + 5e8) * 4.5
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_plans_hold_no_critic_and_k_answers_per_prompt(algorithm):
+    ppo = _plan("recipes/llama2-7b/ppo.yaml", "ppo")
+    plan = _plan(f"recipes/llama2-7b/{algorithm}.yaml", "ppo")
+    assert [m.role for m in plan.models] == ["actor", "reference", "helpful RM", "safety RM"]
+    assert not any("critic" in label for p in plan.phases for label, _ in p.items)
+    # 128 prompts x 4 answers on 8 GPUs: 64 rows per process, 32 at a time (rollout.batch_size) as PPO's 512 x 1
+    assert "actor KV cache: 32 x 1536 tokens" in dict(plan.phases[0].items)
+    critic = next(m for m in ppo.models if m.role == "critic")
+    assert critic.gpu > 0 and plan.peak.total < ppo.peak.total  # the critic's model states and activations
+
+
 def test_llama2_sft_and_rm_fit_where_the_readme_says():
     gpu = 80 * GiB
     for size, nodes in (("7b", 1), ("13b", 1), ("70b", 4)):

@@ -101,6 +101,11 @@ def test_method_and_run_metadata_come_from_the_manifest_and_the_saved_configs(tm
     assert checkpoint_method(stages["safety"]) == ("safety context distillation, 3 of 50 preprompted answers improved "
                                                    "the safety RM score, fewer than judge.min_kept=8: unchanged")
     assert checkpoint_method(stages["sft"]) == "supervised fine-tuning"
+    rloo = tmp_path / "rloo"  # the RL stage run critic-free: named by its algorithm and answers per prompt
+    _config(rloo, PPOConfig, {"model": {"path": "m"}, "reward": {"helpful_rm": "h", "safety_rm": "s"},
+                              "data": {"prompts": []}, "output": {"dir": str(rloo)},
+                              "ppo": {"algorithm": "rloo", "num_samples": 4, "iterations": 30, "batch_size": 8}}, "h")
+    assert checkpoint_method({"stage": "ppo", "dir": str(rloo)}) == "RLOO K=4, 30 iterations x 8 prompts"
     runs = {r["name"]: r for r in stage_runs(manifest)}
     assert [r["name"] for r in stage_runs(manifest)] == manifest["order"]
     assert runs["sft"] == {"name": "sft", "stage": "sft", "status": "done", "seconds": 63.4, "dir": stages["sft"]["dir"],

@@ -274,10 +274,19 @@ class PPOData:
     eval_prompts: list[DataSource] = field(default_factory=list)  # held-out rl_prompt rows (early stopping)
 
 
+# the keys of the ppo section only PPO's critic and GAE read: rloo and grpo reject them (PPOSection.__post_init__)
+PPO_ONLY_KEYS = ("value_clip", "vf_coef", "gamma", "lam")
+
+
 @dataclass(frozen=True)
 class PPOSection:
+    # ppo: GAE advantages from a critic (the paper); rloo / grpo: critic-free, from the num_samples answers of
+    # each prompt (alignment.losses.RLAlgorithm; docs/method.md#rloo-and-grpo)
+    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
+    # K answers sampled per prompt (rloo and grpo: at least 2, their baseline is the other answers)
+    num_samples: int = ranged(">= 1", 1)
     iterations: int = ranged(">= 1", 400)  # the paper ran 200-400, with early stopping
-    batch_size: int = ranged(">= 1", 512)  # prompts per iteration, all processes together
+    batch_size: int = ranged(">= 1", 512)  # prompts per iteration, all processes together (rows: x num_samples)
     # rows per optimizer step (one step per mini-batch), all processes together
     mini_batch_size: int = ranged(">= 1", 64)
     # rows per forward/backward per process (gradient accumulation inside a mini-batch)
@@ -289,6 +298,17 @@ class PPOSection:
     gamma: float = ranged("[0, 1]", 1.0)
     lam: float = ranged("[0, 1]", 0.95)
     max_kl: float | None = ranged("> 0", None)  # stop when the mean sequence KL to the reference exceeds this
+
+    def __post_init__(self):
+        if self.algorithm == "ppo":
+            return
+        if self.num_samples < 2:
+            raise ConfigError(f"algorithm {self.algorithm} needs num_samples >= 2 answers per prompt (its baseline is "
+                              f"the other answers of the prompt); got {self.num_samples}")
+        changed = [k for k in PPO_ONLY_KEYS if getattr(self, k) != getattr(PPOSection, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for algorithm ppo (its "
+                              f"critic and GAE); algorithm {self.algorithm} has neither: remove them")
 
 
 @dataclass(frozen=True)
@@ -318,6 +338,14 @@ class PPOConfig:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(every_steps=1))
     seed: int = ranged(">= 0", 0)
+
+    def __post_init__(self):
+        algorithm = self.ppo.algorithm
+        if algorithm != "ppo" and self.critic != CriticSection():
+            raise ConfigError(f"critic is for ppo.algorithm ppo; {algorithm} trains no critic: remove the critic section")
+        if algorithm == "grpo" and self.reward.kl_estimator != "k3":
+            raise ConfigError("ppo.algorithm grpo puts the k3 KL estimate in its loss (DeepSeekMath): set "
+                              f"reward.kl_estimator: k3 (got {self.reward.kl_estimator})")
 
 
 # --------------------------------------------------------------------------------------------- GAtt (3.3)

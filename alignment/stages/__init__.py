@@ -22,7 +22,7 @@ class TrainingLoss(str, enum.Enum):
     LM = "lm"  # token-mean NLL of the trained text (pretraining, SFT, fine-tunes on kept answers)
     RANKING = "ranking"  # the reward model's pairwise ranking loss (with a margin)
     DPO = "dpo"  # the DPO / IPO preference loss of the policy against its reference
-    PPO = "ppo"  # policy and value losses of PPO iterations (logged as policy_loss / value_loss)
+    PPO = "ppo"  # policy and value losses of RL iterations (policy_loss / value_loss; rloo and grpo: no value_loss)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ STAGES: dict[str, Stage] = {s.command: s for s in [
           "stage 3: rejection sampling RLHF-V1..Vn (K samples, best by RM, fine-tune on the best)", policy="rlhf",
           planner=plan_rejection_sampling, method="rejection sampling", loss=TrainingLoss.LM),
     Stage("ppo", PPOConfig, "alignment.stages.ppo:run_ppo",
-          "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping", policy="rlhf",
+          "stage 3: PPO on the combined safety/helpfulness reward with a KL penalty, early stopping (or critic-free "
+          "RLOO / GRPO: ppo.algorithm)", policy="rlhf",
           planner=plan_ppo, method="PPO", loss=TrainingLoss.PPO),
     Stage("dpo", DPOConfig, "alignment.stages.dpo:run_dpo",
           "offline DPO (or IPO) on the RMs' preference pairs, the starting model as reference; no reward model",

@@ -1,4 +1,5 @@
-"""Stage 3b: PPO against the two reward models (docs/method.md#ppo; paper 3.2.3).
+"""Stage 3b: PPO against the two reward models (docs/method.md#ppo; paper 3.2.3), or critic-free RLOO / GRPO on
+the same reward (`ppo.algorithm`; docs/method.md#rloo-and-grpo).
 
 Each iteration samples `ppo.batch_size` prompts, answers them with the actor (left padding, KV cache),
 scores the answers with the helpfulness and safety RMs, and gives every answer the reward
@@ -7,6 +8,12 @@ whitened, then `ppo.epochs` passes over mini-batches of `ppo.mini_batch_size` ro
 each (clipped policy loss + clipped value loss, `alignment.losses`). Every `early_stopping.every_iterations`
 iterations greedy answers to held-out prompts are scored by the combined reward; the best actor is kept
 and becomes `final/`, and the run stops after `patience` evaluations without improvement.
+
+RLOO and GRPO (`ppo.algorithm`) sample `ppo.num_samples` (K) answers per prompt and load no critic. RLOO keeps
+the reward above, KL penalty included, and gives every answer its sequence reward minus the mean of the other
+K - 1 answers' (`alignment.losses.rloo_advantages`); GRPO scores with ``WHITEN(LOGIT(Rc))`` alone, normalises it
+within the prompt's group (`grpo_advantages`) and puts ``beta * k3`` KL in the loss (`kl_loss`). Both then
+train with PPO's clipped policy loss; nothing else changes (rollout, evaluation, resume, checkpoints).
 
 Models: the actor (a causal LM, LoRA by option), the critic (the base transformer with a per-token linear
 value head, `AutoModelForTokenClassification` with one label, loaded from the helpfulness RM by default),
@@ -46,13 +53,13 @@ from alignment.distributed import is_main_process, world_size
 from alignment.faults import fault_point
 from alignment.generation import generate
 from alignment.judging import from_toyworld, gold_metrics
-from alignment.losses import masked_mean, policy_loss, value_loss
+from alignment.losses import RLAlgorithm, kl_loss, masked_mean, policy_loss, value_loss
 from alignment.models.loading import check_model_paths, load_causal_lm, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.rewards import combine
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
-                               explained_variance, gathered_for_generation, masked_row_sum, model_inputs,
-                               policy_outputs, response_logprobs)
+                               explained_variance, gathered_for_generation, group_advantages, masked_row_sum,
+                               model_inputs, policy_outputs, response_logprobs)
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import encode_for_reward, reward_scores
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
@@ -66,23 +73,27 @@ class KLBlowUpError(FloatingPointError):
 @dataclass
 class PPOModels:
     actor: torch.nn.Module
-    critic: torch.nn.Module
+    critic: torch.nn.Module | None  # None for the critic-free algorithms (rloo, grpo)
     reference: torch.nn.Module | None  # None with a LoRA actor: the actor with its adapters disabled
     helpful_rm: torch.nn.Module
     safety_rm: torch.nn.Module
 
 
 class ActorCritic(torch.nn.Module):
-    """Actor and critic in one module, so one accelerate/DeepSpeed engine trains both."""
+    """Actor and critic in one module, so one accelerate/DeepSpeed engine trains both (the actor alone for
+    the critic-free algorithms: `critic` None)."""
 
-    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module):
+    def __init__(self, actor: torch.nn.Module, critic: torch.nn.Module | None):
         super().__init__()
         self.actor, self.critic = actor, critic
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int):
-        """Logits of the last ``L + 1`` positions ``[B, L + 1, V]`` and values ``[B, L]`` (see rollout.py)."""
+        """Logits of the last ``L + 1`` positions ``[B, L + 1, V]`` and values ``[B, L]`` (None without a
+        critic; see rollout.py)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         logits = self.actor(**inputs, logits_to_keep=response_length + 1).logits
+        if self.critic is None:
+            return logits, None
         values = self.critic(**inputs).logits[:, -response_length - 1:-1, 0].float()
         return logits, values
 
@@ -94,17 +105,19 @@ def _frozen(model, dtype):
 
 
 def load_models(cfg: PPOConfig, tokenizer) -> PPOModels:
-    """Actor, critic, reference and both RMs from the recipe's directories (before any ZeRO-3 context,
-    so the frozen models are plain full copies)."""
+    """Actor, critic (PPO only), reference and both RMs from the recipe's directories (before any ZeRO-3
+    context, so the frozen models are plain full copies)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
     frozen_dtype = resolve_dtype(cfg.reward.dtype)
     actor = load_causal_lm(cfg.model)
-    critic = AutoModelForTokenClassification.from_pretrained(
-        cfg.critic.path or cfg.reward.helpful_rm, num_labels=1, dtype=resolve_dtype(cfg.critic.dtype), **common)
-    if cfg.critic.gradient_checkpointing:
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    critic = None
+    if cfg.ppo.algorithm == RLAlgorithm.PPO:
+        critic = AutoModelForTokenClassification.from_pretrained(
+            cfg.critic.path or cfg.reward.helpful_rm, num_labels=1, dtype=resolve_dtype(cfg.critic.dtype), **common)
+        if cfg.critic.gradient_checkpointing:
+            critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
     if not cfg.model.lora.enabled:
         reference = _frozen(AutoModelForCausalLM.from_pretrained(cfg.reward.reference or cfg.model.path, **common),
@@ -144,6 +157,8 @@ def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optim
     optimizer = make_optimizer(policy.actor, cfg.optim)
     for group in optimizer.param_groups:
         group["role"] = "actor"
+    if policy.critic is None:
+        return optimizer
     for group in make_optimizer(policy.critic, cfg.optim).param_groups:
         optimizer.add_param_group({**group, "lr": cfg.critic.lr or cfg.optim.lr, "role": "critic"})
     return optimizer
@@ -151,12 +166,17 @@ def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optim
 
 # ----------------------------------------------------------------------------------------- sizes
 def check_sizes(cfg: PPOConfig, world: int) -> int:
-    """Gradient-accumulation steps per mini-batch; rejects sizes that do not divide."""
+    """Gradient-accumulation steps per mini-batch; rejects sizes that do not divide. The rollout holds
+    ppo.batch_size x ppo.num_samples rows; mini- and micro-batches count rows."""
     p = cfg.ppo
-    if p.batch_size % p.mini_batch_size or p.mini_batch_size % (world * p.micro_batch_size):
-        raise ValueError(f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size "
-                         f"({p.mini_batch_size}), itself a multiple of processes ({world}) x ppo.micro_batch_size "
-                         f"({p.micro_batch_size})")
+    rows = p.batch_size * p.num_samples
+    if p.batch_size % world:
+        raise ValueError(f"ppo.batch_size ({p.batch_size}) must be a multiple of processes ({world}): the answers of "
+                         "a prompt stay on one process")
+    if rows % p.mini_batch_size or p.mini_batch_size % (world * p.micro_batch_size):
+        raise ValueError(f"ppo.batch_size ({p.batch_size}) x ppo.num_samples ({p.num_samples}) must be a multiple of "
+                         f"ppo.mini_batch_size ({p.mini_batch_size}), itself a multiple of processes ({world}) x "
+                         f"ppo.micro_batch_size ({p.micro_batch_size})")
     return p.mini_batch_size // (world * p.micro_batch_size)
 
 
@@ -175,23 +195,27 @@ def _rm_scores(ctx, contexts: list[list[dict]], answers: list[str]) -> tuple[tor
 
 def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
     """Generate, score and compute advantages for this process's prompt rows (the batch tensors themselves
-    are built by `alignment.rollout`).
+    are built by `alignment.rollout`). With K = ppo.num_samples answers per prompt, the rollout's rows hold the
+    K answers of each prompt side by side (what `alignment.rollout.group_advantages` reads).
 
     Returns (batch tensors for training, per-row stats, timings)."""
     cfg, acc, models, tok = ctx.cfg, ctx.accelerator, ctx.models, ctx.tokenizer
-    contexts = [prompt_context(r) for r in rows]
-    prompts = [encode_prompt(tok, c) for c in contexts]
+    algorithm, k = RLAlgorithm(cfg.ppo.algorithm), cfg.ppo.num_samples
     t0 = time.perf_counter()
     actor = acc.unwrap_model(ctx.policy).actor
+    prompt_ids = [encode_prompt(tok, prompt_context(r)) for r in rows]
     with gathered_for_generation(ctx.policy, actor):  # ZeRO-3: one gather for the whole round
-        samples = generate(actor, tok, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+        samples = generate(actor, tok, prompt_ids, max_new_tokens=cfg.rollout.max_new_tokens, num_samples=k,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            batch_size=cfg.rollout.batch_size,
                            seed=cfg.seed * 1_000_003 + iteration * acc.num_processes + acc.process_index)
-    answers = [s[0] for s in samples]
+    answers = [a for per_prompt in samples for a in per_prompt]
+    rows = [r for r in rows for _ in range(k)]  # one per answer, in the answers' order
+    contexts = [prompt_context(r) for r in rows]
+    prompts = [p for p in prompt_ids for _ in range(k)]
     stop = stop_token_id(tok)
     responses = [a.token_ids + ([stop] if a.finished else []) for a in answers]
-    batch = {k: v.to(acc.device) for k, v in build_batch(prompts, responses, tok.pad_token_id).items()}
+    batch = {name: t.to(acc.device) for name, t in build_batch(prompts, responses, tok.pad_token_id).items()}
     t1 = time.perf_counter()
 
     texts = [a.text for a in answers]
@@ -213,18 +237,19 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
                     ref, _ = policy_outputs(actor, chunk)
             else:
                 ref, _ = policy_outputs(models.reference, chunk)
-            old_logprobs.append(lp), ref_logprobs.append(ref), values.append(v), entropy.append(ent)
-    old_logprobs, ref_logprobs = torch.cat(old_logprobs), torch.cat(ref_logprobs)
-    values, entropy = torch.cat(values), torch.cat(entropy)
+            old_logprobs.append(lp), ref_logprobs.append(ref), entropy.append(ent)
+            if v is not None:  # PPO's critic
+                values.append(v)
+    old_logprobs, ref_logprobs, entropy = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(entropy)
     mask = batch["response_mask"]
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows], device=acc.device)
     gather = acc.gather if acc.num_processes > 1 else None
     rewards, stats = compute_rewards(
         helpful_raw.to(acc.device), safety_raw.to(acc.device), is_safety, old_logprobs, ref_logprobs, mask,
-        beta=cfg.reward.kl_beta, threshold=cfg.reward.safety_threshold, estimator=cfg.reward.kl_estimator,
+        beta=0.0 if algorithm == RLAlgorithm.GRPO else cfg.reward.kl_beta,  # GRPO: the KL is in the loss
+        threshold=cfg.reward.safety_threshold, estimator=cfg.reward.kl_estimator,
         gather=gather, offset=acc.process_index * len(rows))
-    advantages, returns = advantages_and_returns(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-    batch.update(old_logprobs=old_logprobs, old_values=values, advantages=advantages, returns=returns)
+    batch.update(old_logprobs=old_logprobs)
     lengths = mask.sum(dim=1).float()
     row_stats = {
         "reward_helpful": stats["helpful"].mean(), "reward_safety": stats["safety"].mean(),
@@ -232,9 +257,21 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
         "reward_total": masked_row_sum(rewards, mask).mean(),
         "kl": masked_row_sum(stats["kl"], mask).mean(), "kl_per_token": masked_mean(stats["kl"], mask),
         "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
-        "value_mean": masked_mean(values, mask), "explained_variance": explained_variance(values, returns, mask),
         "rm_inputs_truncated": sum(cut) / len(cut),  # share of this iteration's RM inputs cut from the left
     }
+    if algorithm == RLAlgorithm.PPO:
+        values = torch.cat(values)
+        advantages, returns = advantages_and_returns(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        batch.update(old_values=values, advantages=advantages, returns=returns)
+        row_stats.update(value_mean=masked_mean(values, mask),
+                         explained_variance=explained_variance(values, returns, mask))
+    else:
+        advantages, sequence = group_advantages(rewards, mask, k, algorithm)
+        batch.update(advantages=advantages)
+        if algorithm == RLAlgorithm.GRPO:
+            batch.update(ref_logprobs=ref_logprobs)
+        # how much the K answers of a prompt differ: 0 everywhere means nothing to learn from this batch
+        row_stats["reward_group_std"] = sequence.view(-1, k).std(dim=1).mean()
     # time_scoring: reward models, then the reference, old-policy and value passes (time_reward_models: the RMs)
     return batch, row_stats, {"time_generation": t1 - t0, "time_scoring": time.perf_counter() - t1,
                               "time_reward_models": t2 - t1}
@@ -251,11 +288,20 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
     count = 0
     ctx.policy.train()
 
+    algorithm = RLAlgorithm(cfg.ppo.algorithm)
+
     def losses(chunk: dict):
         mask = chunk["response_mask"]
         logits, values = ctx.policy(**model_inputs(chunk), response_length=mask.size(1))
         logprobs, _ = response_logprobs(logits, chunk)
         pg, pg_metrics = policy_loss(logprobs, chunk["old_logprobs"], chunk["advantages"], mask, clip=cfg.ppo.clip)
+        metrics = {"policy_loss": pg_metrics["loss"], "clip_fraction": pg_metrics["clip_fraction"],
+                   "approx_kl": pg_metrics["approx_kl"]}
+        if algorithm == RLAlgorithm.RLOO:
+            return pg, metrics
+        if algorithm == RLAlgorithm.GRPO:
+            kl, kl_metrics = kl_loss(logprobs, chunk["ref_logprobs"], mask, cfg.reward.kl_beta)
+            return pg + kl, {**metrics, "kl_loss": kl_metrics["loss"]}
         vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask, clip=cfg.ppo.value_clip)
         return pg + cfg.ppo.vf_coef * vf, {
             "policy_loss": pg_metrics["loss"], "value_loss": vf_metrics["loss"],
@@ -324,17 +370,18 @@ def save_actor(ctx, path: Path) -> None:
 
 
 def finish(ctx, run: RunDir) -> None:
-    """`final/` = the best held-out actor (or the last one), merged if LoRA; `critic/` = the last critic."""
+    """`final/` = the best held-out actor (or the last one), merged if LoRA; `critic/` = the last critic (PPO)."""
     cfg, acc = ctx.cfg, ctx.accelerator
     best = run.path / "best"
     if not best.is_dir():
         save_actor(ctx, best)
     acc.wait_for_everyone()
-    state = acc.get_state_dict(ctx.policy)
-    if acc.is_main_process:
-        critic = acc.unwrap_model(ctx.policy).critic
-        save_pretrained_atomic(run.path / "critic", critic, state_dict=_part_state(state, "critic"))
-    acc.wait_for_everyone()
+    if ctx.models.critic is not None:
+        state = acc.get_state_dict(ctx.policy)
+        if acc.is_main_process:
+            critic = acc.unwrap_model(ctx.policy).critic
+            save_pretrained_atomic(run.path / "critic", critic, state_dict=_part_state(state, "critic"))
+        acc.wait_for_everyone()
     leave_zero3()
     if acc.is_main_process:
         if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
@@ -386,9 +433,11 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     total = cfg.ppo.iterations
     accum = check_sizes(cfg, world_size())
     for m in (models.actor, models.critic):
-        disable_dropout(m)
+        if m is not None:
+            disable_dropout(m)
     actor_critic = ActorCritic(models.actor, models.critic)
-    actor_bytes, critic_bytes = model_bytes(models.actor)[0], model_bytes(models.critic)[0]
+    actor_bytes = model_bytes(models.actor)[0]
+    critic_bytes = model_bytes(models.critic)[0] if models.critic is not None else 0
     check_disk_for_run(run, actor_critic, checkpoints_held(cfg.output, total), "ppo",
                        saved_bytes=2 * actor_bytes + critic_bytes)  # best, final, critic
     engine = start_engine(actor_critic, lambda policy: make_ppo_optimizer(policy, cfg), run=run, desc="ppo",
@@ -398,7 +447,9 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     acc = engine.accelerator
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
     ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload))
-    acc.print(f"[ppo] {total} iterations x {cfg.ppo.batch_size} prompts on {engine.setup()}")
+    answers = f" x {cfg.ppo.num_samples} answers" if cfg.ppo.num_samples > 1 else ""
+    acc.print(f"[ppo] {cfg.ppo.algorithm}: {total} iterations x {cfg.ppo.batch_size} prompts{answers} on "
+              f"{engine.setup()}")
 
     resumed = engine.resume("iteration", total)
     state = resumed or {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0,
@@ -441,7 +492,7 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         stats.update(engine.reduce(train_on_rollout(ctx, batch, iteration), "mean"))
         _check_finite(done, stats, run, None)
         elapsed = time.perf_counter() - t0
-        stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size / elapsed,
+        stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size * cfg.ppo.num_samples / elapsed,
                      lr=cfg.optim.lr, step=done, **engine.take_grad_norm())
         if evaluate and done % es.every_iterations == 0:
             stats.update(do_eval(done))

@@ -143,6 +143,23 @@ def ppo(fix: Fixtures, out: Path) -> list[str]:
         "output.save_every_steps": 1, "output.dir": str(out), **QUIET})
 
 
+def _critic_free(algorithm: str):
+    """The RL stage run without a critic (`ppo.algorithm`), on PPO's fixtures and sizes: K = 2 answers to 4
+    prompts, the same 8 answers per iteration as `ppo`."""
+
+    def argv(fix: Fixtures, out: Path) -> list[str]:
+        return _args("ppo", TINY / f"{algorithm}.yaml", {
+            "model.path": str(fix.base), "reward.helpful_rm": str(fix.rm("helpful")),
+            "reward.safety_rm": str(fix.rm("safety")), "reward.max_length": 128,
+            "data.prompts": _src(fix, "rl_prompts"), "data.eval_prompts": _src(fix, "eval_helpful"),
+            "rollout.max_new_tokens": 8, "rollout.batch_size": 16, "ppo.num_samples": 2, "ppo.iterations": 4,
+            "ppo.batch_size": 4, "ppo.mini_batch_size": 4, "ppo.micro_batch_size": 2,
+            "early_stopping.every_iterations": 2, "early_stopping.max_new_tokens": 6, "optim.lr": 3e-3,
+            "output.save_every_steps": 1, "output.dir": str(out), **QUIET})
+
+    return argv
+
+
 def gatt(fix: Fixtures, out: Path) -> list[str]:
     return _args("gatt", TINY / "gatt.yaml", {
         "model.path": str(fix.base), "data.instructions": _src(fix, "gatt_instructions"),
@@ -183,6 +200,6 @@ def pipeline(fix: Fixtures, out: Path) -> list[str]:
 
 STAGES: dict[str, Callable[[Fixtures, Path], list[str]]] = {
     "pretrain": pretrain, "sft": sft, "rm": reward_model, "rm-probe": reward_model_probe,
-    "rejection-sampling": rejection_sampling,
-    "ppo": ppo, "dpo": dpo, "gatt": gatt, "pipeline": pipeline,
+    "rejection-sampling": rejection_sampling, "ppo": ppo, "rloo": _critic_free("rloo"), "grpo": _critic_free("grpo"),
+    "dpo": dpo, "gatt": gatt, "pipeline": pipeline,
 }
