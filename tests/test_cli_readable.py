@@ -190,7 +190,8 @@ def test_every_input_of_a_single_stage_recipe_names_the_make_target_that_writes_
 
 
 STAGES_BY_RECIPE = {"pretrain": "pretrain", "sft": "sft", "collect": "collect", "rm_helpful": "rm", "rm_safety": "rm",
-                    "rejection_sampling": "rejection-sampling", "ppo": "ppo", "dpo": "dpo", "gatt": "gatt",
+                    "rejection_sampling": "rejection-sampling", "ppo": "ppo", "rloo": "ppo", "grpo": "ppo",
+                    "dpo": "dpo", "gatt": "gatt",
                     "safety_distill": "safety-distill", "eval": "eval"}
 
 
