@@ -156,9 +156,11 @@ def render_card(fields: dict) -> str:
 
 
 def write_model_card(checkpoint: str | Path, run_dir: str | Path, stage: str, stage_help: str = "") -> Path:
-    """Write `README.md` into `checkpoint` (atomically: temp file + rename) and return its path."""
+    """Write `README.md` into `checkpoint` (atomically: temp file + rename) and return its path. The temp file
+    lies beside the checkpoint, not in it: a kill before the rename must not leave a file the checkpoint's
+    manifest does not know (that would read as a damaged model)."""
     path = Path(checkpoint) / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
+    tmp = Path(checkpoint).parent / f".{Path(checkpoint).name}.{CARD_FILE}.tmp"
     tmp.write_text(render_card(card_fields(checkpoint, run_dir, stage, stage_help)))
     tmp.replace(path)
     return path

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.faults import AT_ENV, TRACE_ENV, read_trace
+from alignment.model_card import CARD_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = re.compile(r"(_per_s$|^time_|^seconds$|^finished$|^started$)")
@@ -142,7 +143,8 @@ def torn(path: Path) -> str | None:
         files = json.loads((path / "MANIFEST.json").read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
         return f"no readable manifest ({type(e).__name__})"
-    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"MANIFEST.json", "COMPLETE"}
+    # the model card (README.md) is written beside a committed model after its manifest, atomically, by design
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"MANIFEST.json", "COMPLETE", CARD_FILE}
     if present != set(files):
         return f"files differ from the manifest: {sorted(present ^ set(files))[:3]}"
     for rel, want in files.items():
