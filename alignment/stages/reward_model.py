@@ -264,8 +264,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
     if warning and is_main_process():
         print(f"[rm] {warning}")
     examples, truncation = encode_and_count_pairs(tokenizer, pairs, cfg.train.max_length, cfg.margin_scale)
-    world = world_size()
-    plan = make_plan(cfg, examples, world)
+    plan = None if cfg.probe.enabled else make_plan(cfg, examples, world_size())  # the probe takes no steps
     run.prepare(inputs, is_main=is_main_process())
     if is_main_process():
         if truncation["truncated"]:
@@ -274,7 +273,7 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
         c = mix["counts"]
         print(f"[rm] {len(pairs)} pairs: {c['primary']} primary + {c['secondary_drawn']} of "
               f"{c['secondary_available']} secondary ({mix['kind']}); margin {cfg.margin_scale}; "
-              + ("a linear probe (features, then the head by L-BFGS)" if cfg.probe.enabled else f"{len(plan.steps)} steps"))
+              + ("a linear probe (features, then the head by L-BFGS)" if plan is None else f"{len(plan.steps)} steps"))
         if mix["dedup_test_prompts"] is not None:
             d = mix["dedup_test_prompts"]
             print(f"[rm] dropped {d['primary']['removed']} primary and {d['secondary']['removed']} secondary pairs "
