@@ -63,9 +63,10 @@ def ppo_panels(metrics: list[dict]) -> list[tuple[str, list[int], list[float]]]:
     return panels
 
 
-def ppo_figure(metrics: list[dict], name: str):
-    """PPO's metrics, one panel per quantity (each its own y axis, titled with its label and direction); None
-    when the run logged none of PPO_PANELS."""
+def ppo_figure(metrics: list[dict], name: str, algorithm: str = "PPO"):
+    """The RL stage's metrics, one panel per quantity (each its own y axis, titled with its label and
+    direction), against `algorithm`'s iterations ("PPO", "RLOO", "GRPO"); None when the run logged none of
+    PPO_PANELS."""
     import matplotlib.pyplot as plt
 
     panels = ppo_panels(metrics)
@@ -77,7 +78,7 @@ def ppo_figure(metrics: list[dict], name: str):
     for ax, (key, steps, values) in zip(axes.flat, panels):
         ax.plot(steps, values, "o-" if key.startswith("eval_") else "-")
         ax.set_title(label(key), fontsize=9)
-        ax.set(xlabel="PPO iteration")
+        ax.set(xlabel=f"{algorithm} iteration")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
     fig.suptitle(f"{name}: the rollouts' reward and KL (every iteration), the in-training evaluation on its "
@@ -175,9 +176,12 @@ def report_plots(report: dict, manifest: dict) -> list[tuple[str, str]]:
         entry = manifest["stages"].get(name, {})
         if entry.get("stage") != "ppo" or entry.get("status") != "done":
             continue
-        fig = ppo_figure(read_metrics(entry["dir"]), name)
+        # the checkpoint's method names the algorithm first ("RLOO K=4, 10 iterations x 8 prompts")
+        method = next((c["method"] for c in report.get("checkpoints", []) if c.get("stage") == name), "PPO")
+        algorithm = method.split(",")[0].split()[0]
+        fig = ppo_figure(read_metrics(entry["dir"]), name, algorithm)
         if fig is not None:
-            keep(fig, f"PPO ({name}): reward, KL and in-training evaluation")
+            keep(fig, f"{algorithm} ({name}): reward, KL and in-training evaluation")
     return plots
 
 

@@ -208,6 +208,14 @@ def test_the_page_has_labels_methods_samples_reconciliation_and_the_run(tmp_path
     assert json.loads((tmp_path / "report.json").read_text())["stages"][0]["git_commit"] == "abc1234"
 
 
+def test_a_critic_free_rl_stage_is_plotted_under_its_own_name(tmp_path):
+    report, manifest = _hand_report(tmp_path)
+    report["checkpoints"][0]["method"] = "RLOO K=4, 20 iterations x 8 prompts"
+    write_report(tmp_path, report, manifest)
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>RLOO (ppo): reward, KL and in-training evaluation</h2>" in page and "<h2>PPO (ppo)" not in page
+
+
 def test_the_page_in_headless_chromium_has_no_console_errors_and_the_labels(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     browser_path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
