@@ -144,7 +144,7 @@ def plan_dialogs(instructions: list[dict], prompts: list[str], num_dialogs: int,
 
 def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool, check: Check,
                  choose=first_candidate, fix=None, respond_plain: Respond | None = None,
-                 stop_on_failure: bool, template: str = "llama2") -> list[DialogPlan]:
+                 stop_on_failure: bool, template: str = "llama2", desc: str = "dialogs") -> list[DialogPlan]:
     """Play all dialogs turn by turn, in place: at each turn every open dialog asks `respond` for the next
     answer given its own history (so each answer conditions on the answers chosen before it), with the
     instruction attached as `every_turn` says; `choose` picks the answer among the candidates.
@@ -157,11 +157,16 @@ def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool,
     stop_on_failure=False (evaluation): the answer is kept as history and the dialog goes on.
     A dialog `respond` cannot answer (None: the context does not fit) stops with status "cut".
     template: the policy's chat template (`chat.template_of`), the form the every-turn instruction takes.
+    desc: the progress bar's label (one tick a turn: later turns re-read longer dialogs, so they take longer).
     """
-    for t in range(max((len(p.users) for p in plans), default=0)):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max((len(p.users) for p in plans), default=0), desc=desc, unit="turn", dynamic_ncols=True)
+    for t in range(bar.total):
         live = [p for p in plans if p.status == "open" and len(p.users) > t]
         if not live:
             break
+        bar.set_postfix(open=len(live))
         contexts = [attach_instruction(p.history(), p.instruction["instruction"], every_turn, template)
                     for p in live]
         chosen = []
@@ -186,6 +191,8 @@ def play_dialogs(plans: list[DialogPlan], respond: Respond, *, every_turn: bool,
                 plan.status = "failed"
             elif len(plan.turns) == len(plan.users):
                 plan.status = "complete"
+        bar.update()
+    bar.close()
     return plans
 
 
@@ -258,7 +265,7 @@ def measure_adherence_sets(respond: Respond, instruction_sets: dict[str, list[di
     plans = {name: eval_plans(instructions, prompts, max(turns), seed)
              for name, instructions in instruction_sets.items()}
     play_dialogs([p for ps in plans.values() for p in ps], respond, every_turn=False, check=check,
-                 stop_on_failure=False)
+                 stop_on_failure=False, desc="gatt eval")
     return {name: adherence_rates(ps, turns) for name, ps in plans.items()}, plans
 
 
@@ -292,6 +299,14 @@ def system_token_positions(tokenizer, messages: list[dict]) -> tuple[int, int]:
     if not inside:
         raise ValueError("no token of the system prompt found")
     return 1 + inside[0], 2 + inside[-1]  # 1: the BOS of the first turn
+
+
+def with_constraint_types(instructions: list[dict], types: Sequence[str]) -> list[dict]:
+    """The instructions whose every constraint is of one of `types` (`data.constraint_types`); all of them
+    when `types` is empty."""
+    if not types:
+        return list(instructions)
+    return [row for row in instructions if all(c["type"] in types for c in row["constraints"])]
 
 
 def check_constraint_types(instructions: list[dict], where: str) -> None:

@@ -307,7 +307,8 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         eval_path = Path(entry.get("dir", "")) / "eval.json"
         if entry.get("stage") == "gatt" and entry.get("status") == "done" and eval_path.is_file():
             gatt = json.loads(eval_path.read_text())
-            report["gatt"] = {"before": gatt["before"], "after": gatt["after"]}
+            report["gatt"] = {"before": gatt["before"], "after": gatt["after"],
+                              "constraint_types": gatt.get("constraint_types")}  # absent from older runs
     write_report(root, report, manifest)
     return report
 

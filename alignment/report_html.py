@@ -167,8 +167,10 @@ def report_plots(report: dict, manifest: dict) -> list[tuple[str, str]]:
         for key, style in (("before", "o--"), ("after", "s-")):
             turns = sorted(report["gatt"][key], key=int)
             ax.plot([int(t) for t in turns], [report["gatt"][key][t] for t in turns], style, label=f"{key} GAtt")
+        types = report["gatt"].get("constraint_types")
         ax.set(xlabel="dialog turn", ylabel=LABELS["adherence"], ylim=(0, 1),
-               title="GAtt: instruction kept over the dialog (paper Table 30)")
+               title="GAtt: instruction kept over the dialog (paper Table 30)"
+               + (f"\ninstruction types: {', '.join(types)}" if types else ""))
         ax.legend(fontsize=8)
         keep(fig, "GAtt: system instruction kept over 20 turns")
 

@@ -359,6 +359,30 @@ def test_unknown_constraint_types_stop_before_any_compute(tmp_path, nano_model_d
     assert not (tmp_path / "run").exists()
 
 
+def test_constraint_types_keep_only_instructions_of_those_types_in_training_and_evaluation(tmp_path, nano_model_dir):
+    from alignment.cli import main
+
+    path = _recipe(tmp_path, nano_model_dir, "rewrite")
+    assert main(["gatt", "--recipe", str(path), "--set", "data.constraint_types=[end]"]) == 0
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "dialogs.jsonl").read_text().splitlines()]
+    assert rows and {r["messages"][0]["content"] for r in rows} == {"End: Done."}  # UPPER and NAPOLEON left out
+    evaluated = [json.loads(line) for line in (run / "eval_dialogs.jsonl").read_text().splitlines()]
+    assert {r["instruction"]["id"] for r in evaluated if r["set"] in ("before", "after")} == {"i-end"}
+    assert {r["instruction"]["id"] for r in evaluated if r["set"].startswith("zero_shot")} == {"i-exc"}  # not filtered
+    assert json.loads((run / "eval.json").read_text())["constraint_types"] == ["end"]
+
+
+def test_constraint_types_that_leave_no_instruction_stop_before_any_compute(tmp_path, nano_model_dir, capsys):
+    from alignment.cli import main
+
+    path = _recipe(tmp_path, nano_model_dir, "rewrite")
+    assert main(["gatt", "--recipe", str(path), "--set", "data.constraint_types=[language]"]) == 2
+    assert "data.constraint_types ['language']: none of the 3 instructions" in capsys.readouterr().err
+    assert main(["gatt", "--recipe", str(path), "--set", "data.constraint_types=[haiku]"]) == 2
+    assert "data.constraint_types" in capsys.readouterr().err
+
+
 def test_replayed_dialogs_are_trained_beside_the_gatt_dialogs_and_checked_first(tmp_path, nano_model_dir, capsys):
     from alignment.cli import main
 

@@ -357,6 +357,11 @@ class GAttData:
     # was last fine-tuned on): without them the fine-tune on system-prompt dialogs only drifts the model's
     # answers to plain prompts (tiny demo: false refusals 0% -> 7.5%; with the RS sets replayed 1.25%)
     replay: list[DataSource] = field(default_factory=list)
+    # only the instructions (of data.instructions and eval.instructions) whose every constraint is of these
+    # types; empty: all. For a model that cannot take some type at all (SmolLM2-135M and the toy world's
+    # made-up word-for-word languages); the report and eval.json name the types kept.
+    constraint_types: list[Literal["upper", "start", "end", "persona", "language", "lower", "exclaim"]] = field(
+        default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,7 +53,7 @@ from alignment.faults import fault_point
 from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types,
                                  dialogs_reaching, gatt_train_on, plan_dialogs, play_dialogs, sampling_counts,
-                                 system_token_positions, training_dialogs)
+                                 system_token_positions, training_dialogs, with_constraint_types)
 from alignment.losses import token_logprobs
 from alignment.models.loading import check_model_paths, load_policy, model_paths
 from alignment.policy_eval import adherence_by_turn, model_responder, user_messages
@@ -70,7 +70,8 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
     instructions and with zero-shot ones; eval.json, eval_dialogs.jsonl and adherence.png in the run."""
     e = cfg.eval
     prompts = user_messages(load_sources(e.prompts, "rl_prompt"))
-    sets = {"instructions": load_sources(e.instructions, "gatt_instruction")[:e.max_instructions],
+    trained = with_constraint_types(load_sources(e.instructions, "gatt_instruction"), cfg.data.constraint_types)
+    sets = {"instructions": trained[:e.max_instructions],
             "zero_shot_instructions": load_sources(e.zero_shot_instructions, "gatt_instruction")[:e.max_instructions]}
     checkpoints = {"start": cfg.model.path, "final": str(run.final_dir)}
     rates, reached, rows = {}, {}, []
@@ -89,6 +90,7 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
     if zero_shot:
         result["zero_shot"] = zero_shot
     result["dialogs_reaching_turn"] = reached
+    result["constraint_types"] = sorted({c["type"] for row in sets["instructions"] for c in row["constraints"]})
     result["checkpoints"] = {"before": checkpoints["start"], "after": checkpoints["final"]}
     write_jsonl(run.path / "eval_dialogs.jsonl", rows)
     write_json_atomic(run.path / "eval.json", result)
@@ -166,7 +168,7 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
                             seed=cfg.seed + 1) if rewrite else None
     return play_dialogs(plans, respond, every_turn=True, check=check_instruction, choose=CHOOSERS[mode],
                         fix=fix_answer if rewrite else None, respond_plain=plain, stop_on_failure=True,
-                        template=template_of(tokenizer))
+                        template=template_of(tokenizer), desc="gatt sampling")
 
 
 def gatt_sft_config(cfg: GAttConfig, dialogs_path: Path) -> SFTConfig:
@@ -185,6 +187,11 @@ def run_gatt(cfg: GAttConfig) -> dict:
         return done
     check_model_paths(model_paths(cfg.model))  # a missing model stops the run before any data is read
     instructions = load_sources(cfg.data.instructions, "gatt_instruction")  # every input checked first
+    kept = with_constraint_types(instructions, cfg.data.constraint_types)
+    if not kept:
+        raise ValueError(f"data.constraint_types {cfg.data.constraint_types}: none of the {len(instructions)} "
+                         "instructions of data.instructions has only constraints of these types")
+    instructions = kept
     prompts = user_messages(load_sources(cfg.data.prompts, "rl_prompt"))
     replay = load_sources(cfg.data.replay, "sft_dialog")
     check_constraint_types(instructions, "data.instructions")
