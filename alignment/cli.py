@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
         try:
-            run(cfg)
+            run(cfg, recipe=args.recipe) if args.command == "pipeline" else run(cfg)
         except BaseException:
             settle_replaced(cfg.output.dir)  # an output.overwrite that committed nothing yet: the old run is back
             raise

@@ -46,10 +46,11 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run every stage not already done with the same lineage; then the evaluation report."""
+def run_pipeline(cfg: PipelineConfig, recipe: str | Path | None = None) -> dict:
+    """Run every stage not already done with the same lineage; then the evaluation report. `recipe`, the file
+    `cfg` was read from, is named at the line of a stage's bad `set` value."""
     root = Path(cfg.output.dir)
-    planned = plan_pipeline(cfg)  # every stage config is checked before any compute
+    planned = plan_pipeline(cfg, recipe=recipe)  # every stage config is checked before any compute
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"stages": {}}
     root.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     _ensure_toyworld(cfg, root, manifest)
     digests = json.loads((root / "data" / "manifest.json").read_text())["sha256"]
-    planned = plan_pipeline(cfg, digests)  # lineage from the data files each stage reads
+    planned = plan_pipeline(cfg, digests, recipe)  # lineage from the data files each stage reads
     manifest["order"] = [p["spec"].name for p in planned]
     write_json_atomic(manifest_path, manifest)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import ConfigError, config_hash, load_config
+from alignment.config.loader import recipe_lines
 from alignment.config.ranges import ranged
 from alignment.stages import STAGES
 
@@ -89,8 +90,9 @@ class PipelineConfig:
     report: ReportSection = field(default_factory=ReportSection)
 
 
-def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
-    """The stage's resolved config with placeholders filled and output.dir set (strictly checked)."""
+def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path, set_lines: dict[str, str] | None = None):
+    """The stage's resolved config with placeholders filled and output.dir set (strictly checked). An error in
+    a value of its `set` names that key's line of the pipeline recipe (`set_lines`: key -> "FILE:LINE")."""
     if spec.stage not in STAGES:
         raise ConfigError(f"stage {spec.name!r}: unknown stage command {spec.stage!r}; known: {', '.join(STAGES)}")
     overrides = []
@@ -102,8 +104,25 @@ def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path):
                                   f"(earlier: {', '.join(dirs)})")
         overrides.append(f"{key}={PLACEHOLDER.sub(lambda m: dirs[m.group(1)], text)}")
     overrides.append(f"output.dir={run_dir}")
-    cfg = load_config(STAGES[spec.stage].config, spec.recipe, overrides, source=f"stage {spec.name!r}: set")
+    try:
+        cfg = load_config(STAGES[spec.stage].config, spec.recipe, overrides, source=f"stage {spec.name!r}: set")
+    except ConfigError as e:
+        line = _set_line(spec, e.key, set_lines or {})
+        if line is None:
+            raise
+        raise ConfigError(f"{line}: {e}", e.key) from None
     return cfg, overrides
+
+
+def _set_line(spec: PipelineStage, key: str | None, set_lines: dict[str, str]) -> str | None:
+    """The pipeline recipe's "FILE:LINE" of the `set` entry that gave config key `key` (the last one that
+    sets it, a section holding it, or a key inside it, as `--set` errors are traced), or None."""
+    parts = tuple(p for p in re.split(r"[.\[\]]+", key) if p) if key else ()
+    for name in reversed(list(spec.set)):
+        given = tuple(name.split("."))
+        if parts and (parts[:len(given)] == given or given[:len(parts)] == parts):
+            return set_lines.get(name)
+    return None
 
 
 def _upstream(spec: PipelineStage) -> list[str]:
@@ -122,12 +141,15 @@ def _data_key(spec: PipelineStage, digests: dict | None, fallback: str) -> str:
     return hashlib.sha256(json.dumps([[f, digests.get(f)] for f in files]).encode()).hexdigest()[:16]
 
 
-def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list[dict]:
+def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None, recipe: str | Path | None = None
+                  ) -> list[dict]:
     """Resolve every stage (configs checked before anything runs) and compute its lineage key.
 
     data_digests: {file name: sha256} of the toy-world files (its manifest's "sha256"); without them the
     data lineage is the generator's seed and sizes.
+    recipe: the pipeline recipe `cfg` was read from: a bad value of a stage's `set` is reported at its line.
     """
+    lines = recipe_lines(recipe) if recipe is not None and Path(recipe).is_file() else {}
     root = Path(cfg.output.dir)
     dirs = {"data": str(root / "data")}
     data_key = hashlib.sha256(json.dumps({"seed": cfg.toyworld.seed, "sizes": cfg.toyworld.sizes},
@@ -140,7 +162,9 @@ def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None) -> list
             raise ConfigError(f"stage name {spec.name!r} is used twice (or is reserved)")
         names.add(spec.name)
         run_dir = root / spec.name
-        stage_cfg, overrides = _stage_config(spec, dirs, run_dir)
+        set_lines = {key: f"{recipe}:{lines[k]}" for key in spec.set
+                     if (k := ("stages", str(len(planned)), "set", key)) in lines}
+        stage_cfg, overrides = _stage_config(spec, dirs, run_dir, set_lines)
         refs = _upstream(spec)
         uses_data = any("{data}" in str(v) for v in spec.set.values())
         lineage = [keys[r] for r in refs] + ([_data_key(spec, data_digests, data_key)] if uses_data else [])

@@ -209,7 +209,8 @@ def run_plan(args) -> int:
     kwargs = {"gpus_per_node": args.gpus, "nodes": args.nodes, "prompt_tokens": args.prompt_tokens,
               "default_model": args.model}
     if stage == "pipeline":
-        return _plan_pipeline(load_config(config_class("pipeline"), args.recipe, args.overrides), gpu_memory, kwargs)
+        return _plan_pipeline(load_config(config_class("pipeline"), args.recipe, args.overrides), gpu_memory, kwargs,
+                              args.recipe)
     cfg = load_config(config_class(stage), args.recipe, args.overrides)  # errors name the recipe line or --set
     plan = plan_stage(stage, cfg, **kwargs)
     print(format_plan(plan, gpu_memory, args.recipe))
@@ -219,13 +220,13 @@ def run_plan(args) -> int:
     return 1
 
 
-def _plan_pipeline(cfg, gpu_memory: int, kwargs: dict) -> int:
+def _plan_pipeline(cfg, gpu_memory: int, kwargs: dict, recipe: str) -> int:
     """One line per stage of a pipeline recipe: its peak phase and whether it fits."""
     print(f"align plan: pipeline {cfg.output.dir} on {kwargs['gpus_per_node'] * kwargs['nodes']} GPUs "
           f"({kwargs['nodes']} node(s) x {kwargs['gpus_per_node']}), {_gib(gpu_memory)} GiB each")
     print(f"  {'stage':<22}{'command':<20}{'peak phase':<12}{'GiB/GPU':>8}  verdict")
     worst = 0
-    for item in plan_pipeline(cfg):
+    for item in plan_pipeline(cfg, recipe=recipe):
         spec = item["spec"]
         stage_cfg = load_config(config_class(spec.stage), spec.recipe, item["overrides"])
         plan = plan_stage(spec.stage, stage_cfg, **kwargs)

@@ -1,6 +1,7 @@
 """The pipeline: skip what is done, re-run a changed stage and only what depends on it, resume a killed stage."""
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -106,10 +107,19 @@ def test_unknown_reference_and_bad_stage_config_fail_before_running(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"refers to \{bse\}, which is not an earlier stage"):
         plan_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
-    raw["stages"][1]["set"] = {"optim.lrr": 1}
+    raw["stages"][1]["set"] = {"optim.lr": 0.1, "optim.lrr": 1}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"))
+    # with the recipe's path, the error names the line of the bad key in the pipeline file
+    line = next(i for i, text in enumerate((tmp_path / "bad.yaml").read_text().splitlines(), 1) if "optim.lrr: 1" in text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'bad.yaml'))}:{line}: stage '[a-z_]+': set optim.lrr=1"):
+        run_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"), recipe=tmp_path / "bad.yaml")
+    raw["stages"][1]["set"] = {"optim.lr": -1.0}  # a bad value, too
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    line = next(i for i, text in enumerate((tmp_path / "bad.yaml").read_text().splitlines(), 1) if "optim.lr: -1.0" in text)
+    with pytest.raises(ConfigError, match=rf"bad.yaml:{line}: stage '[a-z_]+': set optim.lr=-1.0"):
+        plan_pipeline(load_config(PipelineConfig, tmp_path / "bad.yaml"), recipe=tmp_path / "bad.yaml")
     raw = yaml.safe_load(write_recipe(tmp_path).read_text())
     raw["report"] = {"helpful_rm": "rm_helpfull"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
