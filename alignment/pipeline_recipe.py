@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import ConfigError, config_hash, load_config
-from alignment.config.loader import recipe_lines
+from alignment.config.loader import override_covers, recipe_lines
 from alignment.config.ranges import ranged
 from alignment.stages import STAGES
 
@@ -117,10 +117,8 @@ def _stage_config(spec: PipelineStage, dirs: dict[str, str], run_dir: Path, set_
 def _set_line(spec: PipelineStage, key: str | None, set_lines: dict[str, str]) -> str | None:
     """The pipeline recipe's "FILE:LINE" of the `set` entry that gave config key `key` (the last one that
     sets it, a section holding it, or a key inside it, as `--set` errors are traced), or None."""
-    parts = tuple(p for p in re.split(r"[.\[\]]+", key) if p) if key else ()
     for name in reversed(list(spec.set)):
-        given = tuple(name.split("."))
-        if parts and (parts[:len(given)] == given or given[:len(parts)] == parts):
+        if override_covers(name, key):
             return set_lines.get(name)
     return None
 
@@ -157,13 +155,13 @@ def plan_pipeline(cfg: PipelineConfig, data_digests: dict | None = None, recipe:
     keys = {"data": data_key}
     planned = []
     names = set()
-    for spec in cfg.stages:
+    for index, spec in enumerate(cfg.stages):
         if spec.name in names or spec.name == "data":
             raise ConfigError(f"stage name {spec.name!r} is used twice (or is reserved)")
         names.add(spec.name)
         run_dir = root / spec.name
         set_lines = {key: f"{recipe}:{lines[k]}" for key in spec.set
-                     if (k := ("stages", str(len(planned)), "set", key)) in lines}
+                     if (k := ("stages", str(index), "set", key)) in lines}
         stage_cfg, overrides = _stage_config(spec, dirs, run_dir, set_lines)
         refs = _upstream(spec)
         uses_data = any("{data}" in str(v) for v in spec.set.values())

@@ -238,13 +238,20 @@ def recipe_lines(path: str | Path) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def override_covers(set_key: str, key: str | None) -> bool:
+    """Whether an override of `set_key` ("optim.lr") set the config key `key` of an error ("optim.lr",
+    "data.train[0].path"): the same key, a section holding it, or a key inside it."""
+    parts = tuple(p for p in re.split(r"[.\[\]]+", key) if p) if key else ()
+    given = tuple(set_key.strip().split("."))
+    return bool(parts) and (parts[:len(given)] == given or given[:len(parts)] == parts)
+
+
 def _origin(key: str | None, path: Path, overrides: list[str], source: str) -> str:
     """Where the value at `key` came from: the last override that set it (or a section holding it, or a key
     inside it), else the recipe's line of it (or of the nearest section holding it), else the recipe."""
     parts = tuple(p for p in re.split(r"[.\[\]]+", key) if p) if key else ()
     for item in reversed(overrides):
-        set_parts = tuple(item.split("=", 1)[0].strip().split("."))
-        if parts and (parts[:len(set_parts)] == set_parts or set_parts[:len(parts)] == parts):
+        if override_covers(item.split("=", 1)[0], key):
             return f"{source} {item}"
     lines = recipe_lines(path)
     for n in range(len(parts), 0, -1):
