@@ -244,21 +244,24 @@ def rm_sigmoids(rm, tokenizer, rows: list[dict], answers: list[str], *, batch_si
 @torch.no_grad()
 def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str | None = None,
                         safety_rm: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, dtype: str = "auto") -> dict:
     """Greedy answers of one policy checkpoint to held-out prompts, scored by the gold scorers (toy world)
     and by the reward models (mean sigmoid score, and the combined score of docs/method.md#combined-reward):
-    the metrics of `summarize`, and under "records" the per-answer records of `judge_answers` in prompt order."""
+    the metrics of `summarize`, and under "records" the per-answer records of `judge_answers` in prompt order.
+    `dtype` (alignment.models.loading.resolve_dtype) is the policy's and the reward models'."""
     from transformers import AutoModelForCausalLM
 
+    from alignment.models.loading import resolve_dtype
+
     tokenizer = load_tokenizer(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True, dtype=resolve_dtype(dtype))
     answers = answer_prompts(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=progress)
     del policy
     scores = {}
     for name, path in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm)):
         if path:
-            rm, rm_tok = load_rm_for_inference(path)
+            rm, rm_tok = load_rm_for_inference(path, dtype)
             scores[name] = rm_sigmoids(rm, rm_tok, prompts, answers, batch_size=batch_size)
     records = judge_answers(prompts, answers, [row_kind(r) for r in prompts], rm_scores=scores)
     return {**summarize(records), "records": records}

@@ -114,7 +114,7 @@ def run_pipeline(cfg: PipelineConfig, recipe: str | Path | None = None) -> dict:
         report = build_report(root, prompts=prompts, helpful_rm_stage=cfg.report.helpful_rm,
                               safety_rm_stage=cfg.report.safety_rm, max_new_tokens=cfg.report.max_new_tokens,
                               batch_size=cfg.report.batch_size, rm_check=cfg.report.rm_check, base=cfg.report.base,
-                              real_pairs_test=cfg.report.real_pairs.test)
+                              real_pairs_test=cfg.report.real_pairs.test, dtype=cfg.report.dtype)
         print(f"[report] done in {_fmt(time.perf_counter() - t0)}\n{table(report)}")
         print(f"report: {root / 'report.html'} and {root / 'report.json'}")
     total = time.perf_counter() - t_start

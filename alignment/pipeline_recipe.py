@@ -18,6 +18,7 @@ from typing import Any
 from alignment.config import ConfigError, config_hash, load_config
 from alignment.config.loader import override_covers, recipe_lines
 from alignment.config.ranges import ranged
+from alignment.config.sections import Dtype
 from alignment.stages import STAGES
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
@@ -78,6 +79,7 @@ class ReportSection:
     safety_rm: str | None = None
     max_new_tokens: int = ranged(">= 1", 64)
     batch_size: int = ranged(">= 1", 64)
+    dtype: Dtype = "auto"  # of the policies and RMs evaluated (a stage's `model.inference_dtype` for the report)
     rm_check: RMCheckSection = field(default_factory=RMCheckSection)
     real_pairs: RealPairsSection = field(default_factory=RealPairsSection)
 

@@ -19,8 +19,11 @@ from alignment.runs import RunDir, write_json_atomic
 
 
 def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[dict]) -> dict:
-    """Held-out loss and gold-scored answers of the final model (and of the starting one, by option)."""
+    """Held-out loss and gold-scored answers of the final model (and of the starting one, by option), loaded
+    in `model.answer_dtype`."""
     from transformers import AutoModelForCausalLM
+
+    from alignment.models.loading import resolve_dtype
 
     tokenizer = load_tokenizer(run.final_dir)
     result: dict = {}
@@ -29,7 +32,7 @@ def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[di
         checkpoints.append(("start", cfg.model.path))
     examples, _ = encode_dialogs(tokenizer, eval_dialogs, cfg.train.max_length, cfg.data.train_on)
     for name, path in checkpoints:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=resolve_dtype(cfg.model.answer_dtype),
                                                      attn_implementation=cfg.model.attn_implementation)
         entry = {}
         if examples:

@@ -233,26 +233,27 @@ def _reward_model_summary(entry: dict) -> dict:
 
 def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str | None = None,
                  safety_rm_stage: str | None = None, max_new_tokens: int = 64, batch_size: int = 64,
-                 rm_check=None, base: str | None = None, real_pairs_test: str | None = None) -> dict:
+                 rm_check=None, base: str | None = None, real_pairs_test: str | None = None, dtype: str = "auto") -> dict:
     """Evaluate every policy checkpoint of a pipeline run and write report.json and report.html.
 
     `rm_check` (pipeline.RMCheckSection) with a policy stage adds reward_models.helpful.on_policy: how the
     helpfulness RM ranks that model's own samples against gold (`evaluate.on_policy_rm_check`). `base`: a
     model directory evaluated first as "base" (the model a real-model pipeline starts from).
-    `real_pairs_test` adds reward_models.safety.real_pairs (`real_pairs_summary`)."""
+    `real_pairs_test` adds reward_models.safety.real_pairs (`real_pairs_summary`). `dtype`: of the policies and RMs."""
     root = Path(root)
     cache = root / "report_cache"
     manifest = read_manifest(root)
     stage_dir = {n: e["dir"] for n, e in manifest["stages"].items() if e.get("status") == "done"}
     helpful_rm = str(Path(stage_dir[helpful_rm_stage]) / "final") if helpful_rm_stage in stage_dir else None
     safety_rm = str(Path(stage_dir[safety_rm_stage]) / "final") if safety_rm_stage in stage_dir else None
-    fingerprint = evaluation_fingerprint(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    fingerprint = {**evaluation_fingerprint(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size),
+                   **({"dtype": dtype} if dtype != "auto" else {})}  # "auto": the key of earlier caches
     judges = {k: checkpoint_identity(p) if p else None for k, p in (("helpful_rm", helpful_rm), ("safety_rm", safety_rm))}
     picked = sample_prompt_indices(prompts)
 
     def evaluate(path: str) -> dict:
         result = evaluate_checkpoint(path, prompts, helpful_rm=helpful_rm, safety_rm=safety_rm,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
         records = result.pop("records")
         return {**result, "samples": [records[i] for i in picked]}
 

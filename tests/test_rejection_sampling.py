@@ -283,3 +283,24 @@ def test_backend_choice_falls_back_to_hf_and_refuses_an_impossible_vllm(monkeypa
         generation.pick_backend("vllm", world_size=2)
     with pytest.raises(ValueError, match="must be one of"):
         generation.pick_backend("tgi")
+
+
+def test_the_sampler_and_the_report_load_in_the_inference_dtype(tmp_path, nano_model_dir, reward_dirs):
+    """model.inference_dtype: the sampling copy (and a report's evaluated checkpoints) in bfloat16 while the
+    trained weights stay float32; unset, the sampler is the training dtype."""
+    from alignment.judging import evaluate_checkpoint
+    from alignment.stages.rejection_sampling import load_sampler
+
+    prompts = make_prompts(4)
+    plain = load_config(RejectionSamplingConfig, recipe(tmp_path, nano_model_dir, reward_dirs, prompts,
+                                                        model={"dtype": "float32"}))
+    half = load_config(RejectionSamplingConfig, recipe(tmp_path, nano_model_dir, reward_dirs, prompts,
+                                                       model={"dtype": "float32", "inference_dtype": "bfloat16"}))
+    assert half.model.answer_dtype == "bfloat16" and plain.model.answer_dtype == "float32"
+    assert next(load_sampler(str(nano_model_dir), plain)[0].parameters()).dtype == torch.float32
+    assert next(load_sampler(str(nano_model_dir), half)[0].parameters()).dtype == torch.bfloat16
+    rows = [{**r, "context": [{"role": "user", "content": r["prompt"]}]} for r in prompts]
+    rows = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
+    result = evaluate_checkpoint(str(nano_model_dir), rows, safety_rm=reward_dirs["safety_rm"], max_new_tokens=4,
+                                 dtype="bfloat16")
+    assert len(result["records"]) == 4 and all(0 <= r["safety_rm"] <= 1 for r in result["records"])

@@ -80,7 +80,7 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
         plans: dict[str, list[DialogPlan]] = {}
         rates.update(adherence_by_turn(checkpoints[ckpt], wanted, prompts, seed=e.seed, turns=e.turns,
                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                       max_context=e.max_context, dtype=cfg.model.dtype,
+                                       max_context=e.max_context, dtype=cfg.model.answer_dtype,
                                        attn_implementation=cfg.model.attn_implementation, transcripts=plans))
         for name in wanted:
             reached[name] = dialogs_reaching(plans[name], e.turns)
@@ -158,7 +158,8 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
     s = cfg.sampling
     plans = plan_dialogs(instructions, prompts, s.num_dialogs, s.min_turns, s.max_turns,
                          random.Random(f"gatt|{cfg.seed}"))
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.chat.template)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.answer_dtype, cfg.model.attn_implementation,
+                                   cfg.chat.template)
     respond = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=s.samples_per_turn,
                               temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed)
     mode = AnswerMode(s.answers)

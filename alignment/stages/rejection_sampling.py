@@ -72,10 +72,10 @@ def load_sampler(path: str, cfg: RejectionSamplingConfig):
     engine where `generation.backend` picks it."""
     template = cfg.chat.template if path == cfg.model.path else None  # other checkpoints carry their own
     if pick_backend(cfg.generation.backend, world_size()) == "vllm":
-        dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
+        dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.answer_dtype, "auto")
         return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path, template)
 
-    return load_policy(path, cfg.model.dtype, cfg.model.attn_implementation, template)
+    return load_policy(path, cfg.model.answer_dtype, cfg.model.attn_implementation, template)
 
 
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:

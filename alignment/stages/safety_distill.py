@@ -114,7 +114,8 @@ def sample_answers(cfg: SafetyDistillConfig, rows: list[dict]) -> list[dict]:
     categories = [prompt_category(r, cfg.preprompt.category_field) for r in rows]
     preprompts = [safety_preprompt(cfg.preprompt, c, rng) for c in categories]
     g = cfg.generation
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.chat.template)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.answer_dtype, cfg.model.attn_implementation,
+                                   cfg.chat.template)
     answers = {}
     for name, contexts, seed in (("original", [prompt_context(r) for r in rows], cfg.seed),
                                  ("distilled", [with_preprompt(r, p) for r, p in zip(rows, preprompts)], cfg.seed + 1)):
