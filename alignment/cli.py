@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", dest="checkpoints", action="append", default=[], metavar="[NAME=]DIR",
                            help="a policy checkpoint to evaluate (repeatable; replaces the recipe's list)")
             p.add_argument("--against", metavar="[NAME=]DIR", help="the checkpoint win rates are measured against")
+        if name == "pipeline":
+            _pipeline_launch_args(p)
     data = sub.add_parser("data", help="make and inspect data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="<data-command>")
     toy = data_sub.add_parser("toyworld", help="write the toy world's data files (schema-valid JSONL)")
@@ -131,6 +133,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pipeline_launch_args(p: argparse.ArgumentParser) -> None:
+    """`align pipeline`'s launchers (alignment.launch): one stage, Slurm jobs, a hostfile."""
+    g = p.add_argument_group("launching (alignment.launch; a stage's `nodes` and `processes` per node)")
+    g.add_argument("--only", metavar="NAME", help="run this stage alone (the stages it reads from must be done); no report")
+    g.add_argument("--launcher", choices=["local", "slurm", "hostfile"], default="local",
+                   help="how a stage's processes start: here (torchrun on 127.0.0.1), inside a Slurm allocation "
+                        "(srun + torchrun, c10d rendezvous), or on the hosts of --hostfile (torchrun per host, ssh)")
+    g.add_argument("--hostfile", metavar="FILE", help="DeepSpeed hostfile: '<host> slots=<n>' per line")
+    g.add_argument("--print-commands", action="store_true",
+                   help="with --launcher hostfile: print each stage's command and the torchrun it starts per host, "
+                        "and exit")
+    g.add_argument("--sbatch", metavar="DIR", help="write one Slurm job script per stage (chained afterok) and the "
+                                                   "report's, and DIR/submit.sh; run nothing")
+    g.add_argument("--submit", action="store_true", help="with --sbatch: also submit them (needs sbatch)")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="with --sbatch: #SBATCH --gpus-per-node (0: none)")
+    g.add_argument("--partition", help="with --sbatch: #SBATCH --partition")
+    g.add_argument("--account", help="with --sbatch: #SBATCH --account")
+    g.add_argument("--time", help="with --sbatch: #SBATCH --time, e.g. 24:00:00")
+
+
+def _pipeline(cfg, args) -> bool:
+    """`align pipeline`: run it (here, or one stage with --only, through a launcher), or write Slurm jobs, or
+    print a hostfile cluster's commands. True when it ran stages."""
+    from alignment.launch import SlurmOptions, read_hostfile
+
+    if args.submit and not args.sbatch:
+        raise ValueError("--submit goes with --sbatch DIR")
+    if (args.launcher == "hostfile") != bool(args.hostfile):
+        raise ValueError("--launcher hostfile and --hostfile FILE go together")
+    if args.print_commands and args.launcher != "hostfile":
+        raise ValueError("--print-commands is for --launcher hostfile --hostfile FILE")
+    if args.sbatch:
+        opts = SlurmOptions(gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
+                            time=args.time)
+        resolve("alignment.pipeline:write_slurm_jobs")(cfg, args.recipe, args.sbatch, opts, submit=args.submit)
+        return False
+    if args.print_commands:
+        resolve("alignment.pipeline:print_hostfile_commands")(cfg, args.recipe, args.hostfile)
+        return False
+    hosts = read_hostfile(args.hostfile) if args.hostfile else None
+    resolve(PIPELINE_RUN)(cfg, recipe=args.recipe, only=args.only, launcher=args.launcher, hosts=hosts)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # our own bars show a stage's progress; those of transformers / huggingface_hub ("Loading weights",
@@ -163,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_config:
             print(describe_config(cfg))
             return 0
-        run = resolve(PIPELINE_RUN) if args.command == "pipeline" else resolve(STAGES[args.command].run)
         try:
-            run(cfg, recipe=args.recipe) if args.command == "pipeline" else run(cfg)
+            if args.command == "pipeline":
+                if not _pipeline(cfg, args):
+                    return 0
+            else:
+                resolve(STAGES[args.command].run)(cfg)
         except BaseException:
             settle_replaced(cfg.output.dir)  # an output.overwrite that committed nothing yet: the old run is back
             raise

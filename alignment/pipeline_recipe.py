@@ -30,7 +30,8 @@ class PipelineStage:
     stage: str  # a command of `align` (pretrain, sft, rm, rejection-sampling, ppo, gatt, ...)
     recipe: str
     set: dict[str, Any] = field(default_factory=dict)  # key.path -> any YAML value
-    processes: int = ranged(">= 1", 1)  # > 1: launched with torchrun (gloo on CPU)
+    processes: int = ranged(">= 1", 1)  # per node; > 1: launched with torchrun (gloo on CPU)
+    nodes: int = ranged(">= 1", 1)  # > 1: `--launcher slurm` or `--launcher hostfile` (alignment.launch)
     expected_seconds: float = ranged("> 0", 60.0)  # for the ETA before the first run measured it
 
 

@@ -175,8 +175,11 @@ def make_accelerator(dist: DistributedSection, train: TrainSection, optim: Optim
 
             PartialState(backend="gloo")
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_json, train, optim, world, mixed))
+    # Several processes without CUDA and without DeepSpeed: accelerate reads them as MULTI_CPU (gloo) only when
+    # told cpu=True; otherwise each process would train alone on the same output directory.
+    cpu = plugin is None and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed,
-                       deepspeed_plugin=plugin)
+                       deepspeed_plugin=plugin, cpu=cpu)
 
 
 def make_optimizer(model, optim: OptimSection) -> torch.optim.Optimizer:
