@@ -112,11 +112,21 @@ def _stage_config(entry: dict):
 
 def _rejection_sampling_detail(cfg, done: dict, iteration: int | None) -> str:
     spec = cfg.iterations[iteration - 1]
+    if spec.update == "dpo":  # named "RS+DPO" by _rs_method
+        return (f"best vs worst of K={spec.num_samples} samples per prompt at T={spec.temperature}, "
+                f"iteration {iteration} of {len(cfg.iterations)}")
     return (f"iteration {iteration} of {len(cfg.iterations)}, best of K={spec.num_samples} samples per prompt "
             f"at T={spec.temperature}")
 
 
-def _rl_method(cfg) -> str:
+def _rs_method(cfg, iteration: int | None) -> str:
+    """A rejection-sampling iteration's method: "rejection sampling", or "RS+DPO" for an `update: dpo` one."""
+    if iteration is not None and cfg.iterations[iteration - 1].update == "dpo":
+        return "RS+DPO"
+    return STAGES["rejection-sampling"].method
+
+
+def _rl_method(cfg, iteration: int | None = None) -> str:
     """The RL stage's algorithm as the report names it: "PPO", or with its answers per prompt "RLOO K=4"."""
     name = cfg.ppo.algorithm.upper()
     return name if cfg.ppo.num_samples == 1 else f"{name} K={cfg.ppo.num_samples}"
@@ -146,17 +156,18 @@ def _safety_distill_detail(cfg, done: dict, iteration: int | None) -> str:
 METHOD_DETAILS: dict[str, Callable] = {"rejection-sampling": _rejection_sampling_detail, "ppo": _ppo_detail,
                                        "safety-distill": _safety_distill_detail}
 # stage command -> its method's name read from its saved config, where one stage runs several methods
-METHOD_NAMES: dict[str, Callable] = {"ppo": _rl_method}
+METHOD_NAMES: dict[str, Callable] = {"ppo": _rl_method, "rejection-sampling": _rs_method}
 
 
 def checkpoint_method(entry: dict, iteration: int | None = None) -> str:
     """What made a policy checkpoint: its stage's method (the stage registry) and, read from the stage's run
     directory (config.json, done.json), what sets it apart: K and T of a rejection-sampling iteration, PPO's
-    iterations, whether safety distillation changed the model. The RL stage names its algorithm ("RLOO K=4")."""
+    iterations, whether safety distillation changed the model. The RL stage names its algorithm ("RLOO K=4"),
+    rejection sampling an `update: dpo` iteration "RS+DPO"."""
     method = STAGES[entry["stage"]].method
     cfg = _stage_config(entry)
     if cfg is not None and entry["stage"] in METHOD_NAMES:
-        method = METHOD_NAMES[entry["stage"]](cfg)
+        method = METHOD_NAMES[entry["stage"]](cfg, iteration)
     detail = METHOD_DETAILS.get(entry["stage"])
     if cfg is not None and detail is not None:
         extra = detail(cfg, _json_file(Path(entry["dir"]) / "done.json"), iteration)

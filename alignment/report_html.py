@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 from alignment.judging import KINDS
@@ -87,10 +88,22 @@ def ppo_figure(metrics: list[dict], name: str, algorithm: str = "PPO"):
     return fig
 
 
+def _iteration_loss(root: Path, iteration: int, default: TrainingLoss) -> TrainingLoss:
+    """The loss of a rejection-sampling iteration's run: DPO for an `update: dpo` one (RS+DPO), read from the
+    stage's saved config; `default` (the stage's) otherwise."""
+    saved = root / "config.json"
+    if saved.is_file():
+        iterations = json.loads(saved.read_text())["config"].get("iterations", [])
+        if iteration <= len(iterations) and iterations[iteration - 1].get("update") == "dpo":
+            return TrainingLoss.DPO
+    return default
+
+
 def loss_curves(manifest: dict) -> dict[TrainingLoss, list[tuple[str, list[int], list[float]]]]:
     """(line label, optimizer steps, losses) of every finished stage's training run, grouped by what its loss
     measures (the stage registry's `loss`), in pipeline order; a rejection-sampling stage gives one line per
-    iteration (each fine-tune is its own run under iterations/vN/)."""
+    iteration (each fine-tune is its own run under iterations/vN/; an RS+DPO iteration's goes with the DPO
+    losses)."""
     curves: dict[TrainingLoss, list] = {}
     for name in manifest["order"]:
         entry = manifest["stages"].get(name, {})
@@ -98,13 +111,13 @@ def loss_curves(manifest: dict) -> dict[TrainingLoss, list[tuple[str, list[int],
         if entry.get("status") != "done" or record is None or record.loss not in LOSS_PLOTS:
             continue
         root = Path(entry["dir"])
-        runs = [(name, root)] + [(f"{name} {it.name}", it) for it in
-                                 sorted((root / "iterations").glob("v*"), key=lambda p: int(p.name[1:]))]
-        for line, run_dir in runs:
+        runs = [(name, root, record.loss)] + [
+            (f"{name} {it.name}", it, _iteration_loss(root, int(it.name[1:]), record.loss))
+            for it in sorted((root / "iterations").glob("v*"), key=lambda p: int(p.name[1:]))]
+        for line, run_dir, loss in runs:
             metrics = [m for m in read_metrics(run_dir) if "loss" in m]
             if metrics:
-                curves.setdefault(record.loss, []).append((line, [m["step"] for m in metrics],
-                                                           [m["loss"] for m in metrics]))
+                curves.setdefault(loss, []).append((line, [m["step"] for m in metrics], [m["loss"] for m in metrics]))
     return curves
 
 

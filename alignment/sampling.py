@@ -71,6 +71,11 @@ def sample_reward(mode: RewardMode | str, helpful_raw: torch.Tensor | None, safe
     return SAMPLE_REWARDS[mode](helpful, safety, is_safety.bool(), threshold)
 
 
+def _rank_key(r: dict) -> tuple:
+    """The order samples are ranked in: score, then the newest iteration, then the lowest sample index."""
+    return r["score"], r["iteration"], -r["sample_index"]
+
+
 def select_best(records: list[dict], iterations: set[int] | None = None) -> dict[str, dict]:
     """The best sample per prompt: the arg-max of `score` among non-empty answers (an empty one cannot be
     trained on), over the samples of `iterations` (all when None). Ties go to the newest iteration, then
@@ -79,11 +84,47 @@ def select_best(records: list[dict], iterations: set[int] | None = None) -> dict
     for r in records:
         if (iterations is not None and r["iteration"] not in iterations) or not r["text"].strip():
             continue
-        key = (r["score"], r["iteration"], -r["sample_index"])
         old = best.get(r["prompt_id"])
-        if old is None or key > (old["score"], old["iteration"], -old["sample_index"]):
+        if old is None or _rank_key(r) > _rank_key(old):
             best[r["prompt_id"]] = r
     return best
+
+
+def select_pairs(records: list[dict], iterations: set[int] | None = None) -> tuple[dict[str, tuple[dict, dict]], dict]:
+    """RS+DPO's (best, worst) pair per prompt: over the same candidates as `select_best` (non-empty answers of
+    `iterations`, all when None), chosen = the highest score (the sample `select_best` keeps), rejected = the
+    lowest (ties: the oldest iteration, then the highest sample index). A prompt is skipped, and counted,
+    when it has fewer than 2 candidates (`too_few_samples`) or when its best and worst score are equal or
+    its best and worst answer are the same text (`tied`): such a pair says nothing about which answer is
+    better. Returns ({prompt_id: (chosen record, rejected record)}, {"too_few_samples": n, "tied": n})."""
+    candidates: dict[str, list[dict]] = {}
+    for r in records:
+        if (iterations is None or r["iteration"] in iterations) and r["text"].strip():
+            candidates.setdefault(r["prompt_id"], []).append(r)
+    pairs: dict[str, tuple[dict, dict]] = {}
+    skipped = {"too_few_samples": 0, "tied": 0}
+    for prompt_id, rows in candidates.items():
+        if len(rows) < 2:
+            skipped["too_few_samples"] += 1
+            continue
+        best, worst = max(rows, key=_rank_key), min(rows, key=_rank_key)
+        if best["score"] <= worst["score"] or best["text"] == worst["text"]:
+            skipped["tied"] += 1
+            continue
+        pairs[prompt_id] = (best, worst)
+    return pairs, skipped
+
+
+# The preference_pair rating of an RS+DPO pair, by the gap between its two ranking scores (each a probability
+# in (0, 1), `sample_reward`): a convention of this pipeline, not an annotator's judgment. It only matters
+# where `dpo.margin_scale` turns the rating margins on (off by default) and in the by-rating accuracies.
+SCORE_GAP_RATINGS = ((0.5, "significantly_better"), (0.25, "better"), (0.1, "slightly_better"),
+                     (0.0, "negligibly_better"))
+
+
+def rating_for_score_gap(gap: float) -> str:
+    """The rating of a pair whose chosen answer scored `gap` (> 0) above its rejected one (SCORE_GAP_RATINGS)."""
+    return next(rating for low, rating in SCORE_GAP_RATINGS if gap >= low)
 
 
 def candidate_iterations(iteration: int, best_of_all_from: int | None) -> set[int]:

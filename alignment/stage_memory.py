@@ -218,7 +218,9 @@ def plan_dpo(cfg, setup: Setup, default: str | None) -> StagePlan:
 
 def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan:
     """Sampling (the sampler and the RMs as full copies on every GPU, K samples per prompt in a generation
-    batch) and fine-tuning run one after the other; the sampler of the largest iteration counts."""
+    batch) and fine-tuning run one after the other; the sampler of the largest iteration counts. An RS+DPO
+    iteration (`update: dpo`) trains on pairs: a micro-batch's forward holds 2x its rows (as `plan_dpo`; its
+    reference pass, the start model without gradients, is not planned as a phase of its own)."""
     samplers = [it.sample_from or cfg.policy.sample_from or cfg.model.path for it in cfg.iterations]
     sampler_path = max(samplers, key=lambda p: num_params(resolve_shape(p, default)))
     sampler = _frozen(setup, sampler_path, "sampler", Head.LM, cfg.model.dtype, default)
@@ -236,7 +238,8 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
     items.append((f"RM scoring: one layer's activations, {cfg.reward.batch_size} x {cfg.reward.max_length} tokens",
                   layer_activation_bytes(rm_shape, cfg.reward.batch_size, cfg.reward.max_length, act_bytes=setup.act_bytes)))
     sample = Phase("sample", tuple(items + [RESERVED]))
-    policy, train = _finetune(cfg, setup, default)
+    pairs = any(it.update == "dpo" for it in cfg.iterations)
+    policy, train = _finetune(cfg, setup, default, rows=2 * cfg.train.micro_batch_size if pairs else None)
     cpu = max(_loading(setup, [sampler, *rms], [policy]), policy.cpu_per_node)
     return StagePlan("rejection-sampling", setup, (sampler, *rms, policy), (sample, train), cpu)
 

@@ -289,10 +289,12 @@ def test_the_dpo_pipeline_resolves_and_its_report_names_dpo_beside_rlhf(monkeypa
     assert stages.index(("dpo", "dpo")) > stages.index(("rm_safety", "rm"))
     dpo = next(p for p in planned if p["spec"].name == "dpo")
     assert dpo["upstream"] == ["sft"] and f"model.path={tmp_path}/sft/final" in dpo["overrides"]
-    for v in ("v1", "v2"):  # rejection sampling's two iterations
+    rs = next(p for p in planned if p["spec"].name == "rlhf")  # V1, V2 and an RS+DPO iteration
+    assert any(o.startswith("iterations=") and '"update": "dpo"' in o for o in rs["overrides"])
+    for v in ("v1", "v2", "v3"):  # rejection sampling's three iterations
         (tmp_path / "rlhf" / "iterations" / v / "final").mkdir(parents=True)
     manifest = {"order": [name for name, _ in stages],
                 "stages": {name: {"stage": stage, "status": "done", "dir": str(tmp_path / name)}
                            for name, stage in stages}}
     assert [name for name, _ in policy_checkpoints(manifest)] == [
-        "base", "sft", "rlhf-v1", "rlhf-v2", "rlhf-v3", "dpo", "gatt", "safety"]
+        "base", "sft", "rlhf-v1", "rlhf-v2", "rlhf-v3", "rlhf-v4", "dpo", "gatt", "safety"]

@@ -174,6 +174,10 @@ class RSIteration:
     # 0: greedy; best for 10-100 samples is 1.2-1.3 and drifts as the model changes
     temperature: float = ranged(">= 0", 1.0)
     sample_from: str | None = None  # this iteration's sampler (distillation from the large model's Vn)
+    # how the policy learns from the scored samples: "sft" fine-tunes on the best answer per prompt (the
+    # paper); "dpo" (RS+DPO, beyond the paper: later Llama releases) trains DPO from this iteration's start
+    # checkpoint, also the reference, on one (best, worst) pair per prompt, with the recipe's `dpo` section
+    update: Literal["sft", "dpo"] = "sft"
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,16 @@ class RejectionSamplingConfig(FineTuneSections):
     generation: RSGenerationSection = field(default_factory=RSGenerationSection)
     sweep: RSSweepSection = field(default_factory=RSSweepSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    # the loss of `update: dpo` iterations (RS+DPO); they share optim, schedule and train with the SFT
+    # iterations, except that they never pack rows (a DPO example is a pair: train.packing is read as false)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def __post_init__(self):
+        for n, it in enumerate(self.iterations, start=1):
+            pooled = self.best_of_all_from is not None and n >= self.best_of_all_from
+            if it.update == "dpo" and it.num_samples < 2 and not pooled:
+                raise ConfigError(f"iterations[{n - 1}]: update dpo needs num_samples >= 2 (a best and a worst "
+                                  f"answer per prompt), got {it.num_samples}")
 
 
 # --------------------------------------------------------------------------------------------- PPO (3.2.3)

@@ -229,13 +229,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     inputs = source_hashes([*cfg.data.primary, *cfg.data.secondary, *(s for v in cfg.data.test.values() for s in v),
                             *cfg.eval.prompts])
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
-    warning = toy_tokenizer_warning(tokenizer, [r[side] for r in pairs[:500] for side in SIDES])
-    if warning and is_main_process():
-        print(f"[dpo] {warning}")
-    examples, truncation = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.dpo.margin_scale)
-    test_examples = {name: encode_pairs(tokenizer, rows, cfg.train.max_length, cfg.dpo.margin_scale)[0]
-                     for name, rows in tests.items()}
+    tokenizer, examples, test_examples, truncation = encode_pair_sets(cfg, pairs, tests)
     plan = make_plan(cfg, examples, world_size())
     run.prepare(inputs, is_main=is_main_process())
     if is_main_process():
@@ -245,6 +239,34 @@ def run_dpo(cfg: DPOConfig) -> dict:
         print(f"[dpo] {len(pairs)} pairs ({mix['kind']} mix); loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, margin "
               f"{cfg.dpo.margin_scale}; {len(plan.steps)} steps")
 
+    summary, reference = train_on_pairs(cfg, run, tokenizer, examples, test_examples, plan, desc="dpo")
+    summary.update(pairs=len(pairs), loss=cfg.dpo.loss, beta=cfg.dpo.beta, truncation=truncation)
+    if is_main_process():
+        summary["eval"] = evaluate_dpo(cfg, run, test_examples, reference, prompts, tokenizer.pad_token_id)
+        write_json_atomic(run.path / "eval.json", summary["eval"])
+        run.mark_done(summary)
+    return summary
+
+
+def encode_pair_sets(cfg: DPOConfig, pairs: list[dict], tests: dict[str, list[dict]],
+                     desc: str = "dpo") -> tuple:
+    """(tokenizer, training examples, {test set: examples}, the training pairs' truncation counts): the
+    starting model's tokenizer and every pair encoded (`encode_pairs`)."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.chat.template)
+    warning = toy_tokenizer_warning(tokenizer, [r[side] for r in pairs[:500] for side in SIDES])
+    if warning and is_main_process():
+        print(f"[{desc}] {warning}")
+    examples, truncation = encode_pairs(tokenizer, pairs, cfg.train.max_length, cfg.dpo.margin_scale)
+    test_examples = {name: encode_pairs(tokenizer, rows, cfg.train.max_length, cfg.dpo.margin_scale)[0]
+                     for name, rows in tests.items()}
+    return tokenizer, examples, test_examples, truncation
+
+
+def train_on_pairs(cfg: DPOConfig, run: RunDir, tokenizer, examples: list[dict], test_examples: dict[str, list[dict]],
+                   plan, desc: str = "dpo") -> tuple[dict, dict]:
+    """DPO of `cfg.model` on the encoded pairs `examples` into `run` (prepared): the reference log-probs of
+    the training and test pairs (`cached_reference`), then the shared loop (resume, checkpoints, final/).
+    Returns (the loop's summary, the reference log-probs {"train" | "test/<name>": {"chosen", "rejected"}})."""
     model = load_causal_lm(cfg.model)
     sets = {"train": examples, **{f"test/{name}": e for name, e in test_examples.items()}}
 
@@ -254,18 +276,20 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                   attn_implementation=cfg.model.attn_implementation)
 
     reference = cached_reference(run, reference_key(cfg, sets), compute)
-    margins = cfg.dpo.margin_scale != "none"
     step = dpo_step_fn(examples, reference["train"], tokenizer.pad_token_id, loss=cfg.dpo.loss, beta=cfg.dpo.beta,
-                       margins=margins, attn_implementation=cfg.model.attn_implementation)
+                       margins=cfg.dpo.margin_scale != "none", attn_implementation=cfg.model.attn_implementation)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
-                    desc="dpo", unit="pairs", merge_lora=cfg.model.lora.merge_on_save)
-    summary.update(pairs=len(pairs), loss=cfg.dpo.loss, beta=cfg.dpo.beta, truncation=truncation)
-    if is_main_process():
-        del model
-        summary["eval"] = evaluate_dpo(cfg, run, test_examples, reference, prompts, tokenizer.pad_token_id)
-        write_json_atomic(run.path / "eval.json", summary["eval"])
-        run.mark_done(summary)
-    return summary
+                    desc=desc, unit="pairs", merge_lora=cfg.model.lora.merge_on_save)
+    return summary, reference
+
+
+def evaluate_final_pairs(cfg: DPOConfig, run: RunDir, sets: dict[str, list[dict]], reference: dict[str, dict],
+                         pad_id: int) -> dict:
+    """`evaluate_pairs` of `run`'s final model on encoded pair `sets` against their reference log-probs."""
+    model, _ = load_policy(str(run.final_dir), cfg.model.dtype, cfg.model.attn_implementation)
+    return evaluate_pairs(model, sets, reference, pad_id, loss=cfg.dpo.loss, beta=cfg.dpo.beta,
+                          margins=cfg.dpo.margin_scale != "none", batch_size=cfg.dpo.batch_size,
+                          attn_implementation=cfg.model.attn_implementation)
 
 
 def evaluate_dpo(cfg: DPOConfig, run: RunDir, test_examples: dict[str, list[dict]], reference: dict,
@@ -278,10 +302,7 @@ def evaluate_dpo(cfg: DPOConfig, run: RunDir, test_examples: dict[str, list[dict
         result.update(evaluate_policy(sft_cfg, run, [], prompts))
         print_eval_table("dpo", result, ("gold_helpfulness", "violation_rate", "false_refusal_rate"))
     if test_examples:
-        model, _ = load_policy(str(run.final_dir), cfg.model.dtype, cfg.model.attn_implementation)
-        result["pairs"] = evaluate_pairs(
-            model, test_examples, {name: reference[f"test/{name}"] for name in test_examples}, pad_id,
-            loss=cfg.dpo.loss, beta=cfg.dpo.beta, margins=cfg.dpo.margin_scale != "none",
-            batch_size=cfg.dpo.batch_size, attn_implementation=cfg.model.attn_implementation)
+        result["pairs"] = evaluate_final_pairs(cfg, run, test_examples,
+                                               {name: reference[f"test/{name}"] for name in test_examples}, pad_id)
         print_pair_eval(result["pairs"])
     return result

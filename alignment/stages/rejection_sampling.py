@@ -12,11 +12,19 @@ Every iteration n of `cfg.iterations` (K samples at temperature T):
 4. fine-tune the policy on the kept answers (SFT loss on the answer, `alignment.finetune.fine_tune`) into
    `iterations/vN/`, and evaluate it on the held-out prompts (`sft.evaluate_policy`).
 
+An iteration with `update: dpo` (RS+DPO, beyond the paper: later Llama releases) replaces step 4: from the
+same candidates, one preference pair per prompt, its highest-scored answer chosen and its lowest rejected
+(`alignment.sampling.select_pairs`; prompts whose samples all tie are skipped), written to
+`iterations/vN/pairs.jsonl` and trained on with DPO (`alignment.stages.dpo`: the recipe's `dpo` section,
+reference = the iteration's start checkpoint, log-probs cached) into the same `iterations/vN/`, then
+evaluated as an SFT iteration is.
+
 Layout of `output.dir`:
 
     config.json, run.json, done.json      the whole run (RunDir)
     iterations/vN/samples/                the sample shards (`alignment.sampling.ShardStore`)
     iterations/vN/kept.jsonl              the kept answers as sft_dialog rows (what vN is fine-tuned on)
+    iterations/vN/pairs.jsonl             update: dpo only, the (best, worst) preference_pair rows vN trains on
     iterations/vN/{config.json, checkpoints/, final/, eval.json, done.json}   vN's fine-tune (an SFT run)
     iterations/vN/report.json             best-of-K vs single-sample reward, gold metrics, samples/s, eval
     sweep/                                the temperature sweep (sweep.enabled=true), JSON and PNG
@@ -43,8 +51,10 @@ from pathlib import Path
 
 import torch
 
+from alignment.batching import format_truncation
 from alignment.chat import encode_prompt
-from alignment.config import DataSource, RejectionSamplingConfig, RSSweepSection, SFTConfig, SFTData
+from alignment.config import (DataSource, DPOConfig, FineTuneSections, RejectionSamplingConfig, RMData, RSSweepSection,
+                              SFTConfig, SFTData)
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
@@ -58,11 +68,14 @@ from alignment.models.tokenizer import load_tokenizer
 from alignment.policy_eval import evaluate_policy, print_eval_table
 from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
-                                chunk_seed, powers_of_two, sample_reward, select_best)
+                                chunk_seed, powers_of_two, rating_for_score_gap, sample_reward, select_best,
+                                select_pairs)
+from alignment.stages.dpo import encode_pair_sets, evaluate_final_pairs, make_plan as dpo_plan, train_on_pairs
 from alignment.scoring import reward_scores
 from alignment.training import check_disk_before_sampling
 
 DESC = "rejection-sampling"
+PAIRS_FILE = "pairs.jsonl"  # an `update: dpo` iteration's preference pairs, in its iteration directory
 STOP_AFTER_SHARD_ENV = "ALIGN_STOP_AFTER_SHARD"  # tests: die abruptly after this many shards are written
 
 
@@ -202,6 +215,11 @@ def sample_report(rows: list[dict], records: list[dict], kept: dict[str, dict], 
     return report
 
 
+def _iteration_name(rep: dict) -> str:
+    """"v2", or "v3 dpo" for an RS+DPO iteration."""
+    return f"v{rep['iteration']}" + (" dpo" if rep.get("update") == "dpo" else "")
+
+
 def _cells(values: list, width: int = 11) -> str:
     return "".join(("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(width)
                    for v in values)
@@ -214,13 +232,13 @@ def print_summary(reports: list[dict]) -> None:
     print("  " + "iter".ljust(8) + "".join(c.rjust(11) for c in cols))
     for rep in reports:
         s, gold = rep["samples"], rep["samples"].get("gold_kept", {})
-        print("  " + f"v{rep['iteration']}".ljust(8) + _cells([
+        print("  " + _iteration_name(rep).ljust(8) + _cells([
             rep["num_samples"], rep["temperature"], s["mean_single_sample_reward"], s["mean_best_of_k_reward"],
             s["mean_kept_reward"], gold.get("gold_helpfulness"), gold.get("violation_rate"),
             rep["sampling"]["samples_per_s"]]))
     keys = ["heldout_loss", "gold_helpfulness", "violation_rate", "false_refusal_rate"]
     rows = [("start", reports[0]["eval"]["start"])] if "start" in reports[0]["eval"] else []
-    rows += [(f"v{rep['iteration']}", rep["eval"]["final"]) for rep in reports]
+    rows += [(_iteration_name(rep), rep["eval"]["final"]) for rep in reports]
     print("[rejection-sampling] held-out evaluation (start: the checkpoint v1 was fine-tuned from)")
     print("  " + "model".ljust(8) + "".join(k.rjust(20) for k in keys))
     for name, entry in rows:
@@ -249,6 +267,68 @@ def kept_dialogs(rows: list[dict], kept: dict[str, dict], iteration: int) -> lis
     return out
 
 
+def iteration_dpo_config(cfg: RejectionSamplingConfig, sft_cfg: SFTConfig, pairs_path: Path) -> DPOConfig:
+    """The DPO run of an `update: dpo` iteration: the SFT iteration's start model, output and eval (`sft_cfg`)
+    trained on its pairs with the recipe's `dpo` section and shared fine-tune sections, except train.packing,
+    always false here (a DPO example is a pair; a micro-batch's answers are packed for its forward anyway)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FineTuneSections)}
+    shared["train"] = dataclasses.replace(cfg.train, packing=False)
+    return DPOConfig(**shared, model=sft_cfg.model, data=RMData(primary=[DataSource(path=str(pairs_path))]),
+                     output=sft_cfg.output, dpo=cfg.dpo, chat=cfg.chat, eval=sft_cfg.eval)
+
+
+def _sample_ref(record: dict) -> dict:
+    return {"iteration": record["iteration"], "sample_index": record["sample_index"], "score": record["score"]}
+
+
+def preference_rows(rows: list[dict], pairs: dict[str, tuple[dict, dict]], iteration: int) -> list[dict]:
+    """preference_pair rows (prompts in file order): each prompt's context, its best sample chosen and its worst
+    rejected (`select_pairs`), rated by their score gap (`rating_for_score_gap`)."""
+    out = []
+    for row in rows:
+        if row["id"] in pairs:
+            best, worst = pairs[row["id"]]
+            where = {"prompt": row["prompt"]} if "prompt" in row else {"context": row["context"]}
+            out.append({"id": f"rsdpo-v{iteration}-{row['id']}", **where, "chosen": best["text"],
+                        "rejected": worst["text"], "rating": rating_for_score_gap(best["score"] - worst["score"]),
+                        "kind": "safety" if row["is_safety"] else "helpfulness", "source": "rejection_sampling",
+                        "meta": {"prompt_id": row["id"], "chosen": _sample_ref(best), "rejected": _sample_ref(worst)}})
+    return out
+
+
+def dpo_update(cfg: RejectionSamplingConfig, dpo_cfg: DPOConfig, run: RunDir, iteration: int, rows: list[dict],
+               records: list[dict]) -> dict:
+    """RS+DPO's update of iteration `iteration`: (best, worst) pairs of the candidate `records` written to
+    pairs.jsonl (and read back through the preference_pair schema), DPO from the start checkpoint into `run`,
+    the final model's implicit-reward accuracy on those pairs. Returns the DPO summary for report.json."""
+    desc = f"rs-v{iteration}"
+    pairs_path = run.path / PAIRS_FILE
+    chosen, skipped = select_pairs(records)
+    pair_rows = preference_rows(rows, chosen, iteration)
+    if not pair_rows:
+        raise ValueError(f"[{desc}] no preference pair to train DPO on: every prompt's samples scored alike or "
+                         f"were fewer than 2 ({skipped}); sample more (num_samples) or at a higher temperature")
+    main_process_does(lambda: write_jsonl(pairs_path, pair_rows), pairs_path.is_file, "the preference pairs", DESC)
+    pairs = load_sources(dpo_cfg.data.primary, "preference_pair")  # the rows DPO trains on, checked
+    tokenizer, examples, _, truncation = encode_pair_sets(dpo_cfg, pairs, {}, desc)
+    plan = dpo_plan(dpo_cfg, examples, world_size())
+    run.prepare({str(pairs_path): file_sha256(pairs_path)}, is_main=is_main_process())
+    if is_main_process():
+        if truncation["truncated"]:
+            print(format_truncation(f"{desc} pairs", truncation, side="left"))
+        print(f"[{desc}] RS+DPO: {len(pairs)} (best, worst) pairs, {sum(skipped.values())} prompts skipped "
+              f"({skipped}); loss {cfg.dpo.loss}, beta {cfg.dpo.beta}; {len(plan.steps)} steps")
+    summary, reference = train_on_pairs(dpo_cfg, run, tokenizer, examples, {}, plan, desc=desc)
+    result = {"pairs": len(pairs), "skipped": skipped, "loss": cfg.dpo.loss, "beta": cfg.dpo.beta,
+              "margin_scale": cfg.dpo.margin_scale, "truncation": truncation,
+              "mean_score_gap": _mean([r["meta"]["chosen"]["score"] - r["meta"]["rejected"]["score"] for r in pairs]),
+              "train": summary}
+    if is_main_process():
+        result["train_pairs"] = evaluate_final_pairs(dpo_cfg, run, {"train": examples}, {"train": reference["train"]},
+                                                     tokenizer.pad_token_id)["train"]
+    return result
+
+
 def iteration_dir(root: Path, iteration: int) -> Path:
     return root / "iterations" / f"v{iteration}"
 
@@ -261,8 +341,9 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     start = cfg.model.path if iteration == 1 else str(iteration_dir(root, iteration - 1) / "final")
     sampler = spec.sample_from or cfg.policy.sample_from or start
     kept_path = it_dir / "kept.jsonl"
-    sft_cfg = iteration_sft_config(cfg, iteration, start, kept_path)
-    run = RunDir(it_dir, sft_cfg, overwrite=cfg.output.overwrite)
+    sft_cfg = iteration_sft_config(cfg, iteration, start, kept_path)  # also what a dpo iteration is evaluated by
+    dpo_cfg = iteration_dpo_config(cfg, sft_cfg, it_dir / PAIRS_FILE) if spec.update == "dpo" else None
+    run = RunDir(it_dir, dpo_cfg or sft_cfg, overwrite=cfg.output.overwrite)
     if run.finished_summary(f"rs-v{iteration}") is not None:  # a damaged final/ is named and re-made
         return json.loads((it_dir / "report.json").read_text())
 
@@ -288,12 +369,15 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     kept = select_best(records)
     dialogs = kept_dialogs(rows, kept, iteration)
     main_process_does(lambda: write_jsonl(kept_path, dialogs), kept_path.is_file, "the kept answers", DESC)
-    summary = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)}, desc=f"rs-v{iteration}")
     report = {"iteration": iteration, "num_samples": spec.num_samples, "temperature": spec.temperature,
-              "sampled_by": sampler, "fine_tuned_from": start,
+              "update": spec.update, "sampled_by": sampler, "fine_tuned_from": start,
               "candidate_iterations": sorted(candidate_iterations(iteration, cfg.best_of_all_from)),
-              "prompts": len(rows), "sampling": sampling, "samples": sample_report(rows, records, kept, iteration),
-              "fine_tune": summary}
+              "prompts": len(rows), "sampling": sampling, "samples": sample_report(rows, records, kept, iteration)}
+    if dpo_cfg is not None:
+        report["dpo"] = dpo_update(cfg, dpo_cfg, run, iteration, rows, records)
+    else:
+        report["fine_tune"] = fine_tune(sft_cfg, dialogs, run, {str(kept_path): file_sha256(kept_path)},
+                                        desc=f"rs-v{iteration}")
     if is_main_process():
         report["eval"] = evaluate_policy(sft_cfg, run, eval_dialogs, eval_prompts)
         write_json_atomic(it_dir / "report.json", report)
