@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "whether it fits and what to change (exit 1 when it does not fit)")
     plan.add_argument("--recipe", required=True, help="a stage or pipeline recipe YAML")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--nodes", type=int, default=None,
+                      help="nodes (default: 1; for a pipeline recipe, each stage's own `nodes`)")
     plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, 80GB or 141GB (read as GiB, as GPUs are sold)")
     plan.add_argument("--stage", choices=[*STAGES, "pipeline"], help="the recipe's stage command (found from the recipe if left out)")
     plan.add_argument("--model", help="shape of models whose path names no Llama-2 size and has no config.json "

@@ -206,11 +206,11 @@ def run_plan(args) -> int:
         raise ValueError(f"recipe not found: {args.recipe}")
     raw = read_recipe(args.recipe)
     stage = args.stage or detect_stage(raw, args.overrides)
-    kwargs = {"gpus_per_node": args.gpus, "nodes": args.nodes, "prompt_tokens": args.prompt_tokens,
+    kwargs = {"gpus_per_node": args.gpus, "nodes": args.nodes or 1, "prompt_tokens": args.prompt_tokens,
               "default_model": args.model}
     if stage == "pipeline":
         return _plan_pipeline(load_config(config_class("pipeline"), args.recipe, args.overrides), gpu_memory, kwargs,
-                              args.recipe)
+                              args.recipe, per_stage_nodes=args.nodes is None)
     cfg = load_config(config_class(stage), args.recipe, args.overrides)  # errors name the recipe line or --set
     plan = plan_stage(stage, cfg, **kwargs)
     print(format_plan(plan, gpu_memory, args.recipe))
@@ -220,18 +220,36 @@ def run_plan(args) -> int:
     return 1
 
 
-def _plan_pipeline(cfg, gpu_memory: int, kwargs: dict, recipe: str) -> int:
-    """One line per stage of a pipeline recipe: its peak phase and whether it fits."""
-    print(f"align plan: pipeline {cfg.output.dir} on {kwargs['gpus_per_node'] * kwargs['nodes']} GPUs "
-          f"({kwargs['nodes']} node(s) x {kwargs['gpus_per_node']}), {_gib(gpu_memory)} GiB each")
-    print(f"  {'stage':<22}{'command':<20}{'peak phase':<12}{'GiB/GPU':>8}  verdict")
+def smallest_fit(stage: str, cfg, gpu_memory: int, kwargs: dict, max_nodes: int = 64) -> int | None:
+    """The fewest nodes (of `kwargs['gpus_per_node']` GPUs) on which every phase of the stage fits, up to
+    `max_nodes`; None when none does (a full copy per GPU that no node count shrinks)."""
+    for n in range(1, max_nodes + 1):
+        if plan_stage(stage, cfg, **{**kwargs, "nodes": n}).peak.total <= gpu_memory:
+            return n
+    return None
+
+
+def _plan_pipeline(cfg, gpu_memory: int, kwargs: dict, recipe: str, per_stage_nodes: bool = False) -> int:
+    """One line per stage of a pipeline recipe: its peak phase on its nodes (the recipe's `nodes`, what
+    `--launcher slurm` asks for, with `per_stage_nodes`; else --nodes), whether it fits, and the fewest nodes on
+    which it fits (`smallest_fit`)."""
+    where = (f"{kwargs['gpus_per_node']} GPUs per node, each stage on its recipe's `nodes`" if per_stage_nodes else
+             f"{kwargs['gpus_per_node'] * kwargs['nodes']} GPUs ({kwargs['nodes']} node(s) x {kwargs['gpus_per_node']})")
+    print(f"align plan: pipeline {cfg.output.dir} on {where}, {_gib(gpu_memory)} GiB each")
+    print(f"  {'stage':<22}{'command':<20}{'nodes':>5}  {'peak phase':<12}{'GiB/GPU':>8}  {'verdict':<14}{'fits from':>10}")
     worst = 0
     for item in plan_pipeline(cfg, recipe=recipe):
         spec = item["spec"]
         stage_cfg = load_config(config_class(spec.stage), spec.recipe, item["overrides"])
-        plan = plan_stage(spec.stage, stage_cfg, **kwargs)
+        nodes = spec.nodes if per_stage_nodes else kwargs["nodes"]
+        plan = plan_stage(spec.stage, stage_cfg, **{**kwargs, "nodes": nodes})
         worst = max(worst, plan.peak.total)
         verdict = "fits" if plan.peak.total <= gpu_memory else "DOES NOT FIT"
-        print(f"  {spec.name:<22}{spec.stage:<20}{plan.peak.name:<12}{_gib(plan.peak.total):>8}  {verdict}")
+        least = smallest_fit(spec.stage, stage_cfg, gpu_memory, kwargs)
+        fits_from = "none <= 64" if least is None else f"{least} node{'s' if least > 1 else ''}"
+        print(f"  {spec.name:<22}{spec.stage:<20}{nodes:>5}  {plan.peak.name:<12}{_gib(plan.peak.total):>8}  "
+              f"{verdict:<14}{fits_from:>10}")
+    print("  fits from: the fewest nodes of this size on which the stage fits (set a stage's `nodes` in the recipe;"
+          " align pipeline --sbatch / --launcher hostfile launch them)")
     print("  details and what to change: align plan --recipe <stage recipe> with the same --gpus/--nodes")
     return 0 if worst <= gpu_memory else 1
