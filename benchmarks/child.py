@@ -35,9 +35,9 @@ def side_runner(stage: str, impl: str):
     """`runner(world, spec, out_dir) -> result` of one side ("ours" or "trl") of a benchmark stage."""
     import functools
 
-    from benchmarks import rl, rm, sft
+    from benchmarks import dpo, rl, rm, sft
 
-    module = {"sft": sft, "rm": rm, "rl": rl, "rloo": rl, "grpo": rl, "sft-smollm2": sft, "rm-smollm2": rm}[stage]
+    module = {"sft": sft, "rm": rm, "dpo": dpo, "rl": rl, "rloo": rl, "grpo": rl, "sft-smollm2": sft, "rm-smollm2": rm}[stage]
     runner = module.run_ours if impl == "ours" else module.run_trl
     return functools.partial(runner, stage=stage)
 

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["sft", "rm", "rl", "sft-smollm2", "rm-smollm2"])
+    parser.add_argument("stage", choices=["sft", "rm", "dpo", "rl", "sft-smollm2", "rm-smollm2"])
     parser.add_argument("impl", choices=["ours", "trl"])
     parser.add_argument("--size", default="bench")
     parser.add_argument("--steps", type=int, default=3)

@@ -1,6 +1,6 @@
-"""`make bench`: ours vs TRL on SFT, reward-model and RL steps, side by side, then the scaling table.
+"""`make bench`: ours vs TRL on SFT, reward-model, DPO and RL steps, side by side, then the scaling table.
 
-    python -m benchmarks.run [--stages sft,rm,rl,rloo,grpo] [--repeats 1] [--threads 1] [--size bench] [--quick]
+    python -m benchmarks.run [--stages sft,rm,dpo,rl,rloo,grpo] [--repeats 1] [--threads 1] [--size bench] [--quick]
 
 Builds the benchmark world (`benchmarks.world`), runs each stage's two sides in lock step in their own
 processes (`benchmarks.lockstep`), checks that both sides' per-step losses agree (same batches, same
@@ -24,9 +24,9 @@ from benchmarks.world import World
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-UNITS = {"sft": "tokens/s", "rm": "pairs/s", "rl": "samples/s", "rloo": "samples/s", "grpo": "samples/s",
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "tokens/s", "rl": "samples/s", "rloo": "samples/s", "grpo": "samples/s",
          "sft-smollm2": "tokens/s", "rm-smollm2": "pairs/s"}
-PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "rl": "trl.RLOOTrainer", "rloo": "trl.RLOOTrainer",
+PEERS = {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "dpo": "trl.DPOTrainer", "rl": "trl.RLOOTrainer", "rloo": "trl.RLOOTrainer",
          "grpo": "trl.GRPOTrainer", "sft-smollm2": "trl.SFTTrainer", "rm-smollm2": "trl.RewardTrainer"}
 # the RL rows (benchmarks.rl): sampled answers, so the two sides' losses are of different batches
 RL_STAGES = ("rl", "rloo", "grpo")
@@ -36,7 +36,7 @@ LOSS_RTOL = 1e-3
 
 def quick_spec(threads: int) -> BenchSpec:
     return BenchSpec(size="nano", threads=threads, sft=StageSpec(steps=2, batch=4), rm=StageSpec(steps=2, batch=4),
-                     rl=RLSpec(steps=2, batch=4, new_tokens=8, micro_batch=2),
+                     dpo=StageSpec(steps=2, batch=4), rl=RLSpec(steps=2, batch=4, new_tokens=8, micro_batch=2),
                      sft_smollm2=StageSpec(steps=2, batch=2, max_length=64),
                      rm_smollm2=StageSpec(steps=2, batch=2, max_length=64))
 
@@ -93,6 +93,9 @@ def summarize(stage: str, runs: list[dict[str, dict]]) -> dict:
         entry["loss_check"] = loss_check(last["ours"]["losses"], last["trl"]["losses"])
         entry["padded_tokens"] = {side: last[side]["padded_tokens"] for side in ("ours", "trl")
                                   if "padded_tokens" in last[side]}
+    if all("pairs_per_second" in r[side] for r in runs for side in ("ours", "trl")):  # DPO: tokens/s and pairs/s
+        for side in ("ours", "trl"):
+            entry[f"{side}_pairs_per_s"] = statistics.median(r[side]["pairs_per_second"] for r in runs)
     return entry
 
 
@@ -126,7 +129,7 @@ def environment(spec: BenchSpec) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="sft,rm,rl,rloo,grpo,sft-smollm2,rm-smollm2")
+    parser.add_argument("--stages", default="sft,rm,dpo,rl,rloo,grpo,sft-smollm2,rm-smollm2")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     parser.add_argument("--size", default="bench")

@@ -42,13 +42,15 @@ class BenchSpec:
     trl_gradient_checkpointing: bool = False
     sft: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rm: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
+    # offline DPO (benchmarks.dpo): pairs per step of the policy (chosen + rejected), the reference precomputed
+    dpo: StageSpec = field(default_factory=lambda: StageSpec(steps=6, batch=16))
     rl: RLSpec = field(default_factory=lambda: RLSpec(steps=3, batch=16))
     # the same SFT and RM steps on SmolLM2-135M (`benchmarks.world`): a 49k vocabulary, ChatML
     sft_smollm2: StageSpec = field(default_factory=lambda: StageSpec(steps=3, batch=8, max_length=128))
     rm_smollm2: StageSpec = field(default_factory=lambda: StageSpec(steps=3, batch=8, max_length=128))
 
     def stage(self, name: str) -> StageSpec:
-        """The spec of a stage by its name in `benchmarks.run` ("sft", "rm", "rl", "sft-smollm2", "rm-smollm2");
+        """The spec of a stage by its name in `benchmarks.run` ("sft", "rm", "dpo", "rl", "sft-smollm2", "rm-smollm2");
         the RL rows "rloo" and "grpo" share "rl"'s (the same answers, tokens and steps as our PPO's row)."""
         return self.rl if name in ("rloo", "grpo") else getattr(self, name.replace("-", "_"))
 
@@ -59,8 +61,9 @@ class BenchSpec:
     def from_dict(cls, data: dict) -> "BenchSpec":
         data = dict(data)
         data["betas"] = tuple(data["betas"])
-        for name in ("sft", "rm", "sft_smollm2", "rm_smollm2"):
-            data[name] = StageSpec(**data[name])
+        for name in ("sft", "rm", "dpo", "sft_smollm2", "rm_smollm2"):
+            if name in data:  # a spec written before a stage existed takes its default
+                data[name] = StageSpec(**data[name])
         data["rl"] = RLSpec(**data["rl"])
         return cls(**data)
 

@@ -91,8 +91,8 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     assert results["versions"]["trl"] and results["versions"]["torch"]
     machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     # batch per step in the quick spec: 4 (tiny stages), 2 (SmolLM2-135M stages)
-    for stage, unit, batch in (("sft", "tokens/s", 4), ("rm", "pairs/s", 4), ("rl", "samples/s", 4),
-                               ("rloo", "samples/s", 4), ("grpo", "samples/s", 4),
+    for stage, unit, batch in (("sft", "tokens/s", 4), ("rm", "pairs/s", 4), ("dpo", "tokens/s", 4),
+                               ("rl", "samples/s", 4), ("rloo", "samples/s", 4), ("grpo", "samples/s", 4),
                                ("sft-smollm2", "tokens/s", 2), ("rm-smollm2", "pairs/s", 2)):
         e = results[stage]
         assert e["unit"] == unit and e["repeats"] == 1
@@ -109,10 +109,11 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
         # a process that has loaded torch and a model holds over 100 MiB, and less than the machine has
         for side in ("ours", "trl"):
             assert 100 < e[f"{side}_peak_mem_mb"] < machine_mb, (stage, side, e[f"{side}_peak_mem_mb"])
-    for stage in ("sft", "rm", "sft-smollm2", "rm-smollm2"):  # same batches and weights: the same losses, step by step
+    for stage in ("sft", "rm", "dpo", "sft-smollm2", "rm-smollm2"):  # same batches and weights: the same losses
         check = results[stage]["loss_check"]
         assert check["agree"], check
         assert check["steps"] == 2
+    _check_dpo_row(results["dpo"], batch=4)
     split = results["rl"]["ours_split_seconds"]
     assert set(split) == {"generation", "reward models", "reference, old policy and values", "update"}
     # the parts of our RL iteration add up to (at most) the timed iteration, not to the warm-up one too
@@ -131,4 +132,38 @@ def test_quick_bench_writes_results_and_the_readme_table(tmp_path, scaling):
     for stage in ("rloo", "grpo"):  # no critic: no values in the scoring pass
         assert set(results[stage]["ours_split_seconds"]) == {"generation", "reward models", "reference and old policy",
                                                              "update"}
+    assert "| dpo (trl.DPOTrainer) | tokens/s |" in text
     assert "| sft-smollm2 (trl.SFTTrainer) | tokens/s |" in text and "| rm-smollm2 (trl.RewardTrainer) |" in text
+
+
+def _check_dpo_row(e: dict, batch: int) -> None:
+    """The DPO row: the same losses step by step, and a check with teeth: step 0 is log 2 on both sides (the
+    policy is its reference), and after one update the loss has moved from log 2 far more than the two
+    sides differ; pairs/s is the step's pairs over its time on both sides."""
+    import math
+
+    check = e["loss_check"]
+    assert check["agree"], check
+    assert check["ours"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert check["trl"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(check["ours"][1] - math.log(2)) > 10 * abs(check["ours"][1] - check["trl"][1]), check
+    for side in ("ours", "trl"):
+        assert e[f"{side}_pairs_per_s"] * e[f"{side}_step_seconds"][0][0] == pytest.approx(batch)
+    # ours packs the step's 2N answers padding-free; TRL pads them to the longest
+    assert e["padded_tokens"]["ours"] <= e["padded_tokens"]["trl"]
+
+
+@pytest.mark.slow  # two benchmark processes on a nano model: a few minutes
+def test_quick_dpo_bench_ours_and_trl_dpo_trainer_agree(tmp_path):
+    """`--stages dpo --quick`: our DPO step vs TRL's DPOTrainer (reference log-probs precomputed on both sides)."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--stages", "dpo", "--root",
+                           str(tmp_path / "bench"), "--out", str(out), "--scaling", "", "--no-readme"],
+                          capture_output=True, text=True, cwd=REPO, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    e = json.loads(out.read_text())["dpo"]
+    assert e["unit"] == "tokens/s" and e["peer"] == "trl.DPOTrainer"
+    assert e["ratio"] == pytest.approx(e["ours"] / e["trl"])
+    items = {side: e[side] * e[f"{side}_step_seconds"][0][0] for side in ("ours", "trl")}
+    assert items["ours"] == pytest.approx(items["trl"], rel=1e-6)  # the same prompt + answer tokens on both sides
+    _check_dpo_row(e, batch=4)
