@@ -156,6 +156,7 @@ def write_sbatch(planned: list[dict], recipe: str, root: Path, out: Path, opts: 
     out.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd().resolve()
     logs = (root / "logs").resolve()
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the directory of --output
     name = root.name
     scripts = []
     driver = [sys.executable, "-m", "alignment.cli", "pipeline", "--recipe", recipe]

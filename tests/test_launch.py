@@ -64,8 +64,7 @@ def test_slurm_command_starts_one_torchrun_per_node_with_c10d_rendezvous():
     for part in ("--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-017:29600",
                  "--rdzv_id=4242"):
         assert part in cmd
-    assert cmd[-6:] == ["ppo", "--recipe", "recipes/llama2-70b/ppo.yaml", "--set", "reward.zero3=true"][-6:] or \
-        cmd[-5:] == ["ppo", "--recipe", "recipes/llama2-70b/ppo.yaml", "--set", "reward.zero3=true"]
+    assert cmd[-6:] == ["alignment.cli", "ppo", "--recipe", "recipes/llama2-70b/ppo.yaml", "--set", "reward.zero3=true"]
     with pytest.raises(ValueError, match="inside a Slurm allocation"):
         slurm_command("ppo", "r.yaml", [], nodes=1, processes=1, env={})
     with pytest.raises(ValueError, match="asks for 8 nodes and this allocation has 4"):
@@ -99,6 +98,7 @@ def test_sbatch_writes_one_chained_job_per_stage(tmp_path):
     assert submit.index("01-base.sbatch") < submit.index("02-sft.sbatch")
     assert submit.count("--dependency=afterok:$dep") == 2 and submit.count("dep=$id") == 2
     assert not (tmp_path / "demo" / "manifest.json").exists()  # nothing ran
+    assert (tmp_path / "demo" / "logs").is_dir()  # where the jobs' --output goes: sbatch would not create it
     # --submit without sbatch on PATH: one line, the scripts still written
     nosb = _align("pipeline", "--recipe", str(recipe), "--sbatch", str(out), "--submit", env={"PATH": "/nonexistent"})
     assert nosb.returncode == 2 and "sbatch is not on PATH" in nosb.stderr and len(nosb.stderr.splitlines()) == 1
