@@ -11,6 +11,7 @@ from pathlib import Path
 from alignment.config import ConfigError, load_config
 from alignment.config.describe import describe_config
 from alignment.data.schemas import DataValidationError
+from alignment.launch import SlurmOptions, read_hostfile
 from alignment.models.gguf_import import DEFAULT_OUT, MissingPackageError, import_smollm2
 from alignment.pipeline_recipe import config_class
 from alignment.runs import DiskSpaceError, RunDirError, describe_outputs, is_disk_full, settle_replaced
@@ -157,8 +158,6 @@ def _pipeline_launch_args(p: argparse.ArgumentParser) -> None:
 def _pipeline(cfg, args) -> bool:
     """`align pipeline`: run it (here, or one stage with --only, through a launcher), or write Slurm jobs, or
     print a hostfile cluster's commands. True when it ran stages."""
-    from alignment.launch import SlurmOptions, read_hostfile
-
     if args.submit and not args.sbatch:
         raise ValueError("--submit goes with --sbatch DIR")
     if (args.launcher == "hostfile") != bool(args.hostfile):

@@ -18,7 +18,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.toyworld import gold_helpfulness
 from alignment.generation import generate
 from alignment.losses import sft_loss
-from alignment.models.loading import load_rm_for_inference
+from alignment.models.loading import load_rm_for_inference, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.rewards import combine
 from alignment.scoring import reward_scores
@@ -250,8 +250,6 @@ def evaluate_checkpoint(policy_dir: str, prompts: list[dict], *, helpful_rm: str
     the metrics of `summarize`, and under "records" the per-answer records of `judge_answers` in prompt order.
     `dtype` (alignment.models.loading.resolve_dtype) is the policy's and the reward models'."""
     from transformers import AutoModelForCausalLM
-
-    from alignment.models.loading import resolve_dtype
 
     tokenizer = load_tokenizer(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, local_files_only=True, dtype=resolve_dtype(dtype))

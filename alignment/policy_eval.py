@@ -13,7 +13,7 @@ from alignment.finetune import encode_dialogs
 from alignment.gatt_data import TABLE_30_TURNS, DialogPlan, Respond, measure_adherence_sets
 from alignment.generation import generate
 from alignment.judging import answer_prompts, from_toyworld, gold_metrics, heldout_loss, last_user_message
-from alignment.models.loading import load_policy
+from alignment.models.loading import load_policy, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer
 from alignment.runs import RunDir, write_json_atomic
 
@@ -22,8 +22,6 @@ def evaluate_policy(cfg, run: RunDir, eval_dialogs: list[dict], prompts: list[di
     """Held-out loss and gold-scored answers of the final model (and of the starting one, by option), loaded
     in `model.answer_dtype`."""
     from transformers import AutoModelForCausalLM
-
-    from alignment.models.loading import resolve_dtype
 
     tokenizer = load_tokenizer(run.final_dir)
     result: dict = {}

@@ -1,6 +1,6 @@
 """Offline DPO throughput: our DPO step vs TRL's `DPOTrainer`, on the same pairs per step.
 
-Both sides get the toy world's helpfulness pairs encoded once by `alignment.stages.dpo.encode_pairs` (each
+Both sides get the toy world's helpfulness pairs encoded once by `alignment.dpo_training.encode_pairs` (each
 answer by `alignment.scoring.encode_answer`: the Llama-2 dialog, labels on the answer and its EOS only) and
 handed to TRL as token ids (`prompt_ids`, `chosen_ids`, `rejected_ids`: the prompt is every token before the
 first label; TRL's own text tokenization, `_prepare_dataset`, is skipped so both train on identical tokens).
@@ -8,10 +8,10 @@ Both start from the same policy (also the reference), see the same pairs in each
 same AdamW and the sigmoid loss with the same beta (no rating margin: TRL's sigmoid loss has none).
 
 The reference: both sides compute its log-probs once, before training and outside the timed steps, in
-forwards of `batch` pairs: ours `alignment.stages.dpo.reference_logprobs` (as `align dpo` does, which caches
+forwards of `batch` pairs: ours `alignment.dpo_training.reference_logprobs` (as `align dpo` does, which caches
 them), TRL `precompute_ref_log_probs=True` (so it holds no second model either). A timed step is then one
 forward and backward of the policy over the step's chosen and rejected answers: ours packs them padding-free
-into one forward (rows no longer than the longest answer, `alignment.stages.dpo.answer_logprobs`), TRL
+into one forward (rows no longer than the longest answer, `alignment.dpo_training.answer_logprobs`), TRL
 right-pads the 2N sequences to the longest (its chunked "fused" LM head computes the log-probs).
 
 Throughput counts real tokens: prompt and answer tokens of both sides of every pair (the result also holds
@@ -33,7 +33,7 @@ SIDES = ("chosen", "rejected")
 def encoded_pairs(world: World, spec: BenchSpec, tokenizer, stage: str) -> list[list[dict]]:
     """The encoded pairs of each optimizer step, in order (only the pairs the steps use: both sides compute
     the reference over exactly these)."""
-    from alignment.stages.dpo import encode_pairs
+    from alignment.dpo_training import encode_pairs
 
     stage_spec = spec.stage(stage)
     pairs = world.preference_pairs()
@@ -95,7 +95,7 @@ def figures(clock: StepClock, steps: list[list[dict]], losses: list[float], pack
 def run_ours(world: World, spec: BenchSpec, out_dir: Path, stage: str = "dpo") -> dict:
     from alignment.batching import StepPlan
     from alignment.models.tokenizer import load_tokenizer
-    from alignment.stages.dpo import dpo_step_fn, reference_logprobs
+    from alignment.dpo_training import dpo_step_fn, reference_logprobs
 
     path = world.stage_policy(stage, spec.size)
     tokenizer = load_tokenizer(path)

@@ -122,7 +122,7 @@ def test_packed_answer_logprobs_are_each_answer_alone_on_answer_tokens_only(toke
     from transformers import AutoModelForCausalLM
 
     from alignment.chat import IGNORE_INDEX
-    from alignment.stages.dpo import answer_logprobs, encode_pairs
+    from alignment.dpo_training import answer_logprobs, encode_pairs
 
     model = AutoModelForCausalLM.from_pretrained(nano_model_dir).eval()
     examples, counts = encode_pairs(tokenizer, make_pairs(5, seed=2), 64, "none")
@@ -182,7 +182,8 @@ def _sha(path: Path) -> str:
 
 
 def test_killed_run_resumes_bitwise_and_reuses_the_cached_reference(tmp_path, nano_model_dir):
-    from alignment.stages.dpo import REFERENCE_FILE, run_dpo
+    from alignment.dpo_training import REFERENCE_FILE
+    from alignment.stages.dpo import run_dpo
 
     pairs = make_pairs(32)
     common = dict(dpo={"margin_scale": "small"}, train={"micro_batch_size": 2, "grad_accum": 2})
@@ -212,7 +213,7 @@ def test_killed_run_resumes_bitwise_and_reuses_the_cached_reference(tmp_path, na
 
 
 def test_reference_cache_is_keyed_and_written_once(tmp_path):
-    from alignment.stages.dpo import cached_reference
+    from alignment.dpo_training import cached_reference
 
     run = RunDir(tmp_path / "run", ModelSection(path="any"))
     calls = []
@@ -234,7 +235,8 @@ def test_lora_reference_is_the_model_without_adapters(tmp_path, tokenizer, nano_
     from transformers import AutoModelForCausalLM
 
     from alignment.models.loading import load_causal_lm
-    from alignment.stages.dpo import REFERENCE_FILE, all_pair_logprobs, encode_pairs, reference_logprobs, run_dpo
+    from alignment.dpo_training import REFERENCE_FILE, all_pair_logprobs, encode_pairs, reference_logprobs
+    from alignment.stages.dpo import run_dpo
 
     examples, _ = encode_pairs(tokenizer, make_pairs(6, seed=4), 64, "none")
     lora = load_causal_lm(ModelSection(path=str(nano_model_dir), lora=LoraSection(enabled=True, r=4, alpha=8)))

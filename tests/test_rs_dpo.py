@@ -106,7 +106,7 @@ def test_the_report_names_an_rs_dpo_iteration(tmp_path):
 def _answer_logprobs(model_dir, tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from alignment.stages.dpo import all_pair_logprobs, encode_pairs
+    from alignment.dpo_training import all_pair_logprobs, encode_pairs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     examples, _ = encode_pairs(tokenizer, pairs, 64, "none")
@@ -141,7 +141,7 @@ def rs_dpo_recipe(tmp_path: Path, nano_model_dir, reward_dirs) -> tuple[Path, li
 def test_an_sft_then_an_rs_dpo_iteration_end_to_end_and_resumed(tmp_path, nano_model_dir, reward_dirs, tokenizer,
                                                                 capsys, monkeypatch):
     from alignment import training
-    from alignment.stages.dpo import REFERENCE_FILE
+    from alignment.dpo_training import REFERENCE_FILE
 
     path, prompts = rs_dpo_recipe(tmp_path, nano_model_dir, reward_dirs)
     run_rejection_sampling(load_config(RejectionSamplingConfig, path))

@@ -15,7 +15,7 @@ Every iteration n of `cfg.iterations` (K samples at temperature T):
 An iteration with `update: dpo` (RS+DPO, beyond the paper: later Llama releases) replaces step 4: from the
 same candidates, one preference pair per prompt, its highest-scored answer chosen and its lowest rejected
 (`alignment.sampling.select_pairs`; prompts whose samples all tie are skipped), written to
-`iterations/vN/pairs.jsonl` and trained on with DPO (`alignment.stages.dpo`: the recipe's `dpo` section,
+`iterations/vN/pairs.jsonl` and trained on with DPO (`alignment.dpo_training`, as `align dpo`: the recipe's `dpo` section,
 reference = the iteration's start checkpoint, log-probs cached) into the same `iterations/vN/`, then
 evaluated as an SFT iteration is.
 
@@ -59,6 +59,7 @@ from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, main_process_does, rank, wait_for, world_size
+from alignment.dpo_training import encode_pair_sets, evaluate_final_pairs, make_plan as dpo_plan, train_on_pairs
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune, sft_config_for
 from alignment.generation import VLLMSampler, generate_with, pick_backend
@@ -70,7 +71,6 @@ from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, rating_for_score_gap, sample_reward, select_best,
                                 select_pairs)
-from alignment.stages.dpo import encode_pair_sets, evaluate_final_pairs, make_plan as dpo_plan, train_on_pairs
 from alignment.scoring import reward_scores
 from alignment.training import check_disk_before_sampling
 
