@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.measure import StepClock
+from benchmarks.measure import StepClock, forward_tokens as padded_or_packed_tokens
 from benchmarks.sft import train_ours, trl_common_args
 from benchmarks.spec import BenchSpec, step_groups
 from benchmarks.world import World
@@ -66,17 +66,8 @@ def real_tokens(steps: list[list[dict]]) -> list[int]:
 def forward_tokens(steps: list[list[dict]], packed: bool) -> int:
     """Tokens the training forwards hold, padding included: packed rows (ours) or 2N rows right-padded to
     the longest sequence (TRL's collator)."""
-    from alignment.batching import pack_balanced
-
-    total = 0
-    for step in steps:
-        lengths = [len(e[side]["input_ids"]) for side in SIDES for e in step]
-        if packed:
-            rows = pack_balanced(lengths, list(range(len(lengths))), max(lengths))
-            total += len(rows) * max(sum(lengths[i] for i in row) for row in rows)
-        else:
-            total += len(lengths) * max(lengths)
-    return total
+    return padded_or_packed_tokens([[len(e[side]["input_ids"]) for side in SIDES for e in step] for step in steps],
+                                   packed)
 
 
 def load_policy(path: Path):

@@ -93,3 +93,19 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def forward_tokens(lengths_by_step: list[list[int]], packed: bool) -> int:
+    """Tokens the training forwards of each step's sequences hold, padding included: packed into rows no longer
+    than the longest sequence (ours, `alignment.batching.pack_balanced`), or every sequence right-padded to the
+    longest (TRL's collators)."""
+    from alignment.batching import pack_balanced
+
+    total = 0
+    for lengths in lengths_by_step:
+        if packed:
+            rows = pack_balanced(lengths, list(range(len(lengths))), max(lengths))
+            total += len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        else:
+            total += len(lengths) * max(lengths)
+    return total

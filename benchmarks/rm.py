@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.measure import StepClock
+from benchmarks.measure import StepClock, forward_tokens as padded_or_packed_tokens
 from benchmarks.sft import train_ours, trl_common_args
 from benchmarks.spec import BenchSpec, step_groups
 from benchmarks.world import World
@@ -44,17 +44,8 @@ def real_tokens(examples: list[dict], groups: list[list[int]]) -> list[int]:
 def forward_tokens(examples: list[dict], groups: list[list[int]], packed: bool) -> int:
     """Tokens the forwards hold, padding included: packed rows (ours) or 2N rows right-padded to the
     longest answer (TRL's collator)."""
-    from alignment.batching import pack_balanced
-
-    total = 0
-    for g in groups:
-        lengths = [len(examples[i][k]) for k in ("chosen", "rejected") for i in g]
-        if packed:
-            rows = pack_balanced(lengths, list(range(len(lengths))), max(lengths))
-            total += len(rows) * max(sum(lengths[i] for i in row) for row in rows)
-        else:
-            total += len(lengths) * max(lengths)
-    return total
+    return padded_or_packed_tokens([[len(examples[i][k]) for k in ("chosen", "rejected") for i in g] for g in groups],
+                                   packed)
 
 
 def run_ours(world: World, spec: BenchSpec, out_dir: Path, stage: str = "rm") -> dict:
