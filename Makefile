@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo rloo grpo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile
+.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo rloo grpo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile bench-sharded
 
 install: $(STAMP)
 
@@ -51,6 +51,7 @@ help:
 	@echo "  plan RECIPE= GPUS= [NODES=]               per-GPU memory of a recipe, and whether it fits"
 	@echo "  test | test-slow | test-faults [TRIALS=]  the suite; the slow tests; seeded SIGKILL trials per stage"
 	@echo "  bench | bench-profile | gpu-smoke         ours vs TRL; where the time goes; every tiny stage on CUDA"
+	@echo "  bench-sharded                             sampling from a ZeRO-3 actor on 2 processes: per round vs per layer"
 	@echo "  clean                                     remove runs/ (not the venv)"
 	@echo "Every stage command: align <stage> --recipe FILE --show-config prints each key, its default and meaning."
 
@@ -184,6 +185,11 @@ annotate: install
 # -smollm2 rows alone took 408 s in one run on a shared machine).
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# Sampling from a ZeRO-3-partitioned actor on 2 gloo processes: gathered once a round vs one layer at a time
+# (rollout.gather), beside 1 process: benchmarks/sharded_generation.json and benchmarks/README.md.
+bench-sharded: install
+	$(BIN)/python -m benchmarks.sharded_generation $(BENCH_ARGS)
 
 # Where the time goes: torch.profiler tables of each side into benchmarks/profiles/ (STAGE=sft|rm|rl).
 bench-profile: install

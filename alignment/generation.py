@@ -24,12 +24,15 @@ class Sample:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, seed: int | None = None,
-             progress: bool = False) -> list[list[Sample]]:
+             progress: bool = False, synced: bool = False) -> list[list[Sample]]:
     """`num_samples` answers for each prompt (token ids from `alignment.chat.encode_prompt`).
 
     temperature 0 is greedy. Prompts are sorted by length so a batch holds similar lengths (little
     padding) and the K samples of a prompt are generated side by side in one batch where they fit.
     Results come back in the prompts' order. With `seed`, sampling is reproducible on one device.
+    `synced`: every rank runs the same decoding steps until all ranks are done (HF's `synced_gpus`), for a
+    ZeRO-3 model whose forwards are collectives; every rank must then make the same number of batches.
+    Unset, HF decides (on under a ZeRO-3 context with several processes).
     """
     from tqdm.auto import tqdm
 
@@ -53,7 +56,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                      eos_token_id=stop, use_cache=True)
+                      eos_token_id=stop, use_cache=True, synced_gpus=True if synced else None)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)

@@ -161,6 +161,7 @@ class ModelEstimate:
     states: int  # gradients + optimizer states on the GPU
     buffer: int  # ZeRO-3's gather buffer for the largest layer
     cpu_per_node: int  # offloaded optimizer states / weights, per node
+    full_weights: int = 0  # one whole copy of the frozen weights (what a process reads while loading)
 
     @property
     def gpu(self) -> int:
@@ -174,7 +175,8 @@ def estimate(model: ModelShape, num_gpus: int, zero_stage: int | None, *, nodes:
     """Bytes per GPU of one model (see the module docstring for the formulas).
 
     `zero_stage` None means no DeepSpeed (every GPU holds everything, torch AdamW in the weights' dtype);
-    0-3 are DeepSpeed's stages. `trainable=False` is a frozen inference copy: weights only, on every GPU.
+    0-3 are DeepSpeed's stages. `trainable=False` is a frozen inference copy: weights only, on every GPU, or
+    with `zero_stage` 3 partitioned over the GPUs (`alignment.frozen`; in CPU memory with `offload_params`).
     `num_gpus` counts all GPUs of all `nodes`. CPU memory follows DeepSpeed's estimators (models loaded
     under zero.Init, 1.5x buffer factor).
     """
@@ -187,7 +189,12 @@ def estimate(model: ModelShape, num_gpus: int, zero_stage: int | None, *, nodes:
         weights_total = weight_bytes * p
     t = lora_params(model, lora_r, lora_targets, head) if lora_r else p
     if not trainable:
-        return ModelEstimate(role, model.name, p, 0, weights_total, 0, 0, 0)
+        if zero_stage == 3:  # a frozen model partitioned over the GPUs: its share, one gathered layer at a time
+            # = DeepSpeed's estimate_zero3_model_states_mem_needs with the optimizer offloaded (parameters only)
+            weights, cpu = (0, weights_total // nodes) if offload_params else (weights_total // num_gpus, 0)
+            return ModelEstimate(role, model.name, p, 0, weights, 0, 4 * largest_layer_params(model, head), cpu,
+                                 weights_total)
+        return ModelEstimate(role, model.name, p, 0, weights_total, 0, 0, 0, weights_total)
     # per trained parameter: 16-bit and fp32 gradients, fp32 master weights, Adam moments (DeepSpeed's
     # mixed precision); in fp32 there is no second copy: gradient and two moments
     mixed = weight_bytes < 4

@@ -140,7 +140,7 @@ def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- ZeRO-3 generation
 @contextlib.contextmanager
-def gathered_for_generation(engine, module):
+def gathered_for_generation(engine, module, gather: str = "round"):
     """Make `module`'s full weights live on every rank for a whole generation round (ZeRO-3 only).
 
     Under ZeRO-3 each layer's weights are all-gathered before its forward and freed after it, so
@@ -148,11 +148,25 @@ def gathered_for_generation(engine, module):
     gathered once (``GatheredParameters``) and DeepSpeed's per-module fetch/release hooks are taken off
     for the round (they would free the gathered weights after each layer), then put back: the same fix
     as TRL's ``unwrap_model_for_generation``. Outside ZeRO-3 this does nothing.
+
+    With `gather` "layer" the weights stay partitioned: DeepSpeed's hooks gather each layer for each forward
+    (prompt and every new token), so a GPU never holds more than one layer beyond its share; generation must
+    then run in lock step on every rank (`alignment.generation.generate(synced=True)`).
     """
     optimizer = getattr(engine, "optimizer", None)
     offload = getattr(optimizer, "parameter_offload", None)
     if offload is None or not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
         yield module
+        return
+    if gather == "layer":
+        try:
+            yield module
+        finally:
+            coordinator = getattr(offload, "param_coordinator", None)
+            if coordinator is not None:  # the generation forwards are not the training trace: record anew
+                if not coordinator.is_invalid_trace():
+                    coordinator._invalidate_trace()
+                coordinator.reset_step()
         return
     import deepspeed
 

@@ -93,9 +93,13 @@ def _trained(setup: Setup, path: str, role: str, head: Head, lora=None, model: s
                     load_in_4bit=lora_on and lora.load_in_4bit, weight_bytes=setup.weight_bytes, role=role)
 
 
-def _frozen(setup: Setup, path: str, role: str, head: Head, dtype: str, model: str | None = None) -> ModelEstimate:
-    return estimate(resolve_shape(path, model), setup.num_gpus, None, nodes=setup.nodes, head=head, trainable=False,
-                    weight_bytes=4 if dtype == "float32" else 2, role=role)
+def _frozen(setup: Setup, path: str, role: str, head: Head, dtype: str, model: str | None = None, *,
+            zero3: bool = False, offload: bool = False) -> ModelEstimate:
+    """A frozen model: a full copy on every GPU, or with `zero3` partitioned over all of them (`reward.zero3`;
+    with `offload` its partitions in CPU memory)."""
+    return estimate(resolve_shape(path, model), setup.num_gpus, 3 if zero3 else None, nodes=setup.nodes, head=head,
+                    trainable=False, offload_params=zero3 and offload, weight_bytes=4 if dtype == "float32" else 2,
+                    role=role)
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -136,9 +140,13 @@ def _common(setup: Setup) -> list[tuple[str, int]]:
     return items
 
 
+def _frozen_label(m: ModelEstimate) -> str:
+    return f"{m.role} {m.shape}: frozen weights{' (ZeRO-3 share + one layer)' if m.buffer else ''}"
+
+
 def _train_phase(setup: Setup, trained: list[ModelEstimate], acts: list[tuple[str, Activations]],
                  resident: list[ModelEstimate] = ()) -> Phase:
-    items = [_states(m) for m in trained] + [(f"{m.role} {m.shape}: frozen weights", m.gpu) for m in resident]
+    items = [_states(m) for m in trained] + [(_frozen_label(m), m.gpu) for m in resident]
     items += [(label, a.total) for label, a in acts]
     return Phase("train", tuple(items + _common(setup)))
 
@@ -170,7 +178,7 @@ def _generation_items(setup: Setup, shape: ModelShape, rows: int, new_tokens: in
 def _loading(setup: Setup, *groups: list[ModelEstimate]) -> int:
     """CPU bytes per node while models load: every process reads full copies (no zero.Init), one group of
     models loaded together at a time."""
-    return setup.gpus_per_node * max(sum(m.weights if not m.trainable else setup.weight_bytes * m.params for m in g)
+    return setup.gpus_per_node * max(sum(m.full_weights if not m.trainable else setup.weight_bytes * m.params for m in g)
                                      for g in groups)
 
 
@@ -266,8 +274,9 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
 
 def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
     """Actor and critic in one ZeRO engine (the actor alone for the critic-free ppo.algorithm rloo and grpo);
-    reference and RMs frozen full copies on every GPU (on the CPU between their phases with reward.offload).
-    Under ZeRO-3 generation gathers the actor's full weights. Rows are prompt_tokens + rollout.max_new_tokens
+    reference and RMs frozen full copies on every GPU (on the CPU between their phases with reward.offload),
+    or with reward.zero3 partitioned over all GPUs (`alignment.frozen`).
+    Under ZeRO-3 generation gathers the actor's full weights (rollout.gather "round") or one layer at a time. Rows are prompt_tokens + rollout.max_new_tokens
     long; each process answers its prompts ppo.num_samples times."""
     m, r = cfg.model, cfg.reward
     actor = _trained(setup, m.path, "actor", Head.LM, m.lora, default)
@@ -275,29 +284,34 @@ def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
     critic_path = cfg.critic.path or r.helpful_rm
     critic = _trained(setup, critic_path, "critic", Head.VALUE, None, default) if has_critic else None
     trained = [actor, critic] if has_critic else [actor]
-    reference = None if m.lora.enabled else _frozen(setup, r.reference or m.path, "reference", Head.LM, r.dtype, default)
-    helpful = _frozen(setup, r.helpful_rm, "helpful RM", Head.SCORE, r.dtype, default)
-    safety = _frozen(setup, r.safety_rm, "safety RM", Head.SCORE, r.dtype, default)
+    sharded = {"zero3": r.zero3, "offload": r.offload}
+    reference = None if m.lora.enabled else _frozen(setup, r.reference or m.path, "reference", Head.LM, r.dtype,
+                                                    default, **sharded)
+    helpful = _frozen(setup, r.helpful_rm, "helpful RM", Head.SCORE, r.dtype, default, **sharded)
+    safety = _frozen(setup, r.safety_rm, "safety RM", Head.SCORE, r.dtype, default, **sharded)
     frozen = [x for x in (reference, helpful, safety) if x is not None]
     states = [_states(x) for x in trained]
-    resident = [] if r.offload else frozen
+    # partitioned (reward.zero3) they stay on the GPUs throughout, their share and one gathered layer each
+    # (offload: the share in CPU memory); full copies with reward.offload visit the GPU only in their phase
+    resident = frozen if r.zero3 or not r.offload else []
 
     def weights(models):
-        return [(f"{x.role} {x.shape}: frozen weights", x.gpu) for x in models]
+        return [(_frozen_label(x), x.gpu) for x in models]
 
     actor_shape = resolve_shape(m.path, default)
     gen = states + weights(resident)
-    if setup.zero is not None and setup.zero.stage == 3:
+    if setup.zero is not None and setup.zero.stage == 3 and cfg.rollout.gather == "round":
         gen.append((f"actor {actor.shape}: weights gathered for generation", 2 * actor.params))
+    # rollout.gather "layer": one layer at a time, DeepSpeed's gather buffer in the actor's model states
     # each process answers its share of the iteration's prompts, rollout.batch_size at a time
     rollout_rows = min(cfg.rollout.batch_size, max(1, cfg.ppo.batch_size // setup.num_gpus) * cfg.ppo.num_samples)
     gen += _generation_items(setup, actor_shape, rollout_rows, cfg.rollout.max_new_tokens, "actor")
     rm_shape = resolve_shape(r.helpful_rm, default)
-    score = states + weights(resident if not r.offload else [helpful, safety])
+    score = states + weights(resident if resident else [helpful, safety])
     score.append((f"RM scoring: one layer's activations, {r.batch_size} x {r.max_length} tokens",
                   layer_activation_bytes(rm_shape, r.batch_size, r.max_length, act_bytes=setup.act_bytes)))
     phases = [Phase("generate", tuple(gen + _common(setup))), Phase("score", tuple(score + _common(setup)))]
-    if reference is not None and r.offload:
+    if reference is not None and not resident:
         phases.append(Phase("reference", tuple(states + weights([reference]) + _common(setup))))
     rows, seq = cfg.ppo.micro_batch_size, setup.prompt_tokens + cfg.rollout.max_new_tokens
     acts = [(_acts_label("actor", rows, seq, m.gradient_checkpointing),
@@ -309,6 +323,7 @@ def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
                                       checkpointing=cfg.critic.gradient_checkpointing, act_bytes=setup.act_bytes,
                                       attn=m.attn_implementation, head=Head.VALUE)))
     phases.append(_train_phase(setup, trained, acts, resident))
+    offloaded = sum(x.cpu_per_node for x in frozen) if r.zero3 else setup.gpus_per_node * sum(x.gpu for x in frozen)
     cpu = max(_loading(setup, [*trained, *frozen]), sum(x.cpu_per_node for x in trained)
-              + (setup.gpus_per_node * sum(x.gpu for x in frozen) if r.offload else 0))
+              + (offloaded if r.offload else 0))
     return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu)

@@ -123,8 +123,11 @@ def test_lora_qlora_and_frozen_copies_by_hand():
     linears = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     qlora = estimate(shape, 1, None, lora_r=16, lora_targets=("q_proj",), load_in_4bit=True)
     assert qlora.weights == linears // 2 + linears // 16 + 2 * (p - linears) + 2 * t_q
-    frozen = estimate(LLAMA2["llama2-70b"], 8, 3, trainable=False, role="reference")
-    assert (frozen.gpu, frozen.states, frozen.trainable) == (2 * num_params(LLAMA2["llama2-70b"]), 0, 0)
+    big = LLAMA2["llama2-70b"]
+    frozen = estimate(big, 8, None, trainable=False, role="reference")  # a full copy on every GPU
+    assert (frozen.gpu, frozen.states, frozen.trainable) == (2 * num_params(big), 0, 0)
+    shard = estimate(big, 8, 3, trainable=False, role="reference")  # partitioned: an eighth + one gathered layer
+    assert (shard.weights, shard.buffer, shard.states) == (2 * num_params(big) // 8, 4 * 32000 * 8192, 0)
     plain = estimate(shape, 8, None, weight_bytes=4)  # no DeepSpeed, fp32: weights + grad + 2 Adam moments
     assert plain.gpu == 16 * p
     with pytest.raises(ValueError, match="not Llama linears"):
@@ -291,9 +294,13 @@ def test_align_plan_prints_the_plan_and_says_whether_it_fits(capsys):
     assert suggestion, text
     fixed = _plan("recipes/llama2-13b/ppo.yaml", "ppo", 8, 1, suggestion.group(1))
     assert fixed.peak.total <= 80 * GiB and f"{fixed.peak.total / GiB:.1f}" == suggestion.group(2)
-    # 70B PPO: the frozen full copies cannot fit one GPU whatever the ZeRO setting
-    code, text = _align("plan", "--recipe", str(REPO / "recipes/llama2-70b/ppo.yaml"), "--gpus", "8", "--nodes", "4")
+    # 70B PPO: as full copies the frozen models cannot fit one GPU whatever the ZeRO setting; partitioned
+    # (the recipe's reward.zero3, rollout.gather layer) every phase fits on 6 nodes, not on 5
+    code, text = _align("plan", "--recipe", str(REPO / "recipes/llama2-70b/ppo.yaml"), "--gpus", "8", "--nodes", "4",
+                        "--set", "reward.zero3=false")
     assert code == 1 and "alone exceed(s) one GPU" in text
+    assert _align("plan", "--recipe", str(REPO / "recipes/llama2-70b/ppo.yaml"), "--gpus", "8", "--nodes", "6")[0] == 0
+    assert _align("plan", "--recipe", str(REPO / "recipes/llama2-70b/ppo.yaml"), "--gpus", "8", "--nodes", "5")[0] == 1
     code, text = _align("plan", "--recipe", str(REPO / "recipes/llama2-7b/pipeline.yaml"), "--gpus", "8")
     assert [line.split()[0] for line in text.splitlines()[2:8]] == ["sft", "rm_helpful", "rm_safety",
                                                                      "rejection_sampling", "ppo", "gatt"]

@@ -280,6 +280,8 @@ class PPORewardSection(RewardJudgeSection):
     kl_beta: float = ranged(">= 0", 0.01)  # 0.01 for 7B/13B, 0.005 for 34B/70B
     kl_estimator: Literal["k1", "k3"] = "k1"
     offload: bool = False  # keep RMs and reference on CPU outside their phase (GPU runs)
+    # partition RMs and reference with ZeRO-3 over the run's processes: 1/N of their weights each (70B)
+    zero3: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,16 @@ class EarlyStoppingSection:
     min_delta: float = ranged(">= 0", 0.0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PPORolloutSection(GenerationSection):
+    """The actor's sampling of every iteration. Under ZeRO-3 `gather` says how its partitioned weights meet
+    for generation: "round" gathers them whole once per rollout round (fast; a full 16-bit copy on every
+    GPU), "layer" lets DeepSpeed gather one layer at a time for every forward, the prompt's and each new
+    token's (a layer's weights on the GPU at a time, ~layers x slower per token; what a 70B actor needs)."""
+
+    gather: Literal["round", "layer"] = "round"
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     model: ModelSection  # the actor, initialised from the rejection-sampling (or SFT) checkpoint
@@ -345,7 +357,7 @@ class PPOConfig:
     output: OutputSection
     chat: ChatSection = field(default_factory=ChatSection)
     critic: CriticSection = field(default_factory=CriticSection)
-    rollout: GenerationSection = field(default_factory=lambda: GenerationSection(max_new_tokens=256))
+    rollout: PPORolloutSection = field(default_factory=lambda: PPORolloutSection(max_new_tokens=256))
     ppo: PPOSection = field(default_factory=PPOSection)
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, eps=1e-5))  # constant lr (3.2.3)

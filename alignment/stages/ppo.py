@@ -27,8 +27,11 @@ model per `Accelerator` (its multi-plugin API is marked experimental), and a sec
 outside accelerate would need its own checkpointing; one engine keeps `save_state`/`load_state`, ZeRO
 partitioning of both models and gloo CPU runs working unchanged. Consequence: gradient clipping is over the
 actor and critic gradients together. The frozen models are plain modules in eval mode on every process
-(dtype `reward.dtype`, moved to CPU between phases with `reward.offload`). Under ZeRO-3 the actor's weights
-are gathered once per generation round (`alignment.rollout.gathered_for_generation`).
+(dtype `reward.dtype`, moved to CPU between phases with `reward.offload`), or with `reward.zero3` ZeRO-3
+inference engines that each hold 1/N of them (`alignment.frozen.partition`; every process then scores the
+same number of rows, padding where the held-out prompts do not divide). Under ZeRO-3 the actor's weights
+are gathered once per generation round, or with `rollout.gather: layer` one layer at a time for every
+forward, all processes decoding in lock step (`alignment.rollout.gathered_for_generation`).
 
 Training runs on the shared engine (`alignment.training.Engine`): its micro-step, resume, metrics log,
 progress bar, checkpoints and stop hook are those of every other stage; this module adds the rollout, the
@@ -36,7 +39,7 @@ PPO losses and early stopping.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.faults import fault_point
+from alignment.frozen import FrozenPlacement, equal_share, partition
 from alignment.generation import generate
 from alignment.judging import from_toyworld, gold_metrics
 from alignment.losses import RLAlgorithm, kl_loss, masked_mean, policy_loss, value_loss
@@ -130,26 +134,11 @@ def load_models(cfg: PPOConfig, tokenizer) -> PPOModels:
     return PPOModels(actor, critic, reference, *rms)
 
 
-class FrozenPlacement:
-    """Puts the frozen models on the device, for good or (with `offload`) only while a phase uses them."""
-
-    def __init__(self, models: list[torch.nn.Module], device, offload: bool):
-        self.device, self.offload = device, offload and device.type != "cpu"
-        for m in models:
-            m.to("cpu" if self.offload else device)
-
-    @contextlib.contextmanager
-    def active(self, *models):
-        if self.offload:
-            for m in models:
-                m.to(self.device)
-        try:
-            yield
-        finally:
-            if self.offload:
-                for m in models:
-                    m.to("cpu")
-                torch.cuda.empty_cache()
+def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
+    """The reference and both RMs as ZeRO-3 inference engines over the run's processes (`reward.zero3`)."""
+    reference = partition(models.reference, offload=offload) if models.reference is not None else None
+    return dataclasses.replace(models, reference=reference, helpful_rm=partition(models.helpful_rm, offload=offload),
+                               safety_rm=partition(models.safety_rm, offload=offload))
 
 
 def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
@@ -193,6 +182,15 @@ def _rm_scores(ctx, contexts: list[list[dict]], answers: list[str]) -> tuple[tor
                 reward_scores(rms.safety_rm, ctx.tokenizer, contexts, answers, **kw))
 
 
+def _rm_scores_padded(ctx, contexts: list[list[dict]], answers: list[str], rows: int) -> tuple[torch.Tensor, ...]:
+    """`_rm_scores` of this process's `contexts`, padded to `rows` with copies of `pad_context` so every
+    process runs the same RM forwards (partitioned RMs: a forward is a collective); pads are dropped."""
+    n = len(contexts)
+    pad = rows - n
+    scores = _rm_scores(ctx, contexts + [ctx.pad_context] * pad, answers + [""] * pad)
+    return tuple(s[:n] for s in scores)
+
+
 def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, dict]:
     """Generate, score and compute advantages for this process's prompt rows (the batch tensors themselves
     are built by `alignment.rollout`). With K = ppo.num_samples answers per prompt, the rollout's rows hold the
@@ -204,10 +202,11 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
     t0 = time.perf_counter()
     actor = acc.unwrap_model(ctx.policy).actor
     prompt_ids = [encode_prompt(tok, prompt_context(r)) for r in rows]
-    with gathered_for_generation(ctx.policy, actor):  # ZeRO-3: one gather for the whole round
+    layer = cfg.rollout.gather == "layer" and acc.num_processes > 1
+    with gathered_for_generation(ctx.policy, actor, cfg.rollout.gather):  # ZeRO-3: one gather per round by default
         samples = generate(actor, tok, prompt_ids, max_new_tokens=cfg.rollout.max_new_tokens, num_samples=k,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                           batch_size=cfg.rollout.batch_size,
+                           batch_size=cfg.rollout.batch_size, synced=layer,
                            seed=cfg.seed * 1_000_003 + iteration * acc.num_processes + acc.process_index)
     answers = [a for per_prompt in samples for a in per_prompt]
     rows = [r for r in rows for _ in range(k)]  # one per answer, in the answers' order
@@ -333,15 +332,17 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     mine = list(range(acc.process_index, len(rows), acc.num_processes))
     contexts = [prompt_context(rows[i]) for i in mine]
     actor = acc.unwrap_model(ctx.policy).actor
-    with gathered_for_generation(ctx.policy, actor):
-        samples = generate(actor, tok, [encode_prompt(tok, c) for c in contexts], max_new_tokens=es.max_new_tokens,
-                           temperature=0.0, batch_size=es.batch_size)
-    answers = [s[0].text for s in samples]
-    combined = torch.zeros(0)
-    if mine:
-        h, s = (torch.sigmoid(raw) for raw in _rm_scores(ctx, contexts, answers))
-        is_safety = torch.tensor([bool(rows[i]["is_safety"]) for i in mine])
-        combined = combine(h, s, is_safety, cfg.reward.safety_threshold)
+    share = equal_share(len(rows), acc.num_processes)
+    layer = cfg.rollout.gather == "layer" and acc.num_processes > 1
+    # gathered per layer, every process answers `share` prompts (the short ones pad) in lock step
+    prompts = [encode_prompt(tok, c) for c in contexts + [ctx.pad_context] * (share - len(mine) if layer else 0)]
+    with gathered_for_generation(ctx.policy, actor, cfg.rollout.gather):
+        samples = generate(actor, tok, prompts, max_new_tokens=es.max_new_tokens, temperature=0.0,
+                           batch_size=es.batch_size, synced=layer)
+    answers = [s[0].text for s in samples[:len(mine)]]
+    h, s = (torch.sigmoid(raw) for raw in _rm_scores_padded(ctx, contexts, answers, share))
+    is_safety = torch.tensor([bool(rows[i]["is_safety"]) for i in mine], dtype=torch.bool)
+    combined = combine(h, s, is_safety, cfg.reward.safety_threshold)
     totals = ctx.engine.reduce({"combined": combined.sum().item(), "rows": float(len(mine))})
     result = {"eval_reward_combined": totals["combined"] / max(totals["rows"], 1.0)}
     pairs = gather_object(list(zip(mine, answers))) if acc.num_processes > 1 else list(zip(mine, answers))
@@ -404,6 +405,7 @@ class _Context:
     models: PPOModels
     tokenizer: object
     frozen: FrozenPlacement
+    pad_context: list[dict]  # a prompt that pads RM scoring to the same rows on every process
 
     @property
     def accelerator(self):
@@ -445,8 +447,12 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
                           train=TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=accum),
                           optim=cfg.optim, logging=cfg.logging, output=cfg.output, seed=cfg.seed)
     acc = engine.accelerator
+    if cfg.reward.zero3 and acc.num_processes > 1:
+        models = shard_frozen_models(models, cfg.reward.offload)
+        acc.print(f"[ppo] reference and reward models partitioned with ZeRO-3 over {acc.num_processes} processes")
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
-    ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload))
+    ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload),
+                   prompt_context(prompts[0]))
     answers = f" x {cfg.ppo.num_samples} answers" if cfg.ppo.num_samples > 1 else ""
     acc.print(f"[ppo] {cfg.ppo.algorithm}: {total} iterations x {cfg.ppo.batch_size} prompts{answers} on "
               f"{engine.setup()}")

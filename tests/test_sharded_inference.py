@@ -1,0 +1,148 @@
+"""Frozen models partitioned with ZeRO-3 across 2 CPU processes (gloo; `alignment.frozen`, recipe key
+`reward.zero3`) score and give log-probs equal to the full model's, each process holding about half of
+their weights; PPO with a ZeRO-3 actor and critic AND partitioned frozen models matches the 1-process run."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import nano_reward_model
+from test_distributed import _zero_json, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Run on every rank: full-copy scores and log-probs first, then the same models partitioned; rank r scores
+# the rows r, r + 2, ... of 5 (uneven: rank 1 pads to rank 0's 3 rows, `equal_share`).
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch, torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from alignment.frozen import equal_share, is_partitioned, partition, resident_numel
+    from alignment.models.tokenizer import load_tokenizer
+    from alignment.rollout import build_batch, policy_outputs
+    from alignment.scoring import reward_scores
+
+    base, rm_dir, out = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok = load_tokenizer(base)
+    contexts = [[{"role": "user", "content": f"question {i} about the weather " * (1 + i % 3)}] for i in range(5)]
+    answers = [f"answer number {i}" + " more" * i for i in range(5)]
+    mine = list(range(rank, 5, world))
+    pad = equal_share(5, world) - len(mine)
+    ctx = [contexts[i] for i in mine] + [contexts[0]] * pad
+    ans = [answers[i] for i in mine] + [""] * pad
+    prompts = [tok(c[0]["content"])["input_ids"] for c in ctx]
+    responses = [tok(a)["input_ids"] or [tok.eos_token_id] for a in ans]
+    batch = build_batch(prompts, responses, tok.pad_token_id)
+
+    def run(rm, lm):
+        with torch.no_grad():
+            scores = reward_scores(rm, tok, ctx, ans, batch_size=2, max_length=64)
+            logprobs = torch.cat([policy_outputs(lm, {k: v[i:i + 2] for k, v in batch.items()})[0]
+                                  for i in range(0, len(ans), 2)])
+        return scores[:len(mine)].tolist(), logprobs[:len(mine)].tolist()
+
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1).eval().requires_grad_(False)
+    lm = AutoModelForCausalLM.from_pretrained(base).eval().requires_grad_(False)
+    full = run(rm, lm)
+    total = resident_numel(rm) + resident_numel(lm)
+    rm, lm = partition(rm), partition(lm)
+    sharded = run(rm, lm)
+    json.dump({"full": full, "sharded": sharded, "total": total, "resident": resident_numel(rm) + resident_numel(lm),
+               "partitioned": is_partitioned(rm) and is_partitioned(lm)}, open(f"{out}/rank{rank}.json", "w"))
+''')
+
+
+def test_partitioned_scores_and_logprobs_equal_the_full_models(tmp_path, nano_model_dir, tokenizer):
+    rm = nano_reward_model(nano_model_dir, tokenizer, tmp_path / "rm", seed=3)
+    script = tmp_path / "shard.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), str(nano_model_dir), str(rm), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["partitioned"]
+        (full_scores, full_lp), (scores, lp) = r["full"], r["sharded"]
+        assert len(scores) == (3 if rank == 0 else 2)
+        assert scores == pytest.approx(full_scores, abs=1e-5)
+        assert [x for row in lp for x in row] == pytest.approx([x for row in full_lp for x in row], abs=1e-5)
+        # each process keeps half of every large weight; norms stay whole (10 x hidden elements or fewer)
+        assert 0.45 < r["resident"] / r["total"] < 0.6, r
+
+
+@pytest.mark.parametrize("gather", ["round", "layer"])
+def test_ppo_with_partitioned_frozen_models_matches_one_process(tmp_path, nano_model_dir, gather):
+    """One iteration of greedy rollouts of 8 prompts split over 2 processes, ZeRO-3 actor and critic, reference
+    and RMs partitioned: rewards (whitened over both), KL, values and the first value loss equal the
+    1-process run's, and so does the held-out evaluation of 5 prompts (3 + 2: the short process pads); with
+    the actor's weights gathered once per round or one layer at a time (processes decoding in lock step)."""
+    from alignment.runs import read_metrics
+    from test_ppo import _cli, ppo_recipe, prompt_rows
+
+    path = ppo_recipe(tmp_path, nano_model_dir, rollout={"temperature": 0.0}, eval_prompts=prompt_rows(5, seed=7),
+                      early_stopping={"every_iterations": 1, "patience": 5, "max_new_tokens": 6},
+                      ppo={"iterations": 1, "batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 1})
+    one = _cli(path, f"output.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = _cli(path, f"output.dir={tmp_path / 'two'}", f"distributed.deepspeed={_zero_json(tmp_path, 'zero3')}",
+               "reward.zero3=true", f"rollout.gather={gather}", nproc=2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "2 processes, DeepSpeed ZeRO-3" in two.stdout + two.stderr
+    assert "reference and reward models partitioned with ZeRO-3 over 2 processes" in two.stdout + two.stderr
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in m2] == [m["step"] for m in m1]
+    evals_one = [m["eval_reward_combined"] for m in m1 if "eval_reward_combined" in m]
+    evals_two = [m["eval_reward_combined"] for m in m2 if "eval_reward_combined" in m]
+    assert len(evals_one) == 2 and evals_two[0] == pytest.approx(evals_one[0], abs=1e-5)
+    first_one, first_two = m1[-1], m2[-1]
+    keys = ["reward_helpful", "reward_safety", "reward_combined", "reward_total", "kl", "response_length",
+            "value_mean", "value_loss"]
+    assert [first_two[k] for k in keys] == pytest.approx([first_one[k] for k in keys], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("size", ["llama2-7b", "llama2-70b"])
+@pytest.mark.parametrize("gpus, nodes", [(8, 1), (32, 4)])
+def test_planner_figures_of_partitioned_frozen_models_are_deepspeeds(size, gpus, nodes):
+    """A frozen partitioned model holds its 16-bit share and DeepSpeed's gather buffer: DeepSpeed's own ZeRO-3
+    estimate for a model whose optimizer states live elsewhere (parameters only on the GPU); offloaded, only
+    the buffer stays on the GPU and the shares fill the node's CPU memory."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from alignment.memory import LLAMA2, Head, estimate, largest_layer_params, num_params
+
+    for head in (Head.LM, Head.SCORE):
+        shape = LLAMA2[size]
+        total, largest = num_params(shape, head), largest_layer_params(shape, head)
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus // nodes, nodes, cpu_offload=True,
+                                                          cpu_offload_params=False, zero_init=True)
+        frozen = estimate(shape, gpus, 3, nodes=nodes, head=head, trainable=False)
+        assert frozen.gpu == gpu
+        offloaded = estimate(shape, gpus, 3, nodes=nodes, head=head, trainable=False, offload_params=True)
+        assert offloaded.gpu == 4 * largest and offloaded.cpu_per_node == 2 * total // nodes
+        full = estimate(shape, gpus, None, nodes=nodes, head=head, trainable=False)
+        assert full.gpu == 2 * total == frozen.full_weights
+
+
+def test_plan_of_ppo_counts_partitioned_frozen_models(tmp_path):
+    """reward.zero3 takes the 70B reference and RMs from full copies to their shares in the PPO plan."""
+    from alignment.config import PPOConfig, load_config
+    from alignment.stage_memory import make_setup, plan_ppo
+
+    recipe = REPO / "recipes/llama2-70b/ppo.yaml"
+    plans = {}
+    for zero3 in (False, True):
+        cfg = load_config(PPOConfig, recipe, [f"reward.zero3={str(zero3).lower()}", "reward.offload=false"])
+        plans[zero3] = plan_ppo(cfg, make_setup(cfg, 8, 4, 512), None)
+    score = {z: next(p for p in plans[z].phases if p.name == "score") for z in plans}
+    frozen = {z: sum(b for label, b in score[z].items if "frozen weights" in label) for z in plans}
+    # three 70B models, 16-bit: ~385 GiB as full copies; over 32 GPUs their shares plus three gather buffers
+    assert frozen[False] > 380 * 2**30
+    assert frozen[True] < 20 * 2**30
