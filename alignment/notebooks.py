@@ -70,6 +70,9 @@ def render(names: list[str], run: Path, out: Path) -> list[Path]:
         os.environ["JUPYTER_PATH"] = jupyter
         os.environ.update(run_environment(run.resolve()))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # no progress bars in the saved outputs (tqdm's own, transformers' "Loading weights")
+        os.environ.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                          PYTHONWARNINGS="ignore:IProgress not found")  # tqdm.auto without ipywidgets
         os.environ.pop("MPLBACKEND", None)  # figures inline, into the outputs
         kernel = kernelspec(Path(jupyter))
         for name in names:
