@@ -3,12 +3,13 @@
 Two placements:
 - full copies on every process (the default): on the device, or with `offload` on the CPU outside the phase
   that uses them (`FrozenPlacement`);
-- partitioned with DeepSpeed ZeRO-3 across the run's processes (`partition`, recipe key `reward.zero3`): each
-  process keeps 1/N of every large weight; a forward all-gathers one layer at a time and frees it after, so a
-  70B reference or reward model costs 140 GB / N per GPU plus one layer, not 140 GB (OpenRLHF does the same for
-  its reference and reward models: `deepspeed.initialize` with a stage-3 config and no optimizer). The
-  scores and log-probs are those of the full model; every process must then run the same number of
-  forwards (a forward is a collective), which `equal_share` makes hold for uneven work.
+- partitioned with DeepSpeed ZeRO-3 across the run's processes (recipe key `reward.zero3`; `partition` a
+  loaded model, or `load_partitioned`, which builds it under `deepspeed.zero.Init` so no process ever holds a
+  whole copy): each process keeps 1/N of every large weight; a forward all-gathers one layer at a time and
+  frees it after, so a 70B reference or reward model costs 140 GB / N per GPU plus one layer, not 140 GB
+  (OpenRLHF does the same for its reference and reward models: `deepspeed.initialize` with a stage-3 config
+  and no optimizer). The scores and log-probs are those of the full model; every process must then run the
+  same number of forwards (a forward is a collective), which `equal_share` makes hold for uneven work.
 """
 from __future__ import annotations
 
@@ -41,6 +42,36 @@ def partition(model: torch.nn.Module, *, offload: bool = False) -> torch.nn.Modu
     engine, *_ = deepspeed.initialize(model=model, config=zero3_inference_config(dtype, hidden, offload=offload))
     engine.eval()
     return engine
+
+
+@contextlib.contextmanager
+def zero3_loading(config: dict):
+    """Inside, transformers' `from_pretrained` builds models under `deepspeed.zero.Init` with `config`: each
+    weight is partitioned as it is made and filled from the checkpoint one module at a time, so a process
+    never holds a whole copy. The ZeRO-3 context a training engine registered (accelerate's, for the actor)
+    is put back after."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref
+    context = HfDeepSpeedConfig(config)  # registers itself (a weak reference: keep it alive meanwhile)
+    try:
+        yield context
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
+
+
+def load_partitioned(load, path: str, dtype: torch.dtype, *, offload: bool = False) -> torch.nn.Module:
+    """`load()` (a `from_pretrained` of the checkpoint at `path`) run under ZeRO-3 initialisation, then made
+    an inference engine (`partition`): no process ever holds the whole model, not even while loading."""
+    from transformers import AutoConfig
+
+    hidden = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "hidden_size", 1024)
+    config = zero3_inference_config(dtype, hidden, offload=offload)
+    with zero3_loading(config):
+        model = load()
+    model.eval().requires_grad_(False)
+    return partition(model, offload=offload)
 
 
 def is_partitioned(model: torch.nn.Module | None) -> bool:

@@ -324,6 +324,10 @@ def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
                                       attn=m.attn_implementation, head=Head.VALUE)))
     phases.append(_train_phase(setup, trained, acts, resident))
     offloaded = sum(x.cpu_per_node for x in frozen) if r.zero3 else setup.gpus_per_node * sum(x.gpu for x in frozen)
-    cpu = max(_loading(setup, [*trained, *frozen]), sum(x.cpu_per_node for x in trained)
-              + (offloaded if r.offload else 0))
-    return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu)
+    loading = _loading(setup, trained if r.zero3 else [*trained, *frozen])
+    if r.zero3:  # loaded partitioned (alignment.frozen.load_partitioned): a node reads its GPUs' shares only
+        loading += sum(x.full_weights for x in frozen) // setup.nodes
+    cpu = max(loading, sum(x.cpu_per_node for x in trained) + (offloaded if r.offload else 0))
+    notes = ("reward.zero3: the reference and RMs load already partitioned (a node reads its GPUs' shares); "
+             "the trained models load whole on every process",) if r.zero3 else ()
+    return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu, notes)

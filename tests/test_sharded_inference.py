@@ -1,8 +1,9 @@
 """Frozen models partitioned with ZeRO-3 across 2 CPU processes (gloo; `alignment.frozen`, recipe key
-`reward.zero3`) score and give log-probs equal to the full model's, each process holding about half of
-their weights; PPO with a ZeRO-3 actor and critic AND partitioned frozen models matches the 1-process run."""
+`reward.zero3`), after loading or loaded already partitioned, score and give log-probs equal to the full
+model's, each process holding about half of their weights; PPO with a ZeRO-3 actor and critic AND partitioned frozen models matches the 1-process run."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,8 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from alignment.frozen import equal_share, is_partitioned, partition, resident_numel
+    from alignment.frozen import (equal_share, is_partitioned, load_partitioned, partition, resident_numel,
+                                  zero3_inference_config, zero3_loading)
     from alignment.models.tokenizer import load_tokenizer
     from alignment.rollout import build_batch, policy_outputs
     from alignment.scoring import reward_scores
@@ -53,8 +55,16 @@ SCRIPT = textwrap.dedent('''
     total = resident_numel(rm) + resident_numel(lm)
     rm, lm = partition(rm), partition(lm)
     sharded = run(rm, lm)
-    json.dump({"full": full, "sharded": sharded, "total": total, "resident": resident_numel(rm) + resident_numel(lm),
-               "partitioned": is_partitioned(rm) and is_partitioned(lm)}, open(f"{out}/rank{rank}.json", "w"))
+    # loaded partitioned: right after from_pretrained, before any engine, each process holds its half
+    with zero3_loading(zero3_inference_config(torch.float32, lm.module.config.hidden_size)):
+        rm3 = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+    loaded = resident_numel(rm3)
+    rm3 = partition(rm3.eval().requires_grad_(False))
+    lm3 = load_partitioned(lambda: AutoModelForCausalLM.from_pretrained(base), base, torch.float32)
+    json.dump({"full": full, "sharded": sharded, "loaded_sharded": run(rm3, lm3), "total": total,
+               "resident": resident_numel(rm) + resident_numel(lm), "rm_total": sum(p.ds_numel for p in rm3.parameters()),
+               "rm_loaded": loaded, "partitioned": is_partitioned(rm) and is_partitioned(lm) and is_partitioned(lm3)},
+              open(f"{out}/rank{rank}.json", "w"))
 ''')
 
 
@@ -76,6 +86,11 @@ def test_partitioned_scores_and_logprobs_equal_the_full_models(tmp_path, nano_mo
         assert [x for row in lp for x in row] == pytest.approx([x for row in full_lp for x in row], abs=1e-5)
         # each process keeps half of every large weight; norms stay whole (10 x hidden elements or fewer)
         assert 0.45 < r["resident"] / r["total"] < 0.6, r
+        # loaded under ZeRO-3 initialisation: the same scores and log-probs, and never more than the half
+        (scores, lp) = r["loaded_sharded"]
+        assert scores == pytest.approx(full_scores, abs=1e-5)
+        assert [x for row in lp for x in row] == pytest.approx([x for row in full_lp for x in row], abs=1e-5)
+        assert 0.45 < r["rm_loaded"] / r["rm_total"] < 0.6, r
 
 
 @pytest.mark.parametrize("gather", ["round", "layer"])
@@ -96,7 +111,9 @@ def test_ppo_with_partitioned_frozen_models_matches_one_process(tmp_path, nano_m
                "reward.zero3=true", f"rollout.gather={gather}", nproc=2)
     assert two.returncode == 0, two.stderr[-4000:]
     assert "2 processes, DeepSpeed ZeRO-3" in two.stdout + two.stderr
-    assert "reference and reward models partitioned with ZeRO-3 over 2 processes" in two.stdout + two.stderr
+    share = re.search(r"reference and reward models loaded partitioned with ZeRO-3 over 2 processes: (\d+)% of "
+                      r"their weights on this one", two.stdout + two.stderr)
+    assert share and 45 <= int(share.group(1)) <= 60, two.stdout[-3000:]
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in m2] == [m["step"] for m in m1]
     evals_one = [m["eval_reward_combined"] for m in m1 if "eval_reward_combined" in m]
@@ -146,3 +163,6 @@ def test_plan_of_ppo_counts_partitioned_frozen_models(tmp_path):
     # three 70B models, 16-bit: ~385 GiB as full copies; over 32 GPUs their shares plus three gather buffers
     assert frozen[False] > 380 * 2**30
     assert frozen[True] < 20 * 2**30
+    # loaded partitioned too: a node's CPU memory while loading holds actor and critic whole, the rest as shares
+    three = sum(m.full_weights for m in plans[True].models if not m.trainable)
+    assert plans[False].cpu_per_node - plans[True].cpu_per_node == 8 * three - three // 4

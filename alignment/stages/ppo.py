@@ -54,7 +54,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.faults import fault_point
-from alignment.frozen import FrozenPlacement, equal_share, partition
+from alignment.frozen import FrozenPlacement, equal_share, load_partitioned, partition, resident_numel
 from alignment.generation import generate
 from alignment.judging import from_toyworld, gold_metrics
 from alignment.losses import RLAlgorithm, kl_loss, masked_mean, policy_loss, value_loss
@@ -79,8 +79,9 @@ class PPOModels:
     actor: torch.nn.Module
     critic: torch.nn.Module | None  # None for the critic-free algorithms (rloo, grpo)
     reference: torch.nn.Module | None  # None with a LoRA actor: the actor with its adapters disabled
-    helpful_rm: torch.nn.Module
-    safety_rm: torch.nn.Module
+    # the RMs (and reference) are None only until train_ppo loads them partitioned (reward.zero3)
+    helpful_rm: torch.nn.Module | None
+    safety_rm: torch.nn.Module | None
 
 
 class ActorCritic(torch.nn.Module):
@@ -108,30 +109,46 @@ def _frozen(model, dtype):
     return model
 
 
-def load_models(cfg: PPOConfig, tokenizer) -> PPOModels:
-    """Actor, critic (PPO only), reference and both RMs from the recipe's directories (before any ZeRO-3
-    context, so the frozen models are plain full copies)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+def load_models(cfg: PPOConfig, tokenizer, *, frozen: bool = True) -> PPOModels:
+    """Actor, critic (PPO only), and unless `frozen` is False the reference and both RMs (`load_frozen`), from
+    the recipe's directories (before any ZeRO-3 context: plain full copies)."""
+    from transformers import AutoModelForTokenClassification
 
-    common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
-    frozen_dtype = resolve_dtype(cfg.reward.dtype)
     actor = load_causal_lm(cfg.model)
     critic = None
     if cfg.ppo.algorithm == RLAlgorithm.PPO:
         critic = AutoModelForTokenClassification.from_pretrained(
-            cfg.critic.path or cfg.reward.helpful_rm, num_labels=1, dtype=resolve_dtype(cfg.critic.dtype), **common)
+            cfg.critic.path or cfg.reward.helpful_rm, num_labels=1, dtype=resolve_dtype(cfg.critic.dtype),
+            attn_implementation=cfg.model.attn_implementation, local_files_only=True)
         if cfg.critic.gradient_checkpointing:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return PPOModels(actor, critic, *(load_frozen(cfg, tokenizer) if frozen else (None, None, None)))
+
+
+def load_frozen(cfg: PPOConfig, tokenizer, partitioned: bool = False) -> tuple:
+    """(reference, helpful RM, safety RM) in `reward.dtype`; the reference is None with a LoRA actor (its
+    adapters off). `partitioned`: each loaded under ZeRO-3 initialisation and made an inference engine over
+    the run's processes (`reward.zero3`; needs the process group, i.e. the training engine, first)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
+    dtype = resolve_dtype(cfg.reward.dtype)
+
+    def frozen(load, path: str):
+        if partitioned:
+            return load_partitioned(load, path, dtype, offload=cfg.reward.offload)
+        return _frozen(load(), dtype)
+
+    def reward_model(path: str):
+        rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **common)
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        return rm
+
     reference = None
     if not cfg.model.lora.enabled:
-        reference = _frozen(AutoModelForCausalLM.from_pretrained(cfg.reward.reference or cfg.model.path, **common),
-                            frozen_dtype)
-    rms = []
-    for path in (cfg.reward.helpful_rm, cfg.reward.safety_rm):
-        rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **common)
-        rm.config.pad_token_id = tokenizer.pad_token_id
-        rms.append(_frozen(rm, frozen_dtype))
-    return PPOModels(actor, critic, reference, *rms)
+        path = cfg.reward.reference or cfg.model.path
+        reference = frozen(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common), path)
+    return (reference, *(frozen(lambda p=p: reward_model(p), p) for p in (cfg.reward.helpful_rm, cfg.reward.safety_rm)))
 
 
 def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
@@ -139,6 +156,13 @@ def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
     reference = partition(models.reference, offload=offload) if models.reference is not None else None
     return dataclasses.replace(models, reference=reference, helpful_rm=partition(models.helpful_rm, offload=offload),
                                safety_rm=partition(models.safety_rm, offload=offload))
+
+
+def _share(models: PPOModels) -> float:
+    """The share of the frozen models' parameters this process holds."""
+    frozen = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
+    total = sum(getattr(p, "ds_numel", p.numel()) for m in frozen for p in m.parameters())
+    return sum(resident_numel(m) for m in frozen) / max(total, 1)
 
 
 def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
@@ -448,8 +472,14 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
                           optim=cfg.optim, logging=cfg.logging, output=cfg.output, seed=cfg.seed)
     acc = engine.accelerator
     if cfg.reward.zero3 and acc.num_processes > 1:
-        models = shard_frozen_models(models, cfg.reward.offload)
-        acc.print(f"[ppo] reference and reward models partitioned with ZeRO-3 over {acc.num_processes} processes")
+        if models.helpful_rm is None:  # not loaded yet (run_ppo): loaded partitioned, never a whole copy
+            models = dataclasses.replace(models, **dict(zip(("reference", "helpful_rm", "safety_rm"),
+                                                            load_frozen(cfg, tokenizer, partitioned=True))))
+            how = "loaded"
+        else:
+            models, how = shard_frozen_models(models, cfg.reward.offload), "then"
+        acc.print(f"[ppo] reference and reward models {how} partitioned with ZeRO-3 over {acc.num_processes} "
+                  f"processes: {_share(models):.0%} of their weights on this one")
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
     ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload),
                    prompt_context(prompts[0]))
@@ -565,7 +595,10 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
         print(format_truncation("ppo prompts (reward.max_length)", truncation, side="left"))
     run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
     torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run
-    summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer), tokenizer, prompts, eval_rows)
+    # partitioned frozen models (reward.zero3) load once the training engine has made the process group
+    sharded = cfg.reward.zero3 and world_size() > 1
+    summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer, frozen=not sharded), tokenizer, prompts,
+                        eval_rows)
     summary["truncation"] = truncation
     if is_main:
         run.mark_done(summary)
