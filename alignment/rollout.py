@@ -45,6 +45,33 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "response_mask": response_mask}
 
 
+def trim_padding(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Some rows of a rollout batch without the columns that are padding in all of them: the prompt columns
+    left of the longest prompt among them, and the response columns right of their longest response. Every
+    ``[B, P + L]`` tensor loses both, every ``[B, L]`` one (response mask, log-probs, advantages, ...) the
+    right ones; what a model computes for the real tokens is unchanged (position ids count real tokens only),
+    it just computes it over fewer columns. `pad_response` puts per-token results back to the full width."""
+    length = rows["response_mask"].size(1)
+    width = rows["input_ids"].size(1)
+    prompt = rows["attention_mask"][:, :width - length]
+    first = int(prompt.any(dim=0).float().argmax()) if prompt.any() else prompt.size(1)
+    keep = max(1, int(rows["response_mask"].sum(dim=1).max()))  # a row without a response keeps one column
+    out = {}
+    for k, v in rows.items():
+        if v.dim() == 2 and v.size(1) == width:
+            out[k] = v[:, first:width - length + keep]
+        elif v.dim() == 2 and v.size(1) == length:
+            out[k] = v[:, :keep]
+        else:
+            out[k] = v
+    return out
+
+
+def pad_response(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, L']`` per-token results of trimmed rows back to the batch's response width L (zeros after)."""
+    return torch.nn.functional.pad(x, (0, length - x.size(1)))
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
 

@@ -265,3 +265,31 @@ def test_sizes_that_do_not_divide_are_rejected(tmp_path, nano_model_dir):
     cfg = load_config(PPOConfig, ppo_recipe(tmp_path, nano_model_dir, ppo={"batch_size": 8, "mini_batch_size": 3}))
     with pytest.raises(ValueError, match="ppo.batch_size"):
         check_sizes(cfg, 1)
+
+
+def test_trimmed_rows_give_the_same_logprobs(nano_model_dir):
+    """A micro-batch of short rows drops the columns that are padding in all of them (alignment.rollout.
+    trim_padding): the log-probs of its response tokens are those of the full-width rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignment.rollout import build_batch, pad_response, policy_outputs, trim_padding
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16, 17], [18, 19, 20, 21]]
+    responses = [[30, 31], [32], [33, 34, 35, 36, 37, 38], [39, 40, 41, 42, 43]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    assert batch["input_ids"].shape == (4, 8 + 6)
+    short = {k: v[:2] for k, v in batch.items()}
+    trimmed = trim_padding(short)
+    # the two prompts are at most 3 long (5 left columns go) and their answers at most 2 (4 right columns go)
+    assert trimmed["input_ids"].tolist() == [[5, 6, 7, 30, 31], [0, 8, 9, 32, 0]]
+    assert trimmed["position_ids"].tolist()[1][1:4] == [0, 1, 2]
+    assert trimmed["response_mask"].tolist() == [[True, True], [True, False]]
+    model = AutoModelForCausalLM.from_pretrained(nano_model_dir).eval()
+    with torch.no_grad():
+        full, _ = policy_outputs(model, short)
+        cut, _ = policy_outputs(model, trimmed)
+    mask = short["response_mask"]
+    assert pad_response(cut, 6).shape == full.shape
+    assert torch.allclose(pad_response(cut, 6)[mask], full[mask], atol=1e-5)
+    assert trim_padding(batch)["input_ids"].shape == batch["input_ids"].shape  # nothing to drop

@@ -63,7 +63,7 @@ from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.rewards import combine
 from alignment.rollout import (advantages_and_returns, build_batch, compute_rewards, disable_dropout,
                                explained_variance, gathered_for_generation, group_advantages, masked_row_sum,
-                               model_inputs, policy_outputs, response_logprobs)
+                               model_inputs, pad_response, policy_outputs, response_logprobs, trim_padding)
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import encode_for_reward, reward_scores
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
@@ -248,10 +248,10 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
            for c, t in zip(contexts, texts)]
     t2 = time.perf_counter()
     old_logprobs, ref_logprobs, values, entropy = [], [], [], []
-    micro = cfg.ppo.micro_batch_size
+    micro, full = cfg.ppo.micro_batch_size, batch["response_mask"].size(1)
     with torch.no_grad(), ctx.frozen.active(*([models.reference] if models.reference is not None else [])):
         for start in range(0, len(rows), micro):
-            chunk = _rows(batch, slice(start, start + micro))
+            chunk = trim_padding(_rows(batch, slice(start, start + micro)))  # no all-padding columns
             length = chunk["response_mask"].size(1)
             logits, v = ctx.policy(**model_inputs(chunk), response_length=length)
             lp, ent = response_logprobs(logits, chunk, with_entropy=True)
@@ -260,9 +260,10 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
                     ref, _ = policy_outputs(actor, chunk)
             else:
                 ref, _ = policy_outputs(models.reference, chunk)
-            old_logprobs.append(lp), ref_logprobs.append(ref), entropy.append(ent)
+            old_logprobs.append(pad_response(lp, full)), ref_logprobs.append(pad_response(ref, full))
+            entropy.append(pad_response(ent, full))
             if v is not None:  # PPO's critic
-                values.append(v)
+                values.append(pad_response(v, full))
     old_logprobs, ref_logprobs, entropy = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(entropy)
     mask = batch["response_mask"]
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows], device=acc.device)
@@ -335,7 +336,7 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
         order = torch.randperm(rows, generator=generator).to(acc.device)
         for m0 in range(0, rows, per_mini):
             for u0 in range(m0, m0 + per_mini, micro):
-                chunk = _rows(batch, order[u0:u0 + micro])
+                chunk = trim_padding(_rows(batch, order[u0:u0 + micro]))
                 where = f"[ppo] iteration {iteration + 1}, epoch {epoch}, mini-batch {m0 // per_mini}"
                 metrics = ctx.engine.micro_step(lambda: losses(chunk), where, order[u0:u0 + micro].tolist(),
                                                 site="ppo.backward")
