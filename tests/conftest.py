@@ -1,8 +1,10 @@
 """Shared fixtures: a tokenizer and a nano Llama built in the test session (no download, seconds)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,26 @@ def smollm2_random_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     LlamaForCausalLM(AutoConfig.from_pretrained(SMOLLM2_DIR)).save_pretrained(out)
     smollm2_tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """(page, errors): a page of the system's headless Chromium, driven by Playwright, and the console errors
+    and uncaught exceptions it reports. Skips the test where Playwright or Chromium is missing."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    browser_path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if browser_path is None:
+        pytest.skip("no Chromium on this machine: `make install-browser` installs Debian's chromium")
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            yield page, errors
+        finally:
+            browser.close()
+

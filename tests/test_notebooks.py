@@ -1,10 +1,11 @@
 """The notebooks execute top to bottom on small checkpoints (nbclient, a kernel on this interpreter)."""
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
+
+from conftest import headless_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,23 +74,11 @@ def _opens_offline_in_chromium(nb, page, images: int) -> None:
     page.write_text(to_html(nb))
     html = page.read_text()
     assert not re.search(r"<script[^>]*src=\"http", html)  # MathJax / require.js from a CDN
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    browser_path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    if browser_path is None:
-        pytest.skip("no Chromium on this machine: `make install-browser` installs Debian's chromium")
-    errors = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        tab = browser.new_page()
-        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        tab.on("pageerror", lambda e: errors.append(str(e)))
+    with headless_chromium() as (tab, errors):
         tab.goto(page.as_uri())
         tab.wait_for_load_state("load")
         decoded = tab.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
         headings = tab.locator("h2").all_inner_texts()
-        browser.close()
     assert errors == []
     assert len(decoded) == images and all(decoded)
     assert any(h.startswith("What this showed") for h in headings), headings

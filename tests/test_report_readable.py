@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from alignment.report import (build_report, checkpoint_method, ppo_reconciliatio
 from alignment.report_html import LABELS, TABLE_KEYS, loss_curves, ppo_figure
 from alignment.runs import read_metrics
 from alignment.stages import TrainingLoss
+from conftest import headless_chromium
 
 
 def _write(path: Path, obj) -> None:
@@ -217,25 +217,13 @@ def test_a_critic_free_rl_stage_is_plotted_under_its_own_name(tmp_path):
 
 
 def test_the_page_in_headless_chromium_has_no_console_errors_and_the_labels(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    browser_path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    if browser_path is None:
-        pytest.skip("no Chromium on this machine: `make install-browser` installs Debian's chromium")
     report, manifest = _hand_report(tmp_path)
     write_report(tmp_path, report, manifest)
-    errors = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with headless_chromium() as (page, errors):
         page.goto((tmp_path / "report.html").as_uri())
         page.wait_for_load_state("load")
         headers = page.locator("#checkpoints th").all_inner_texts()
         images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
-        browser.close()
     assert errors == []
     assert [LABELS[k] for k in TABLE_KEYS] == headers[2:2 + len(TABLE_KEYS)] and headers[:2] == ["checkpoint", "method"]
     assert images and all(images)  # every embedded plot decodes
