@@ -37,6 +37,28 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def ensure_process_group() -> None:
+    """The run's process group (NCCL on GPUs, gloo on the CPU) where a launcher started several processes and
+    nothing made one yet: what ZeRO-3-partitioned models need before the training loop's accelerator exists."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_device())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def agreed_max(value: int) -> int:
+    """The largest `value` any process of the run holds (an all-reduce; every process must call it)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=local_device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def wait_for(condition: Callable[[], bool], what: str, desc: str | None = None) -> None:
     """Poll until `condition()` holds; with `desc`, say once that this rank waits for `what`."""
     if not condition() and desc:

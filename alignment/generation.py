@@ -24,7 +24,7 @@ class Sample:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, seed: int | None = None,
-             progress: bool = False, synced: bool = False) -> list[list[Sample]]:
+             progress: bool = False, synced: bool = False, min_batches: int = 0) -> list[list[Sample]]:
     """`num_samples` answers for each prompt (token ids from `alignment.chat.encode_prompt`).
 
     temperature 0 is greedy. Prompts are sorted by length so a batch holds similar lengths (little
@@ -32,7 +32,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     Results come back in the prompts' order. With `seed`, sampling is reproducible on one device.
     `synced`: every rank runs the same decoding steps until all ranks are done (HF's `synced_gpus`), for a
     ZeRO-3 model whose forwards are collectives; every rank must then make the same number of batches.
-    Unset, HF decides (on under a ZeRO-3 context with several processes).
+    Unset, HF decides (on under a ZeRO-3 context with several processes). `min_batches`: at least this many
+    generate calls, the extra ones a throwaway one-token prompt (so processes with fewer prompts keep step).
     """
     from tqdm.auto import tqdm
 
@@ -68,6 +69,11 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 toks = toks[:toks.index(stop)]
             toks = [t for t in toks if t != pad]
             results[i][k] = Sample(i, k, toks, tokenizer.decode(toks, skip_special_tokens=True).strip(), finished)
+    for _ in range(min_batches - -(-len(jobs) // batch_size)):
+        one = torch.full((1, 1), stop, dtype=torch.long, device=device)
+        model.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=pad, eos_token_id=stop, use_cache=True,
+                       synced_gpus=True if synced else None)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]

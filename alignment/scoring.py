@@ -9,6 +9,7 @@ label). Encoding lives here only, so the RM is trained and used on exactly the s
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -123,8 +124,10 @@ def _packed_head(model, sequences: list[list[int]], pad_id: int, attn_implementa
 
 @torch.no_grad()
 def reward_scores(model, tokenizer, contexts: list[list[dict]], answers: list[str], *, batch_size: int = 32,
-                  max_length: int = 1024) -> torch.Tensor:
-    """Raw (pre-sigmoid) scores [N] of each (context, answer), batched by similar length."""
+                  max_length: int = 1024, min_batches: int = 0) -> torch.Tensor:
+    """Raw (pre-sigmoid) scores [N] of each (context, answer), batched by similar length. `min_batches`: at least
+    this many forwards, the extra ones of a throwaway row (a ZeRO-3-partitioned RM's forward is a collective:
+    every process must make as many)."""
     seqs = [encode_for_reward(tokenizer, c, a, max_length) for c, a in zip(contexts, answers)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = torch.empty(len(seqs))
@@ -135,6 +138,9 @@ def reward_scores(model, tokenizer, contexts: list[list[dict]], answers: list[st
         idx = order[start:start + batch_size]
         ids, mask = pad_right([seqs[i] for i in idx], tokenizer.pad_token_id)
         scores[idx] = last_token_scores(model, ids.to(device), mask.to(device)).float().cpu()
+    for _ in range(min_batches - math.ceil(len(order) / batch_size)):
+        ids, mask = pad_right([[tokenizer.pad_token_id]], tokenizer.pad_token_id)
+        last_token_scores(model, ids.to(device), mask.to(device))
     if was_training:
         model.train()
     check_reward_range(scores, lambda i: f"prompt {_preview(contexts[i][-1]['content'])}, answer {_preview(answers[i])}")

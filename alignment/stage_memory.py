@@ -225,21 +225,22 @@ def plan_dpo(cfg, setup: Setup, default: str | None) -> StagePlan:
 
 
 def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan:
-    """Sampling (the sampler and the RMs as full copies on every GPU, K samples per prompt in a generation
-    batch) and fine-tuning run one after the other; the sampler of the largest iteration counts. An RS+DPO
+    """Sampling (the sampler and the RMs as full copies on every GPU, or partitioned over all GPUs with
+    generation.zero3 / reward.zero3; K samples per prompt in a generation batch) and fine-tuning run one after
+    the other; the sampler of the largest iteration counts. An RS+DPO
     iteration (`update: dpo`) trains on pairs: a micro-batch's forward holds 2x its rows (as `plan_dpo`; its
     reference pass, the start model without gradients, is not planned as a phase of its own)."""
     samplers = [it.sample_from or cfg.policy.sample_from or cfg.model.path for it in cfg.iterations]
     sampler_path = max(samplers, key=lambda p: num_params(resolve_shape(p, default)))
-    sampler = _frozen(setup, sampler_path, "sampler", Head.LM, cfg.model.dtype, default)
+    sampler = _frozen(setup, sampler_path, "sampler", Head.LM, cfg.model.dtype, default, zero3=cfg.generation.zero3)
     rm_paths = {"combined": ("helpful", "safety"), "helpful": ("helpful",), "safety": ("safety",)}[cfg.reward.mode]
     rms = []
     for name in rm_paths:
         path = getattr(cfg.reward, f"{name}_rm")
         if path is None:
             raise ValueError(f"reward.{name}_rm is not set; reward.mode={cfg.reward.mode!r} needs it")
-        rms.append(_frozen(setup, path, f"{name} RM", Head.SCORE, cfg.reward.dtype, default))
-    items = [(f"{m.role} {m.shape}: weights", m.gpu) for m in [sampler, *rms]]
+        rms.append(_frozen(setup, path, f"{name} RM", Head.SCORE, cfg.reward.dtype, default, zero3=cfg.reward.zero3))
+    items = [(_frozen_label(m).replace("frozen weights", "weights"), m.gpu) for m in [sampler, *rms]]
     items += _generation_items(setup, resolve_shape(sampler_path, default), cfg.generation.batch_size,
                                cfg.generation.max_new_tokens, "sampler")
     rm_shape = resolve_shape(getattr(cfg.reward, f"{rm_paths[0]}_rm"), default)
@@ -248,7 +249,9 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
     sample = Phase("sample", tuple(items + [RESERVED]))
     pairs = any(it.update == "dpo" for it in cfg.iterations)
     policy, train = _finetune(cfg, setup, default, rows=2 * cfg.train.micro_batch_size if pairs else None)
-    cpu = max(_loading(setup, [sampler, *rms], [policy]), policy.cpu_per_node)
+    whole = [m for m in [sampler, *rms] if not m.buffer]  # partitioned ones load as shares (alignment.frozen)
+    shares = sum(m.full_weights for m in [sampler, *rms] if m.buffer) // setup.nodes
+    cpu = max(_loading(setup, whole) + shares if whole else shares, _loading(setup, [policy]), policy.cpu_per_node)
     return StagePlan("rejection-sampling", setup, (sampler, *rms, policy), (sample, train), cpu)
 
 

@@ -166,3 +166,41 @@ def test_plan_of_ppo_counts_partitioned_frozen_models(tmp_path):
     # loaded partitioned too: a node's CPU memory while loading holds actor and critic whole, the rest as shares
     three = sum(m.full_weights for m in plans[True].models if not m.trainable)
     assert plans[False].cpu_per_node - plans[True].cpu_per_node == 8 * three - three // 4
+
+
+def test_rejection_sampling_with_a_partitioned_sampler_and_rms_keeps_the_same_answers(tmp_path, nano_model_dir,
+                                                                                     tokenizer):
+    """One iteration over 5 prompts in shards of 2 (3 shards: 2 for rank 0, 1 for rank 1, which keeps step
+    with a throwaway shard; the last shard is short) with the sampler and both RMs partitioned over 2 processes:
+    the same samples, scores and kept answers as one process with whole models."""
+    from test_rejection_sampling import make_prompts, recipe
+
+    rms = {"helpful_rm": str(nano_reward_model(nano_model_dir, tokenizer, tmp_path / "h", seed=1, std=2.0)),
+           "safety_rm": str(nano_reward_model(nano_model_dir, tokenizer, tmp_path / "s", seed=2, std=2.0))}
+    path = recipe(tmp_path, nano_model_dir, rms, make_prompts(5), generation={
+        "max_new_tokens": 8, "batch_size": 4, "prompts_per_shard": 2, "backend": "hf"}, reward={"batch_size": 4})
+    base = [sys.executable, "-m", "alignment.cli", "rejection-sampling", "--recipe", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*base, "--set", f"output.dir={tmp_path / 'one'}"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={free_port()}", *base[1:], "--set", f"output.dir={tmp_path / 'two'}",
+                          "--set", "reward.zero3=true", "--set", "generation.zero3=true"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "v1: sampler and reward models partitioned with ZeRO-3 over 2 processes" in two.stdout
+
+    def samples(run):
+        records = [json.loads(line) for f in sorted((run / "iterations" / "v1").rglob("shard-*.jsonl"))
+                   for line in f.read_text().splitlines()]
+        return {(r["prompt_id"], r["sample_index"]): r for r in records}
+
+    a, b = samples(tmp_path / "one"), samples(tmp_path / "two")
+    assert len(a) == 15 and a.keys() == b.keys()
+    for key in a:
+        assert b[key]["text"] == a[key]["text"]
+        assert b[key]["score"] == pytest.approx(a[key]["score"], abs=1e-5)
+    kept = [sorted((r["id"], r["messages"][-1]["content"]) for r in map(json.loads, (run / "iterations" / "v1" /
+            "kept.jsonl").read_text().splitlines())) for run in (tmp_path / "one", tmp_path / "two")]
+    assert kept[0] == kept[1] and len(kept[0]) == 5

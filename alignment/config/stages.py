@@ -199,6 +199,8 @@ class RSRewardSection(RewardJudgeSection):
     """The reward models that rank the samples and which of them decide: "combined" is the switch of 3.2.3."""
 
     mode: Literal["combined", "helpful", "safety"] = "combined"
+    # partition the RMs with ZeRO-3 over the run's processes (1/N of their weights each; 70B RMs)
+    zero3: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,9 @@ class RSGenerationSection:
     # process); auto: vllm where usable, else hf. Both write the same shard records.
     backend: Literal["auto", "hf", "vllm"] = "auto"
     vllm_gpu_memory_utilization: float = ranged("(0, 1]", 0.5)  # the share vLLM reserves; the RMs are loaded beside it
+    # hf only: partition the sampler with ZeRO-3 over the run's processes; each forward gathers one layer at a
+    # time and the processes decode in lock step (a 70B sampler on 80GB GPUs; ~5x slower per token than whole)
+    zero3: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import torch
 
 from alignment.config import ModelSection
 from alignment.distributed import local_device
+from alignment.frozen import load_partitioned
 from alignment.models.tokenizer import load_tokenizer
 from alignment.producers import made_by
 from alignment.runs import verify_model_dir
@@ -105,24 +106,37 @@ def merge_lora_for_save(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None):
+def load_policy(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", template: str | None = None,
+                partitioned: bool = False):
     """A causal LM for inference on this process's device, and its tokenizer (chat template: the one stored
-    with `path`, else `template`, see `load_tokenizer`)."""
+    with `path`, else `template`, see `load_tokenizer`). `partitioned`: loaded as a ZeRO-3 inference engine
+    over the run's processes (`alignment.frozen.load_partitioned`; its forwards are collectives)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
-                                                 attn_implementation=attn_implementation)
-    return model.to(local_device()).eval(), load_tokenizer(path, template)
+    def load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True,
+                                                    attn_implementation=attn_implementation)
+
+    tokenizer = load_tokenizer(path, template)
+    if partitioned:
+        return load_partitioned(load, path, resolve_dtype(dtype)), tokenizer
+    return load().to(local_device()).eval(), tokenizer
 
 
-def load_rm_for_inference(path: str, dtype: str = "auto", device=None):
+def load_rm_for_inference(path: str, dtype: str = "auto", device=None, partitioned: bool = False):
     """A reward model (HF seq-cls, one label) for inference on `device` (default: this process's device), with
-    its tokenizer (and the tokenizer's pad id where the model's config has none)."""
+    its tokenizer (and the tokenizer's pad id where the model's config has none); `partitioned` as `load_policy`."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=resolve_dtype(dtype),
-                                                               local_files_only=True)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device or local_device()).eval(), tokenizer
+
+    def load():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=resolve_dtype(dtype),
+                                                                   local_files_only=True)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    if partitioned:
+        return load_partitioned(load, path, resolve_dtype(dtype)), tokenizer
+    return load().to(device or local_device()).eval(), tokenizer

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ from alignment.config import (DataSource, DPOConfig, FineTuneSections, Rejection
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
-from alignment.distributed import is_main_process, main_process_does, rank, wait_for, world_size
+from alignment.distributed import (agreed_max, ensure_process_group, is_main_process, main_process_does, rank,
+                                   wait_for, world_size)
 from alignment.dpo_training import encode_pair_sets, evaluate_final_pairs, make_plan as dpo_plan, train_on_pairs
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune, sft_config_for
@@ -85,15 +87,26 @@ def load_sampler(path: str, cfg: RejectionSamplingConfig):
     engine where `generation.backend` picks it."""
     template = cfg.chat.template if path == cfg.model.path else None  # other checkpoints carry their own
     if pick_backend(cfg.generation.backend, world_size()) == "vllm":
+        if cfg.generation.zero3:
+            raise ValueError("generation.zero3 partitions the hf sampler; vLLM shards with tensor parallelism: set "
+                             "generation.backend hf, or generation.zero3 false")
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.answer_dtype, "auto")
         return VLLMSampler(path, dtype, cfg.generation.vllm_gpu_memory_utilization), load_tokenizer(path, template)
 
-    return load_policy(path, cfg.model.answer_dtype, cfg.model.attn_implementation, template)
+    return load_policy(path, cfg.model.answer_dtype, cfg.model.attn_implementation, template,
+                       partitioned=_partitioned(cfg)[0])
+
+
+def _partitioned(cfg: RejectionSamplingConfig) -> tuple[bool, bool]:
+    """(sampler, RMs) partitioned with ZeRO-3: as the recipe says, where several processes run."""
+    several = world_size() > 1
+    return cfg.generation.zero3 and several, cfg.reward.zero3 and several
 
 
 def load_reward_models(cfg: RejectionSamplingConfig) -> dict[str, tuple]:
     """{"helpful"|"safety": (model, tokenizer)} for the RMs `reward.mode` reads."""
-    return {name: load_rm_for_inference(getattr(cfg.reward, f"{name}_rm"), cfg.reward.dtype)
+    return {name: load_rm_for_inference(getattr(cfg.reward, f"{name}_rm"), cfg.reward.dtype,
+                                        partitioned=_partitioned(cfg)[1])
             for name in REQUIRED_RMS[RewardMode(cfg.reward.mode)]}
 
 
@@ -104,11 +117,14 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], answers: list[str]) -> dict:
-    """Raw RM scores, their sigmoids and the ranking score of (rows[i], answers[i]) pairs, as lists."""
+def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], answers: list[str],
+                  min_batches: int = 0) -> dict:
+    """Raw RM scores, their sigmoids and the ranking score of (rows[i], answers[i]) pairs, as lists
+    (`min_batches`: see `alignment.scoring.reward_scores`)."""
     contexts = [prompt_context(r) for r in rows]
     raw = {name: reward_scores(model, tok, contexts, answers, batch_size=cfg.reward.batch_size,
-                               max_length=cfg.reward.max_length) for name, (model, tok) in rms.items()}
+                               max_length=cfg.reward.max_length, min_batches=min_batches)
+           for name, (model, tok) in rms.items()}
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows])
     score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, cfg.reward.safety_threshold)
     out = {"score": score.tolist()}
@@ -120,15 +136,22 @@ def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], ans
 
 # ----------------------------------------------------------------------------------------- sampling
 def sample_chunk(cfg, sampler, tokenizer, rms, rows: list[dict], *, iteration: int, num_samples: int,
-                 temperature: float, seed: int) -> list[dict]:
-    """K samples for each row of one chunk, scored: the records of one shard (prompt order, then k)."""
+                 temperature: float, seed: int, lock_step: bool = False) -> list[dict]:
+    """K samples for each row of one chunk, scored: the records of one shard (prompt order, then k).
+
+    `lock_step` (partitioned sampler or RMs, whose forwards are collectives): generation decodes in step with
+    the other processes, and a short chunk (the last) makes as many generate and scoring batches as a full
+    one, the extra ones on throwaway input; the samples are those of the same chunk sampled alone."""
     prompts = [encode_prompt(tokenizer, prompt_context(r)) for r in rows]
+    jobs = cfg.generation.prompts_per_shard * num_samples
+    lock = {"synced": True, "min_batches": math.ceil(jobs / cfg.generation.batch_size)} if lock_step else {}
     samples = generate_with(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens,
                        num_samples=num_samples, temperature=temperature, top_p=cfg.generation.top_p,
-                       batch_size=cfg.generation.batch_size, seed=seed)
+                       batch_size=cfg.generation.batch_size, seed=seed, **lock)
     flat = [(rows[i], s) for i, per_prompt in enumerate(samples) for s in per_prompt]
     fault_point("sampling.generated")
-    scores = score_answers(cfg, rms, [r for r, _ in flat], [s.text for _, s in flat])
+    scores = score_answers(cfg, rms, [r for r, _ in flat], [s.text for _, s in flat],
+                           min_batches=math.ceil(jobs / cfg.reward.batch_size) if lock_step else 0)
     records = []
     for j, (row, s) in enumerate(flat):
         records.append({
@@ -154,15 +177,28 @@ def sample_iteration(cfg: RejectionSamplingConfig, iteration: int, sampler_path:
     stop_after = int(os.environ.get(STOP_AFTER_SHARD_ENV, "0"))
     samples = tokens = 0
     t0 = time.perf_counter()
-    if todo:
+    lock_step = any(_partitioned(cfg))
+    rounds = len(todo)
+    if lock_step:  # partitioned models: every process loads them and runs as many chunks as the busiest one
+        ensure_process_group()
+        rounds = agreed_max(len(todo))
+    if rounds:
         sampler, tokenizer = load_sampler(sampler_path, cfg)
         rms = load_reward_models(cfg)
+        if lock_step and is_main_process():
+            which = " and ".join(w for w, on in zip(("sampler", "reward models"), _partitioned(cfg)) if on)
+            print(f"[{DESC}] v{iteration}: {which} partitioned with ZeRO-3 over {world} processes, in lock step",
+                  flush=True)
         bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"sample v{iteration}", unit="shard",
                    dynamic_ncols=True, disable=not (cfg.logging.progress and is_main_process()))
-        for written, index in enumerate(todo, start=1):
+        for written, index in enumerate(todo + [None] * (rounds - len(todo)), start=1):
+            if index is None:  # nothing left here: keep the others company with a chunk whose records are dropped
+                sample_chunk(cfg, sampler, tokenizer, rms, chunks[0], iteration=iteration,
+                             num_samples=spec.num_samples, temperature=spec.temperature, seed=0, lock_step=True)
+                continue
             records = sample_chunk(cfg, sampler, tokenizer, rms, chunks[index], iteration=iteration,
                                    num_samples=spec.num_samples, temperature=spec.temperature,
-                                   seed=chunk_seed(cfg.seed, iteration, index))
+                                   seed=chunk_seed(cfg.seed, iteration, index), lock_step=lock_step)
             fault_point("sampling.scored")
             store.write_shard(index, records)
             fault_point("sampling.shard_written")
