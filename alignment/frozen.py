@@ -33,15 +33,17 @@ def zero3_inference_config(dtype: torch.dtype, hidden_size: int, *, offload: boo
 
 
 def partition(model: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
-    """`model` (frozen, eval mode) as a ZeRO-3 inference engine over the run's processes; call it as the model.
-    Needs the process group (the stage's accelerator makes it)."""
+    """`model` (frozen, eval mode) partitioned over the run's processes by a ZeRO-3 inference engine, and
+    returned itself: DeepSpeed's hooks on its modules gather each layer's weights for its forward and free them
+    after, so it is called (and `generate`s, and has its HF `config`) as before. Needs the process group."""
     import deepspeed
 
     dtype = next(model.parameters()).dtype
     hidden = getattr(model.config, "hidden_size", 1024)
     engine, *_ = deepspeed.initialize(model=model, config=zero3_inference_config(dtype, hidden, offload=offload))
     engine.eval()
-    return engine
+    object.__setattr__(model, "_zero3_engine", engine)  # kept alive with the model (not a submodule)
+    return model
 
 
 @contextlib.contextmanager

@@ -58,9 +58,10 @@ def print_eval_table(stage: str, result: dict, keys: tuple[str, ...] = ("heldout
 
 def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int = 1, temperature: float = 0.0,
                     top_p: float = 1.0, batch_size: int = 64, max_context: int | None = None,
-                    seed: int = 0) -> Respond:
+                    seed: int = 0, synced: bool = False) -> Respond:
     """A `Respond` from a causal LM: `num_samples` answers per context (temperature 0: greedy), None for a
-    context whose prompt plus `max_new_tokens` exceeds `max_context` (default: the model's positions)."""
+    context whose prompt plus `max_new_tokens` exceeds `max_context` (default: the model's positions).
+    `synced`: a ZeRO-3-partitioned model whose every process answers the same contexts in lock step."""
     limit = max_context or model.config.max_position_embeddings
     calls = [0]
 
@@ -71,7 +72,7 @@ def model_responder(model, tokenizer, *, max_new_tokens: int, num_samples: int =
         if fits:
             samples = generate(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
                                num_samples=num_samples, temperature=temperature, top_p=top_p,
-                               batch_size=batch_size, seed=seed * 100_003 + calls[0])
+                               batch_size=batch_size, seed=seed * 100_003 + calls[0], synced=synced)
             for i, per_prompt in zip(fits, samples):
                 out[i] = [s.text for s in per_prompt]
         calls[0] += 1  # each turn draws with its own seed
@@ -89,7 +90,7 @@ def user_messages(rows: list[dict]) -> list[str]:
 def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], prompts: list[str], *,
                       seed: int = 0, turns: Sequence[int] = TABLE_30_TURNS, max_new_tokens: int = 32,
                       batch_size: int = 64, max_context: int | None = None, dtype: str = "auto",
-                      attn_implementation: str = "sdpa",
+                      attn_implementation: str = "sdpa", partitioned: bool = False,
                       transcripts: dict[str, list[DialogPlan]] | None = None) -> dict[str, dict[str, float | None]]:
     """Table 30 for one checkpoint and each instruction set: {set: {"1": share of answers obeying at turn 1,
     ..., "20": ...}}.
@@ -99,11 +100,12 @@ def adherence_by_turn(model_dir: str, instruction_sets: dict[str, list[dict]], p
     measured beside it); the instruction is the system prompt of the first turn only and the model's greedy
     answers are its history. The sets' dialogs are played together (one batch per turn). A dialog whose
     context outgrows `max_context` stops there and leaves the later turns' denominators (see
-    `dialogs_reaching`). The played dialogs are stored in `transcripts[set]` when given.
+    `dialogs_reaching`). The played dialogs are stored in `transcripts[set]` when given. `partitioned`: the
+    checkpoint loaded with ZeRO-3 over the run's processes, every one of which calls this alike.
     """
-    model, tokenizer = load_policy(model_dir, dtype, attn_implementation)
+    model, tokenizer = load_policy(model_dir, dtype, attn_implementation, partitioned=partitioned)
     respond = model_responder(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              max_context=max_context)
+                              max_context=max_context, synced=partitioned)
     rates, plans = measure_adherence_sets(respond, instruction_sets, prompts, check=check_instruction,
                                           seed=seed, turns=turns)
     if transcripts is not None:

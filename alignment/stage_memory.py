@@ -256,13 +256,13 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
 
 
 def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
-    """Dialog sampling and the adherence evaluation with the policy as a full copy (contexts up to
-    train.max_length, and eval.max_context), then fine-tuning."""
-    sampler = _frozen(setup, cfg.model.path, "sampler", Head.LM, cfg.model.dtype, default)
+    """Dialog sampling and the adherence evaluation with the policy as a full copy, or partitioned over all
+    GPUs with sampling.zero3 (contexts up to train.max_length, and eval.max_context), then fine-tuning."""
+    sampler = _frozen(setup, cfg.model.path, "sampler", Head.LM, cfg.model.dtype, default, zero3=cfg.sampling.zero3)
     shape = resolve_shape(cfg.model.path, default)
 
     def sampling(name: str, rows: int, seq: int) -> Phase:
-        return Phase(name, ((f"sampler {sampler.shape}: weights", sampler.gpu),
+        return Phase(name, ((_frozen_label(sampler).replace("frozen weights", "weights"), sampler.gpu),
                             (f"sampler KV cache: {rows} x {seq} tokens",
                              kv_cache_bytes(shape, rows, seq, act_bytes=setup.act_bytes)), RESERVED))
 
@@ -271,7 +271,8 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
     if cfg.eval.enabled:
         context = cfg.eval.max_context or shape.max_position_embeddings
         phases.append(sampling("eval", cfg.eval.batch_size, context))
-    cpu = max(_loading(setup, [sampler], [policy]), policy.cpu_per_node)
+    sampler_cpu = sampler.full_weights // setup.nodes if sampler.buffer else _loading(setup, [sampler])
+    cpu = max(sampler_cpu, _loading(setup, [policy]), policy.cpu_per_node)
     return StagePlan("gatt", setup, (sampler, policy), tuple(phases), cpu)
 
 

@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent('''
     rm, lm = partition(rm), partition(lm)
     sharded = run(rm, lm)
     # loaded partitioned: right after from_pretrained, before any engine, each process holds its half
-    with zero3_loading(zero3_inference_config(torch.float32, lm.module.config.hidden_size)):
+    with zero3_loading(zero3_inference_config(torch.float32, lm.config.hidden_size)):
         rm3 = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
     loaded = resident_numel(rm3)
     rm3 = partition(rm3.eval().requires_grad_(False))
@@ -204,3 +204,27 @@ def test_rejection_sampling_with_a_partitioned_sampler_and_rms_keeps_the_same_an
     kept = [sorted((r["id"], r["messages"][-1]["content"]) for r in map(json.loads, (run / "iterations" / "v1" /
             "kept.jsonl").read_text().splitlines())) for run in (tmp_path / "one", tmp_path / "two")]
     assert kept[0] == kept[1] and len(kept[0]) == 5
+
+
+def test_gatt_with_a_partitioned_policy_samples_and_evaluates_as_one_process(tmp_path, nano_model_dir):
+    """sampling.zero3 on 2 processes: both play the same dialogs with half the weights each, in lock step; the
+    sampled dialogs and the adherence of the starting model are those of one process with the whole model."""
+    from test_gatt import _recipe
+
+    path = _recipe(tmp_path, nano_model_dir, "rewrite")
+    base = [sys.executable, "-m", "alignment.cli", "gatt", "--recipe", str(path), "--set", "train.micro_batch_size=1",
+            "--set", "train.packing=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*base, "--set", f"output.dir={tmp_path / 'one'}"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={free_port()}", *base[1:], "--set", f"output.dir={tmp_path / 'two'}",
+                          "--set", "sampling.zero3=true"], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "partitioned with ZeRO-3 over 2 processes" in two.stdout
+    assert (tmp_path / "two" / "dialogs.jsonl").read_text() == (tmp_path / "one" / "dialogs.jsonl").read_text()
+    before = [json.loads((tmp_path / run / "eval.json").read_text())["before"] for run in ("one", "two")]
+    assert before[0] == before[1]
+    evaluated = [json.loads(line) for line in (tmp_path / "two" / "eval_dialogs.jsonl").read_text().splitlines()]
+    assert {r["set"] for r in evaluated} == {"before", "after", "zero_shot_before", "zero_shot_after"}

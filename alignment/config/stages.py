@@ -408,6 +408,9 @@ class GAttSamplingSection(GenerationSection):
     answers: Literal["sample", "rewrite"] = "sample"
     samples_per_turn: int = ranged(">= 1", 1)  # k > 1: best of k by the checker (the first obeying sample)
     every_turn_examples: bool = True  # loss on every turn's answer as a 'last' turn (gatt.gatt_train_on), not only the final one
+    # partition the policy with ZeRO-3 over the run's processes while it samples (and in the adherence
+    # evaluation): every process plays the same dialogs with 1/N of the weights, in lock step (a 70B policy)
+    zero3: bool = False
 
     def __post_init__(self):
         if self.min_turns > self.max_turns:

@@ -48,7 +48,8 @@ from alignment.config import DataSource, GAttConfig, SFTConfig, SFTData
 from alignment.data.io import file_sha256, load_records, write_jsonl
 from alignment.data.sources import load_sources, source_hashes
 from alignment.data.toyworld import apply_instruction, check_instruction, undo_instruction
-from alignment.distributed import is_main_process, main_process_does
+from alignment.distributed import (agreed_max, ensure_process_group, is_main_process, main_process_does, wait_for,
+                                   world_size)
 from alignment.faults import fault_point
 from alignment.finetune import fine_tune, sft_config_for
 from alignment.gatt_data import (CHOOSERS, TABLE_30_TURNS, AnswerMode, DialogPlan, check_constraint_types,
@@ -67,7 +68,8 @@ EVAL_SETS = (("before", "instructions", "start"), ("after", "instructions", "fin
 
 def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
     """Adherence by turn before (model.path) and after (final/) GAtt, on held-out dialogs with training
-    instructions and with zero-shot ones; eval.json, eval_dialogs.jsonl and adherence.png in the run."""
+    instructions and with zero-shot ones; eval.json, eval_dialogs.jsonl and adherence.png in the run (written
+    by the main process: with `sampling.zero3` every process evaluates alike with its share of the weights)."""
     e = cfg.eval
     prompts = user_messages(load_sources(e.prompts, "rl_prompt"))
     trained = with_constraint_types(load_sources(e.instructions, "gatt_instruction"), cfg.data.constraint_types)
@@ -81,7 +83,8 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
         rates.update(adherence_by_turn(checkpoints[ckpt], wanted, prompts, seed=e.seed, turns=e.turns,
                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                        max_context=e.max_context, dtype=cfg.model.answer_dtype,
-                                       attn_implementation=cfg.model.attn_implementation, transcripts=plans))
+                                       attn_implementation=cfg.model.attn_implementation,
+                                       partitioned=_partitioned(cfg), transcripts=plans))
         for name in wanted:
             reached[name] = dialogs_reaching(plans[name], e.turns)
             rows += [{"set": name, "checkpoint": checkpoints[ckpt], **p.to_row()} for p in plans[name]]
@@ -92,10 +95,16 @@ def evaluate_gatt(cfg: GAttConfig, run: RunDir) -> dict:
     result["dialogs_reaching_turn"] = reached
     result["constraint_types"] = sorted({c["type"] for row in sets["instructions"] for c in row["constraints"]})
     result["checkpoints"] = {"before": checkpoints["start"], "after": checkpoints["final"]}
-    write_jsonl(run.path / "eval_dialogs.jsonl", rows)
-    write_json_atomic(run.path / "eval.json", result)
-    plot_adherence(result, run.path / "adherence.png")
+    if is_main_process():
+        write_jsonl(run.path / "eval_dialogs.jsonl", rows)
+        write_json_atomic(run.path / "eval.json", result)
+        plot_adherence(result, run.path / "adherence.png")
     return result
+
+
+def _partitioned(cfg: GAttConfig) -> bool:
+    """The policy partitioned with ZeRO-3 for sampling and evaluation (`sampling.zero3`, several processes)."""
+    return cfg.sampling.zero3 and world_size() > 1
 
 
 def plot_adherence(result: dict, path: Path) -> None:
@@ -158,15 +167,17 @@ def sample_dialogs(cfg: GAttConfig, instructions: list[dict], prompts: list[str]
     s = cfg.sampling
     plans = plan_dialogs(instructions, prompts, s.num_dialogs, s.min_turns, s.max_turns,
                          random.Random(f"gatt|{cfg.seed}"))
+    synced = _partitioned(cfg)
     model, tokenizer = load_policy(cfg.model.path, cfg.model.answer_dtype, cfg.model.attn_implementation,
-                                   cfg.chat.template)
+                                   cfg.chat.template, partitioned=synced)
     respond = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=s.samples_per_turn,
-                              temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed)
+                              temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size, seed=cfg.seed,
+                              synced=synced)
     mode = AnswerMode(s.answers)
     rewrite = mode is AnswerMode.REWRITE
     plain = model_responder(model, tokenizer, max_new_tokens=s.max_new_tokens, num_samples=1,
                             temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size,
-                            seed=cfg.seed + 1) if rewrite else None
+                            seed=cfg.seed + 1, synced=synced) if rewrite else None
     return play_dialogs(plans, respond, every_turn=True, check=check_instruction, choose=CHOOSERS[mode],
                         fix=fix_answer if rewrite else None, respond_plain=plain, stop_on_failure=True,
                         template=template_of(tokenizer), desc="gatt sampling")
@@ -213,10 +224,14 @@ def run_gatt(cfg: GAttConfig) -> dict:
 
     def sample() -> None:
         mode = cfg.sampling.answers
-        print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"
-              f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
-              f"k={cfg.sampling.samples_per_turn})")
+        if is_main_process():
+            print(f"[gatt] sampling {cfg.sampling.num_dialogs} dialogs of {cfg.sampling.min_turns}-"
+                  f"{cfg.sampling.max_turns} turns from {cfg.model.path} (answers: {mode}, "
+                  f"k={cfg.sampling.samples_per_turn})" + (f", partitioned with ZeRO-3 over {world_size()} "
+                                                           "processes" if _partitioned(cfg) else ""))
         plans = sample_dialogs(cfg, instructions, prompts)
+        if not is_main_process():  # partitioned: every process played the same dialogs; the main one writes
+            return
         fault_point("gatt.sampled")
         rows = training_dialogs(plans)
         write_jsonl(run.path / "samples.jsonl", [p.to_row() for p in plans])
@@ -228,7 +243,13 @@ def run_gatt(cfg: GAttConfig) -> dict:
               f"instruction, {counts['cut']} too long, {counts['rewritten']} answers rewritten): "
               f"{len(rows)} training examples")
 
-    main_process_does(sample, sampled, "the sampled dialogs")
+    if _partitioned(cfg):  # every process samples with its share of the weights, in lock step
+        ensure_process_group()
+        if agreed_max(int(not sampled())):
+            sample()
+        wait_for(sampled, "the sampled dialogs", "gatt")
+    else:
+        main_process_does(sample, sampled, "the sampled dialogs")
     dialogs = load_records(dialogs_path, "sft_dialog")
     if not dialogs:
         raise ValueError(f"[gatt] no sampled dialog obeyed its instruction (see {counts_path}); raise "
@@ -238,9 +259,10 @@ def run_gatt(cfg: GAttConfig) -> dict:
     summary = fine_tune(gatt_sft_config(cfg, dialogs_path), dialogs + replay, run,
                         {**inputs, str(dialogs_path): file_sha256(dialogs_path)}, desc="gatt")
     summary["sampling"] = json.loads(counts_path.read_text())
+    if cfg.eval.enabled and (is_main_process() or _partitioned(cfg)):  # partitioned: every process evaluates
+        summary["eval"] = evaluate_gatt(cfg, run)
     if is_main_process():
         if cfg.eval.enabled:
-            summary["eval"] = evaluate_gatt(cfg, run)
             print_adherence(summary["eval"])
         run.mark_done(summary)
     return summary
