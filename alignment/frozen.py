@@ -52,9 +52,11 @@ def zero3_loading(config: dict):
     weight is partitioned as it is made and filled from the checkpoint one module at a time, so a process
     never holds a whole copy. The ZeRO-3 context a training engine registered (accelerate's, for the actor)
     is put back after."""
+    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations import deepspeed as hf_deepspeed
 
+    deepspeed.init_distributed()  # DeepSpeed's view of the process group (made by torchrun's env or already)
     previous = hf_deepspeed._hf_deepspeed_config_weak_ref
     context = HfDeepSpeedConfig(config)  # registers itself (a weak reference: keep it alive meanwhile)
     try:

@@ -157,8 +157,8 @@ def format_plan(plan: StagePlan, gpu_memory: int, recipe: str = "") -> str:
     peak = plan.peak
     verdict = "fits" if peak.total <= gpu_memory else "DOES NOT FIT"
     lines += ["", f"  peak: phase {peak.name}, {_gib(peak.total)} of {_gib(gpu_memory)} GiB per GPU: {verdict}",
-              f"  CPU memory per node: {_gib(plan.cpu_per_node)} GiB (every process loads full copies before ZeRO "
-              f"partitions them; offloaded states)"]
+              f"  CPU memory per node: {_gib(plan.cpu_per_node)} GiB (loading: a whole copy per process, a share "
+              f"under ZeRO-3; offloaded states)"]
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

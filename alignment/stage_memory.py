@@ -121,7 +121,7 @@ class StagePlan:
     setup: Setup
     models: tuple[ModelEstimate, ...]
     phases: tuple[Phase, ...]
-    cpu_per_node: int  # loading (every process reads the full models) or offloaded states, whichever is more
+    cpu_per_node: int  # loading (whole copies, or ZeRO-3 shares: `_loading`) or offloaded states, whichever is more
     notes: tuple[str, ...] = ()
 
     @property
@@ -176,10 +176,15 @@ def _generation_items(setup: Setup, shape: ModelShape, rows: int, new_tokens: in
 
 
 def _loading(setup: Setup, *groups: list[ModelEstimate]) -> int:
-    """CPU bytes per node while models load: every process reads full copies (no zero.Init), one group of
-    models loaded together at a time."""
-    return setup.gpus_per_node * max(sum(m.full_weights if not m.trainable else setup.weight_bytes * m.params for m in g)
-                                     for g in groups)
+    """CPU bytes per node while models load, one group of models loaded together at a time: a whole copy per
+    process, except under ZeRO-3 (trained without LoRA: `training.zero3_init`; frozen and partitioned:
+    `alignment.frozen.load_partitioned`), where each process builds its share only (`deepspeed.zero.Init`)."""
+    def per_node(m: ModelEstimate) -> int:
+        whole = m.full_weights if not m.trainable else setup.weight_bytes * m.params
+        partitioned = m.buffer > 0 and m.trainable in (0, m.params)  # ZeRO-3, no LoRA adapters
+        return whole // setup.nodes if partitioned else setup.gpus_per_node * whole
+
+    return max(sum(per_node(m) for m in g) for g in groups)
 
 
 def plan_sft(cfg, setup: Setup, default: str | None) -> StagePlan:
@@ -220,7 +225,8 @@ def plan_dpo(cfg, setup: Setup, default: str | None) -> StagePlan:
                                layer_activation_bytes(shape, rows, cfg.train.max_length, act_bytes=setup.act_bytes)
                                + rows * cfg.train.max_length * shape.vocab_size * setup.act_bytes), RESERVED))
     policy, train = _finetune(cfg, setup, default, rows=2 * cfg.train.micro_batch_size)
-    cpu = max(_loading(setup, [policy]), policy.cpu_per_node)
+    # the policy loads whole on every process (it computes the reference before the engine partitions it)
+    cpu = max(setup.gpus_per_node * setup.weight_bytes * policy.params, policy.cpu_per_node)
     return StagePlan("dpo", setup, (reference, policy), (ref, train), cpu)
 
 
@@ -249,9 +255,7 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
     sample = Phase("sample", tuple(items + [RESERVED]))
     pairs = any(it.update == "dpo" for it in cfg.iterations)
     policy, train = _finetune(cfg, setup, default, rows=2 * cfg.train.micro_batch_size if pairs else None)
-    whole = [m for m in [sampler, *rms] if not m.buffer]  # partitioned ones load as shares (alignment.frozen)
-    shares = sum(m.full_weights for m in [sampler, *rms] if m.buffer) // setup.nodes
-    cpu = max(_loading(setup, whole) + shares if whole else shares, _loading(setup, [policy]), policy.cpu_per_node)
+    cpu = max(_loading(setup, [sampler, *rms], [policy]), policy.cpu_per_node)
     return StagePlan("rejection-sampling", setup, (sampler, *rms, policy), (sample, train), cpu)
 
 
@@ -271,8 +275,7 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
     if cfg.eval.enabled:
         context = cfg.eval.max_context or shape.max_position_embeddings
         phases.append(sampling("eval", cfg.eval.batch_size, context))
-    sampler_cpu = sampler.full_weights // setup.nodes if sampler.buffer else _loading(setup, [sampler])
-    cpu = max(sampler_cpu, _loading(setup, [policy]), policy.cpu_per_node)
+    cpu = max(_loading(setup, [sampler], [policy]), policy.cpu_per_node)
     return StagePlan("gatt", setup, (sampler, policy), tuple(phases), cpu)
 
 
@@ -328,10 +331,5 @@ def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
                                       attn=m.attn_implementation, head=Head.VALUE)))
     phases.append(_train_phase(setup, trained, acts, resident))
     offloaded = sum(x.cpu_per_node for x in frozen) if r.zero3 else setup.gpus_per_node * sum(x.gpu for x in frozen)
-    loading = _loading(setup, trained if r.zero3 else [*trained, *frozen])
-    if r.zero3:  # loaded partitioned (alignment.frozen.load_partitioned): a node reads its GPUs' shares only
-        loading += sum(x.full_weights for x in frozen) // setup.nodes
-    cpu = max(loading, sum(x.cpu_per_node for x in trained) + (offloaded if r.offload else 0))
-    notes = ("reward.zero3: the reference and RMs load already partitioned (a node reads its GPUs' shares); "
-             "the trained models load whole on every process",) if r.zero3 else ()
-    return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu, notes)
+    cpu = max(_loading(setup, [*trained, *frozen]), sum(x.cpu_per_node for x in trained) + (offloaded if r.offload else 0))
+    return StagePlan("ppo", setup, (*trained, *frozen), tuple(phases), cpu)

@@ -2,6 +2,7 @@
 reward model; PPO up to its first update), and the accelerate launcher configs of recipes/accelerate/."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_zero_two_processes_match_one_process(tmp_path, nano_model_dir, zero):
                   f"distributed.deepspeed={REPO / 'recipes/deepspeed' / (zero + '.json')}", "output.save_every_steps=4")
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
+    assert ("[sft] loaded partitioned with ZeRO-3" in out.stdout) == (zero == "zero3")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) >= 5
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
@@ -95,6 +97,10 @@ def test_rm_zero_two_processes_match_one_process(tmp_path, nano_model_dir, zero)
                   f"distributed.deepspeed={_zero_json(tmp_path, zero)}", stage="rm")
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in out.stdout + out.stderr
+    if zero == "zero3":  # loaded already partitioned: each process built half of the weights
+        share = re.search(r"\[rm\] loaded partitioned with ZeRO-3 \(deepspeed.zero.Init\): (\d+)% of the weights",
+                          out.stdout)
+        assert share and 45 <= int(share.group(1)) <= 60, out.stdout[-2000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 6
     for key in ("loss", "accuracy"):

@@ -114,6 +114,9 @@ def test_ppo_with_partitioned_frozen_models_matches_one_process(tmp_path, nano_m
     share = re.search(r"reference and reward models loaded partitioned with ZeRO-3 over 2 processes: (\d+)% of "
                       r"their weights on this one", two.stdout + two.stderr)
     assert share and 45 <= int(share.group(1)) <= 60, two.stdout[-3000:]
+    actor = re.search(r"\[ppo\] actor and critic loaded partitioned with ZeRO-3 \(deepspeed.zero.Init\): (\d+)%",
+                      two.stdout)
+    assert actor and 45 <= int(actor.group(1)) <= 60, two.stdout[-3000:]
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in m2] == [m["step"] for m in m1]
     evals_one = [m["eval_reward_combined"] for m in m1 if "eval_reward_combined" in m]

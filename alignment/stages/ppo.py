@@ -67,7 +67,7 @@ from alignment.rollout import (advantages_and_returns, build_batch, compute_rewa
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import encode_for_reward, reward_scores
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
-                                make_optimizer, start_engine)
+                                make_optimizer, partitioned_share, start_engine, zero3_init)
 
 
 class KLBlowUpError(FloatingPointError):
@@ -596,10 +596,20 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
         print(format_truncation("ppo prompts (reward.max_length)", truncation, side="left"))
     run.prepare(source_hashes([*cfg.data.prompts, *cfg.data.eval_prompts]), is_main=is_main)
     torch.manual_seed(cfg.seed)  # a value head new to the checkpoint starts the same in every run
-    # partitioned frozen models (reward.zero3) load once the training engine has made the process group
+    # partitioned frozen models (reward.zero3) load once the training engine has made the process group; under
+    # ZeRO-3 the actor and critic load already partitioned (training.zero3_init)
     sharded = cfg.reward.zero3 and world_size() > 1
-    summary = train_ppo(cfg, run, models or load_models(cfg, tokenizer, frozen=not sharded), tokenizer, prompts,
-                        eval_rows)
+    if models is None:
+        train = TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=check_sizes(cfg, world_size()))
+        with zero3_init(cfg.distributed, train, cfg.optim, cfg.model.lora.enabled) as partitioned:
+            models = load_models(cfg, tokenizer, frozen=False)
+        if not sharded:  # whole frozen copies, outside the ZeRO-3 context (nothing would gather their weights)
+            models = dataclasses.replace(models, **dict(zip(("reference", "helpful_rm", "safety_rm"),
+                                                            load_frozen(cfg, tokenizer))))
+        if partitioned and is_main:
+            print(f"[ppo] actor{' and critic' if models.critic is not None else ''} loaded partitioned with ZeRO-3 "
+                  f"(deepspeed.zero.Init): {partitioned_share(models.actor)}")
+    summary = train_ppo(cfg, run, models, tokenizer, prompts, eval_rows)
     summary["truncation"] = truncation
     if is_main:
         run.mark_done(summary)

@@ -32,7 +32,7 @@ from alignment.models.loading import check_model_paths, load_reward_model, model
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic, write_json_atomic
 from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores
-from alignment.training import LoopConfig, train
+from alignment.training import LoopConfig, partitioned_share, train, zero3_init
 
 SCHEMA = "preference_pair"
 
@@ -279,7 +279,11 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
             print(f"[rm] dropped {d['primary']['removed']} primary and {d['secondary']['removed']} secondary pairs "
                   "whose prompt is in a test set")
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation is part of the run's seed
-    model = load_reward_model(cfg.model, tokenizer.pad_token_id)
+    # a probe (frozen features on the main process) is never partitioned
+    with zero3_init(cfg.distributed, cfg.train, cfg.optim, cfg.model.lora.enabled or cfg.probe.enabled) as partitioned:
+        model = load_reward_model(cfg.model, tokenizer.pad_token_id)
+    if partitioned and is_main_process():
+        print(f"[rm] loaded partitioned with ZeRO-3 (deepspeed.zero.Init): {partitioned_share(model)}")
     if cfg.probe.enabled:
         summary = probe_reward_model(cfg, model, tokenizer, examples, run)
     else:
