@@ -171,3 +171,35 @@ def test_killed_run_resumes_with_identical_statistics(tmp_path, nano_model_dir, 
         assert [a[k] for k in sorted(a)] == pytest.approx([b[k] for k in sorted(b)], rel=1e-5, abs=1e-6)
     done = [json.loads((tmp_path / d / "done.json").read_text()) for d in ("full", "part")]
     assert done[0]["best_iteration"] == done[1]["best_iteration"]
+
+
+def test_grpo_updating_once_per_rollout_skips_the_old_policy_forward_and_changes_nothing(tmp_path, nano_model_dir,
+                                                                                      monkeypatch):
+    """One epoch over one mini-batch: the old log-probs are the update's own (stages.ppo.on_policy), one policy
+    forward per micro-batch less, and the same losses, rewards, KL and entropy as with the separate forward."""
+    import alignment.stages.ppo as ppo_stage
+
+    calls = {"n": 0}
+    forward = ppo_stage.ActorCritic.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_stage.ActorCritic, "forward", counted)
+    runs = {}
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(ppo_stage, "on_policy", lambda cfg: False)
+        path = critic_free_recipe(tmp_path / str(skip), nano_model_dir, "grpo",
+                                  ppo={"iterations": 2, "mini_batch_size": 8}, output={"dir": str(tmp_path / f"run{skip}")})
+        assert ppo_stage.on_policy(load_config(PPOConfig, path)) == skip
+        calls["n"] = 0
+        ppo_stage.run_ppo(load_config(PPOConfig, path))
+        runs[skip] = (calls["n"], read_metrics(tmp_path / f"run{skip}"))
+    (n_skip, on), (n_full, off) = runs[True], runs[False]
+    assert n_full - n_skip == 2 * 4  # 2 iterations x 8 rows / micro-batches of 2
+    keys = ("policy_loss", "kl_loss", "reward_combined", "reward_group_std", "kl", "kl_per_token", "entropy",
+            "clip_fraction")
+    for a, b in zip(on, off):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4, abs=1e-6)

@@ -57,7 +57,8 @@ from alignment.faults import fault_point
 from alignment.frozen import FrozenPlacement, equal_share, load_partitioned, partition, resident_numel
 from alignment.generation import generate
 from alignment.judging import from_toyworld, gold_metrics
-from alignment.losses import RLAlgorithm, kl_loss, masked_mean, policy_loss, value_loss
+from alignment.losses import (KL_ESTIMATORS, KLEstimator, RLAlgorithm, entropy_from_logits, kl_loss, masked_mean,
+                              policy_loss, value_loss)
 from alignment.models.loading import check_model_paths, load_causal_lm, model_paths, resolve_dtype
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.rewards import combine
@@ -193,6 +194,15 @@ def check_sizes(cfg: PPOConfig, world: int) -> int:
     return p.mini_batch_size // (world * p.micro_batch_size)
 
 
+def on_policy(cfg: PPOConfig) -> bool:
+    """GRPO that updates once per rollout (one epoch over one mini-batch) updates the very policy that sampled:
+    its old log-probs are the update's own, detached (ratio 1; TRL's GRPOTrainer does the same with
+    num_iterations 1), so the rollout skips the policy's no-grad forward, and the KL and entropy statistics
+    come from the update's forward. RLOO and PPO keep it: their KL is in the reward, needed before the update."""
+    p = cfg.ppo
+    return p.algorithm == RLAlgorithm.GRPO and p.epochs == 1 and p.mini_batch_size == p.batch_size * p.num_samples
+
+
 # ----------------------------------------------------------------------------------------- one iteration
 def _rows(batch: dict, idx) -> dict:
     return {k: v[idx] for k, v in batch.items()}
@@ -249,40 +259,45 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
     t2 = time.perf_counter()
     old_logprobs, ref_logprobs, values, entropy = [], [], [], []
     micro, full = cfg.ppo.micro_batch_size, batch["response_mask"].size(1)
+    skip_policy = on_policy(cfg)  # GRPO updating once: the update's forward gives the old log-probs
     with torch.no_grad(), ctx.frozen.active(*([models.reference] if models.reference is not None else [])):
         for start in range(0, len(rows), micro):
             chunk = trim_padding(_rows(batch, slice(start, start + micro)))  # no all-padding columns
             length = chunk["response_mask"].size(1)
-            logits, v = ctx.policy(**model_inputs(chunk), response_length=length)
-            lp, ent = response_logprobs(logits, chunk, with_entropy=True)
+            if not skip_policy:
+                logits, v = ctx.policy(**model_inputs(chunk), response_length=length)
+                lp, ent = response_logprobs(logits, chunk, with_entropy=True)
+                old_logprobs.append(pad_response(lp, full)), entropy.append(pad_response(ent, full))
+                if v is not None:  # PPO's critic
+                    values.append(pad_response(v, full))
             if models.reference is None:  # LoRA: pi_0 is the actor without its adapters
                 with actor.disable_adapter():
                     ref, _ = policy_outputs(actor, chunk)
             else:
                 ref, _ = policy_outputs(models.reference, chunk)
-            old_logprobs.append(pad_response(lp, full)), ref_logprobs.append(pad_response(ref, full))
-            entropy.append(pad_response(ent, full))
-            if v is not None:  # PPO's critic
-                values.append(pad_response(v, full))
-    old_logprobs, ref_logprobs, entropy = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(entropy)
+            ref_logprobs.append(pad_response(ref, full))
+    ref_logprobs = torch.cat(ref_logprobs)
+    old_logprobs = torch.cat(old_logprobs) if old_logprobs else None
     mask = batch["response_mask"]
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows], device=acc.device)
     gather = acc.gather if acc.num_processes > 1 else None
-    rewards, stats = compute_rewards(
-        helpful_raw.to(acc.device), safety_raw.to(acc.device), is_safety, old_logprobs, ref_logprobs, mask,
+    rewards, stats = compute_rewards(  # skip_policy: GRPO, beta 0, the KL statistics come from the update
+        helpful_raw.to(acc.device), safety_raw.to(acc.device), is_safety,
+        ref_logprobs if old_logprobs is None else old_logprobs, ref_logprobs, mask,
         beta=0.0 if algorithm == RLAlgorithm.GRPO else cfg.reward.kl_beta,  # GRPO: the KL is in the loss
         threshold=cfg.reward.safety_threshold, estimator=cfg.reward.kl_estimator,
         gather=gather, offset=acc.process_index * len(rows))
-    batch.update(old_logprobs=old_logprobs)
     lengths = mask.sum(dim=1).float()
     row_stats = {
         "reward_helpful": stats["helpful"].mean(), "reward_safety": stats["safety"].mean(),
         "reward_combined": stats["combined"].mean(), "reward_whitened": stats["score"].mean(),
-        "reward_total": masked_row_sum(rewards, mask).mean(),
-        "kl": masked_row_sum(stats["kl"], mask).mean(), "kl_per_token": masked_mean(stats["kl"], mask),
-        "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
+        "reward_total": masked_row_sum(rewards, mask).mean(), "response_length": lengths.mean(),
         "rm_inputs_truncated": sum(cut) / len(cut),  # share of this iteration's RM inputs cut from the left
     }
+    if old_logprobs is not None:
+        batch.update(old_logprobs=old_logprobs)
+        row_stats.update(kl=masked_row_sum(stats["kl"], mask).mean(), kl_per_token=masked_mean(stats["kl"], mask),
+                         entropy=masked_mean(torch.cat(entropy), mask))
     if algorithm == RLAlgorithm.PPO:
         values = torch.cat(values)
         advantages, returns = advantages_and_returns(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
@@ -318,13 +333,21 @@ def train_on_rollout(ctx, batch: dict, iteration: int) -> dict:
         mask = chunk["response_mask"]
         logits, values = ctx.policy(**model_inputs(chunk), response_length=mask.size(1))
         logprobs, _ = response_logprobs(logits, chunk)
-        pg, pg_metrics = policy_loss(logprobs, chunk["old_logprobs"], chunk["advantages"], mask, clip=cfg.ppo.clip)
+        old = chunk["old_logprobs"] if "old_logprobs" in chunk else logprobs.detach()  # on_policy: the update's own
+        pg, pg_metrics = policy_loss(logprobs, old, chunk["advantages"], mask, clip=cfg.ppo.clip)
         metrics = {"policy_loss": pg_metrics["loss"], "clip_fraction": pg_metrics["clip_fraction"],
                    "approx_kl": pg_metrics["approx_kl"]}
         if algorithm == RLAlgorithm.RLOO:
             return pg, metrics
         if algorithm == RLAlgorithm.GRPO:
             kl, kl_metrics = kl_loss(logprobs, chunk["ref_logprobs"], mask, cfg.reward.kl_beta)
+            if "old_logprobs" not in chunk:  # the rollout statistics the skipped forward would have given
+                with torch.no_grad():
+                    token_kl = KL_ESTIMATORS[KLEstimator(cfg.reward.kl_estimator)](old, chunk["ref_logprobs"])
+                    token_kl = torch.where(mask, token_kl, torch.zeros_like(token_kl))
+                    entropy = entropy_from_logits(logits.detach()[:, :-1].float())
+                metrics.update(kl=masked_row_sum(token_kl, mask).mean(), kl_per_token=masked_mean(token_kl, mask),
+                               entropy=masked_mean(entropy, mask))
             return pg + kl, {**metrics, "kl_loss": kl_metrics["loss"]}
         vf, vf_metrics = value_loss(values, chunk["old_values"], chunk["returns"], mask, clip=cfg.ppo.value_clip)
         return pg + cfg.ppo.vf_coef * vf, {
@@ -446,7 +469,7 @@ def _check_finite(iteration: int, stats: dict, run: RunDir, max_kl: float | None
         if not math.isfinite(value):
             raise NonFiniteLossError(f"[ppo] iteration {iteration}: {key} is {value}; the last good checkpoint is "
                                      f"{run.latest_checkpoint()}")
-    if max_kl is not None and stats["kl"] > max_kl:
+    if max_kl is not None and "kl" in stats and stats["kl"] > max_kl:
         raise KLBlowUpError(f"[ppo] iteration {iteration}: KL to the reference is {stats['kl']:.4f}, above "
                             f"ppo.max_kl={max_kl}; lower optim.lr or raise reward.kl_beta (last good checkpoint: "
                             f"{run.latest_checkpoint()})")
@@ -527,7 +550,7 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         _check_finite(done, stats, run, cfg.ppo.max_kl)  # before any update from a bad batch
         t1 = time.perf_counter()
         stats.update(engine.reduce(train_on_rollout(ctx, batch, iteration), "mean"))
-        _check_finite(done, stats, run, None)
+        _check_finite(done, stats, run, cfg.ppo.max_kl if on_policy(cfg) else None)  # on_policy: KL known now
         elapsed = time.perf_counter() - t0
         stats.update(timings, time_training=time.perf_counter() - t1, samples_per_s=cfg.ppo.batch_size * cfg.ppo.num_samples / elapsed,
                      lr=cfg.optim.lr, step=done, **engine.take_grad_norm())
@@ -536,7 +559,8 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
         state["iteration"] = done
         fault_point("ppo.iteration")
         if engine.log_due(done, total) or state["stopped"]:
-            engine.log.log(stats, groups={k: "rollout" for k in (*rollout_stats, *timings)})
+            rollout_keys = (*rollout_stats, *timings, "kl", "kl_per_token", "entropy")  # on_policy: from the update
+            engine.log.log(stats, groups={k: "rollout" for k in rollout_keys})
         engine.bar.set_postfix(reward=f"{stats['reward_combined']:.3f}", kl=f"{stats['kl']:.3f}")
         engine.end_step(done, total, state)
     engine.close()
