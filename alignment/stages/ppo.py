@@ -112,7 +112,8 @@ def _frozen(model, dtype):
 
 def load_models(cfg: PPOConfig, tokenizer, *, frozen: bool = True) -> PPOModels:
     """Actor, critic (PPO only), and unless `frozen` is False the reference and both RMs (`load_frozen`), from
-    the recipe's directories (before any ZeRO-3 context: plain full copies)."""
+    the recipe's directories. `run_ppo` loads actor and critic inside `training.zero3_init` (partitioned as they
+    load under ZeRO-3) and the frozen models outside it (whole copies) or, with `reward.zero3`, in `train_ppo`."""
     from transformers import AutoModelForTokenClassification
 
     actor = load_causal_lm(cfg.model)
@@ -153,7 +154,7 @@ def load_frozen(cfg: PPOConfig, tokenizer, partitioned: bool = False) -> tuple:
 
 
 def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
-    """The reference and both RMs as ZeRO-3 inference engines over the run's processes (`reward.zero3`)."""
+    """The reference and both RMs, already loaded, partitioned over the run's processes (`reward.zero3`)."""
     reference = partition(models.reference, offload=offload) if models.reference is not None else None
     return dataclasses.replace(models, reference=reference, helpful_rm=partition(models.helpful_rm, offload=offload),
                                safety_rm=partition(models.safety_rm, offload=offload))
