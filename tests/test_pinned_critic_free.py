@@ -93,6 +93,10 @@ def test_first_losses_match_the_hand_reference(tmp_path, nano_model_dir, monkeyp
                                    "micro_batch_size": 16}, rollout={"max_new_tokens": 48})
     cfg = load_config(PPOConfig, path)
     assert cfg.reward.kl_beta == BETA and cfg.reward.safety_threshold == 0.15
+    # GRPO updating once would take its old log-probs from the update itself (stages.ppo.on_policy), so that
+    # compute_rewards sees the reference's; keep the separate policy forward here so the recorded log-probs are
+    # the policy's (test_critic_free_rl checks that the skip changes no loss or statistic)
+    monkeypatch.setattr(ppo_stage, "on_policy", lambda cfg: False)
     calls = _record(monkeypatch)
     ppo_stage.run_ppo(cfg)
     rows = read_metrics(tmp_path / "run")
