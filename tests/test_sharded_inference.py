@@ -171,6 +171,21 @@ def test_plan_of_ppo_counts_partitioned_frozen_models(tmp_path):
     assert plans[False].cpu_per_node - plans[True].cpu_per_node == 8 * three - three // 4
 
 
+def _one_then_two_processes(tmp_path, command: list[str], *partitioned: str) -> subprocess.CompletedProcess:
+    """`align <command>` on one process into tmp_path/one, then on 2 gloo processes with the `partitioned`
+    --set values into tmp_path/two; both must succeed. Returns the 2-process run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "alignment.cli", *command, "--set", f"output.dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    sets = [a for s in (f"output.dir={tmp_path / 'two'}", *partitioned) for a in ("--set", s)]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={free_port()}", "-m", "alignment.cli", *command, *sets],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    return two
+
+
 def test_rejection_sampling_with_a_partitioned_sampler_and_rms_keeps_the_same_answers(tmp_path, nano_model_dir,
                                                                                      tokenizer):
     """One iteration over 5 prompts in shards of 2 (3 shards: 2 for rank 0, 1 for rank 1, which keeps step
@@ -182,16 +197,8 @@ def test_rejection_sampling_with_a_partitioned_sampler_and_rms_keeps_the_same_an
            "safety_rm": str(nano_reward_model(nano_model_dir, tokenizer, tmp_path / "s", seed=2, std=2.0))}
     path = recipe(tmp_path, nano_model_dir, rms, make_prompts(5), generation={
         "max_new_tokens": 8, "batch_size": 4, "prompts_per_shard": 2, "backend": "hf"}, reward={"batch_size": 4})
-    base = [sys.executable, "-m", "alignment.cli", "rejection-sampling", "--recipe", str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*base, "--set", f"output.dir={tmp_path / 'one'}"], capture_output=True, text=True,
-                         cwd=REPO, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={free_port()}", *base[1:], "--set", f"output.dir={tmp_path / 'two'}",
-                          "--set", "reward.zero3=true", "--set", "generation.zero3=true"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert two.returncode == 0, two.stderr[-4000:]
+    two = _one_then_two_processes(tmp_path, ["rejection-sampling", "--recipe", str(path)],
+                                  "reward.zero3=true", "generation.zero3=true")
     assert "v1: sampler and reward models partitioned with ZeRO-3 over 2 processes" in two.stdout
 
     def samples(run):
@@ -215,16 +222,8 @@ def test_gatt_with_a_partitioned_policy_samples_and_evaluates_as_one_process(tmp
     from test_gatt import _recipe
 
     path = _recipe(tmp_path, nano_model_dir, "rewrite")
-    base = [sys.executable, "-m", "alignment.cli", "gatt", "--recipe", str(path), "--set", "train.micro_batch_size=1",
-            "--set", "train.packing=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([*base, "--set", f"output.dir={tmp_path / 'one'}"], capture_output=True, text=True,
-                         cwd=REPO, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={free_port()}", *base[1:], "--set", f"output.dir={tmp_path / 'two'}",
-                          "--set", "sampling.zero3=true"], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert two.returncode == 0, two.stderr[-4000:]
+    two = _one_then_two_processes(tmp_path, ["gatt", "--recipe", str(path), "--set", "train.micro_batch_size=1",
+                                             "--set", "train.packing=false"], "sampling.zero3=true")
     assert "partitioned with ZeRO-3 over 2 processes" in two.stdout
     assert (tmp_path / "two" / "dialogs.jsonl").read_text() == (tmp_path / "one" / "dialogs.jsonl").read_text()
     before = [json.loads((tmp_path / run / "eval.json").read_text())["before"] for run in ("one", "two")]
