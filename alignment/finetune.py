@@ -15,11 +15,12 @@ from alignment.batching import attention_inputs, build_plan, collate, format_tru
 from alignment.chat import IGNORE_INDEX, encode, truncate_example
 from alignment.config import EvalSection, FineTuneSections, ModelSection, OutputSection, SFTConfig, SFTData
 from alignment.distributed import is_main_process, world_size
+from alignment.frozen import weight_share
 from alignment.losses import chunked_sft_loss, sft_loss
 from alignment.models.loading import load_causal_lm
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import RunDir
-from alignment.training import LoopConfig, partitioned_share, train, zero3_init
+from alignment.training import LoopConfig, train, zero3_init
 
 
 def encode_dialogs(tokenizer, dialogs: list[dict], max_length: int, train_on: str = "all") -> tuple[list[dict], int]:
@@ -149,7 +150,8 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
     with zero3_init(cfg.distributed, cfg.train, cfg.optim, cfg.model.lora.enabled) as partitioned:
         model = load_causal_lm(cfg.model)
     if partitioned and is_main_process():
-        print(f"[{desc}] loaded partitioned with ZeRO-3 (deepspeed.zero.Init): {partitioned_share(model)}")
+        print(f"[{desc}] loaded partitioned with ZeRO-3 (deepspeed.zero.Init): {weight_share(model):.0%} of the "
+              "weights on this process")
     step = lm_step_fn(examples, tokenizer.pad_token_id, cfg.model.attn_implementation, cfg.train.answer_only_loss)
     summary = train(model=model, tokenizer=tokenizer, plan=plan, step_fn=step, cfg=loop_config(cfg), run=run,
                     desc=desc, unit="tok", merge_lora=cfg.model.lora.merge_on_save)

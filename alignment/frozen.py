@@ -94,6 +94,13 @@ def resident_numel(model: torch.nn.Module) -> int:
     return total
 
 
+def weight_share(*models: torch.nn.Module) -> float:
+    """The share of `models`' parameter elements this process holds (`resident_numel` over their full size):
+    1.0 for whole copies, about 1/N partitioned over N processes."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for m in models for p in m.parameters())
+    return sum(resident_numel(m) for m in models) / max(total, 1)
+
+
 def equal_share(count: int, world: int) -> int:
     """Rows every process scores when `count` rows are dealt round-robin over `world` processes and the
     short ones pad: ceil(count / world)."""

@@ -5,6 +5,7 @@ vLLM can replace it where installed on a GPU (imported lazily by the stages that
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 toks = toks[:toks.index(stop)]
             toks = [t for t in toks if t != pad]
             results[i][k] = Sample(i, k, toks, tokenizer.decode(toks, skip_special_tokens=True).strip(), finished)
-    for _ in range(min_batches - -(-len(jobs) // batch_size)):
+    for _ in range(min_batches - math.ceil(len(jobs) / batch_size)):
         one = torch.full((1, 1), stop, dtype=torch.long, device=device)
         model.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=max_new_tokens,
                        do_sample=False, pad_token_id=pad, eos_token_id=stop, use_cache=True,

@@ -26,10 +26,11 @@ from alignment.config import (DistributedSection, LoggingSection, OptimSection, 
                               ScheduleSection, TrainSection, to_dict)
 from alignment.distributed import ensure_process_group
 from alignment.faults import fault_point
-from alignment.frozen import resident_numel, zero3_loading
+from alignment.frozen import zero3_loading
 from alignment.runs import (OPTIMIZER_BYTES_PER_PARAM, MetricsLog, RunDir, check_disk_space, checkpoint_bytes,
                             commit_dir, disk_full_guard, format_size, model_bytes, save_pretrained_atomic,
                             saved_model_size, settle_replaced, write_json_atomic)
+from alignment.stage_memory import read_zero
 
 
 # Tests set ALIGN_STOP_AFTER_STEP to make a run die abruptly after that optimizer step.
@@ -169,22 +170,12 @@ def zero3_init(dist: DistributedSection, train: TrainSection, optim: OptimSectio
     The engine then takes the partitioned model as it is. Yields whether it partitions."""
     ds_json = deepspeed_json(dist)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if lora or world == 1 or not ds_json or read_zero_stage(ds_json) != 3:
+    if lora or world == 1 or not ds_json or read_zero(ds_json).stage != 3:
         yield False
         return
     ensure_process_group()
     with zero3_loading(deepspeed_config(ds_json, train, optim, world, resolve_mixed_precision(dist))):
         yield True
-
-
-def read_zero_stage(path: str) -> int:
-    return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
-
-
-def partitioned_share(model) -> str:
-    """"N% of the weights on this process" for a model loaded under `zero3_init`."""
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return f"{resident_numel(model) / max(total, 1):.0%} of the weights on this process"
 
 
 def make_accelerator(dist: DistributedSection, train: TrainSection, optim: OptimSection):

@@ -54,7 +54,7 @@ from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
 from alignment.distributed import is_main_process, world_size
 from alignment.faults import fault_point
-from alignment.frozen import FrozenPlacement, equal_share, load_partitioned, partition, resident_numel
+from alignment.frozen import FrozenPlacement, equal_share, load_partitioned, partition, weight_share
 from alignment.generation import generate
 from alignment.judging import from_toyworld, gold_metrics
 from alignment.losses import (KL_ESTIMATORS, KLEstimator, RLAlgorithm, entropy_from_logits, kl_loss, masked_mean,
@@ -68,7 +68,7 @@ from alignment.rollout import (advantages_and_returns, build_batch, compute_rewa
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
 from alignment.scoring import encode_for_reward, reward_scores
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
-                                make_optimizer, partitioned_share, start_engine, zero3_init)
+                                make_optimizer, start_engine, zero3_init)
 
 
 class KLBlowUpError(FloatingPointError):
@@ -110,10 +110,9 @@ def _frozen(model, dtype):
     return model
 
 
-def load_models(cfg: PPOConfig, tokenizer, *, frozen: bool = True) -> PPOModels:
-    """Actor, critic (PPO only), and unless `frozen` is False the reference and both RMs (`load_frozen`), from
-    the recipe's directories. `run_ppo` loads actor and critic inside `training.zero3_init` (partitioned as they
-    load under ZeRO-3) and the frozen models outside it (whole copies) or, with `reward.zero3`, in `train_ppo`."""
+def load_models(cfg: PPOConfig) -> PPOModels:
+    """Actor and critic (PPO only) from the recipe's directories; the frozen models come from `load_frozen`.
+    `run_ppo` loads these inside `training.zero3_init` (partitioned as they load under ZeRO-3)."""
     from transformers import AutoModelForTokenClassification
 
     actor = load_causal_lm(cfg.model)
@@ -124,13 +123,14 @@ def load_models(cfg: PPOConfig, tokenizer, *, frozen: bool = True) -> PPOModels:
             attn_implementation=cfg.model.attn_implementation, local_files_only=True)
         if cfg.critic.gradient_checkpointing:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return PPOModels(actor, critic, *(load_frozen(cfg, tokenizer) if frozen else (None, None, None)))
+    return PPOModels(actor, critic, None, None, None)
 
 
-def load_frozen(cfg: PPOConfig, tokenizer, partitioned: bool = False) -> tuple:
-    """(reference, helpful RM, safety RM) in `reward.dtype`; the reference is None with a LoRA actor (its
-    adapters off). `partitioned`: each loaded under ZeRO-3 initialisation and made an inference engine over
-    the run's processes (`reward.zero3`; needs the process group, i.e. the training engine, first)."""
+def load_frozen(cfg: PPOConfig, tokenizer, partitioned: bool = False) -> dict:
+    """The PPOModels fields reference, helpful_rm and safety_rm, in `reward.dtype`: whole copies, loaded outside
+    any ZeRO-3 context, or with `partitioned` each built under ZeRO-3 initialisation over the run's processes
+    (`reward.zero3`; needs the process group, i.e. the training engine, first). The reference is None with a
+    LoRA actor (its adapters off)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common = {"attn_implementation": cfg.model.attn_implementation, "local_files_only": True}
@@ -150,7 +150,8 @@ def load_frozen(cfg: PPOConfig, tokenizer, partitioned: bool = False) -> tuple:
     if not cfg.model.lora.enabled:
         path = cfg.reward.reference or cfg.model.path
         reference = frozen(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common), path)
-    return (reference, *(frozen(lambda p=p: reward_model(p), p) for p in (cfg.reward.helpful_rm, cfg.reward.safety_rm)))
+    return {"reference": reference, "helpful_rm": frozen(lambda: reward_model(cfg.reward.helpful_rm), cfg.reward.helpful_rm),
+            "safety_rm": frozen(lambda: reward_model(cfg.reward.safety_rm), cfg.reward.safety_rm)}
 
 
 def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
@@ -158,13 +159,6 @@ def shard_frozen_models(models: PPOModels, offload: bool) -> PPOModels:
     reference = partition(models.reference, offload=offload) if models.reference is not None else None
     return dataclasses.replace(models, reference=reference, helpful_rm=partition(models.helpful_rm, offload=offload),
                                safety_rm=partition(models.safety_rm, offload=offload))
-
-
-def _share(models: PPOModels) -> float:
-    """The share of the frozen models' parameters this process holds."""
-    frozen = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
-    total = sum(getattr(p, "ds_numel", p.numel()) for m in frozen for p in m.parameters())
-    return sum(resident_numel(m) for m in frozen) / max(total, 1)
 
 
 def make_ppo_optimizer(policy: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
@@ -498,13 +492,12 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     acc = engine.accelerator
     if cfg.reward.zero3 and acc.num_processes > 1:
         if models.helpful_rm is None:  # not loaded yet (run_ppo): loaded partitioned, never a whole copy
-            models = dataclasses.replace(models, **dict(zip(("reference", "helpful_rm", "safety_rm"),
-                                                            load_frozen(cfg, tokenizer, partitioned=True))))
-            how = "loaded"
+            models, how = dataclasses.replace(models, **load_frozen(cfg, tokenizer, partitioned=True)), "loaded"
         else:
             models, how = shard_frozen_models(models, cfg.reward.offload), "then"
+        share = weight_share(*(m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None))
         acc.print(f"[ppo] reference and reward models {how} partitioned with ZeRO-3 over {acc.num_processes} "
-                  f"processes: {_share(models):.0%} of their weights on this one")
+                  f"processes: {share:.0%} of their weights on this one")
     frozen_models = [m for m in (models.reference, models.helpful_rm, models.safety_rm) if m is not None]
     ctx = _Context(cfg, engine, models, tokenizer, FrozenPlacement(frozen_models, acc.device, cfg.reward.offload),
                    prompt_context(prompts[0]))
@@ -627,13 +620,12 @@ def run_ppo(cfg: PPOConfig, models: PPOModels | None = None) -> dict:
     if models is None:
         train = TrainSection(micro_batch_size=cfg.ppo.micro_batch_size, grad_accum=check_sizes(cfg, world_size()))
         with zero3_init(cfg.distributed, train, cfg.optim, cfg.model.lora.enabled) as partitioned:
-            models = load_models(cfg, tokenizer, frozen=False)
+            models = load_models(cfg)
         if not sharded:  # whole frozen copies, outside the ZeRO-3 context (nothing would gather their weights)
-            models = dataclasses.replace(models, **dict(zip(("reference", "helpful_rm", "safety_rm"),
-                                                            load_frozen(cfg, tokenizer))))
+            models = dataclasses.replace(models, **load_frozen(cfg, tokenizer))
         if partitioned and is_main:
             print(f"[ppo] actor{' and critic' if models.critic is not None else ''} loaded partitioned with ZeRO-3 "
-                  f"(deepspeed.zero.Init): {partitioned_share(models.actor)}")
+                  f"(deepspeed.zero.Init): {weight_share(models.actor):.0%} of the weights on this process")
     summary = train_ppo(cfg, run, models, tokenizer, prompts, eval_rows)
     summary["truncation"] = truncation
     if is_main:

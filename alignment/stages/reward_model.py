@@ -27,12 +27,13 @@ from alignment.data.schemas import RATINGS, pair_context
 from alignment.data.sources import load_preference_data, source_hashes
 from alignment.distributed import is_main_process, main_process_does, world_size
 from alignment.faults import fault_point
+from alignment.frozen import weight_share
 from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import check_model_paths, load_reward_model, model_paths
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.runs import COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic, write_json_atomic
 from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores
-from alignment.training import LoopConfig, partitioned_share, train, zero3_init
+from alignment.training import LoopConfig, train, zero3_init
 
 SCHEMA = "preference_pair"
 
@@ -283,7 +284,8 @@ def train_reward_model(cfg: RMConfig, pairs: list[dict], run: RunDir, inputs: di
     with zero3_init(cfg.distributed, cfg.train, cfg.optim, cfg.model.lora.enabled or cfg.probe.enabled) as partitioned:
         model = load_reward_model(cfg.model, tokenizer.pad_token_id)
     if partitioned and is_main_process():
-        print(f"[rm] loaded partitioned with ZeRO-3 (deepspeed.zero.Init): {partitioned_share(model)}")
+        print(f"[rm] loaded partitioned with ZeRO-3 (deepspeed.zero.Init): {weight_share(model):.0%} of the weights "
+              "on this process")
     if cfg.probe.enabled:
         summary = probe_reward_model(cfg, model, tokenizer, examples, run)
     else:
