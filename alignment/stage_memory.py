@@ -140,8 +140,8 @@ def _common(setup: Setup) -> list[tuple[str, int]]:
     return items
 
 
-def _frozen_label(m: ModelEstimate) -> str:
-    return f"{m.role} {m.shape}: frozen weights{' (ZeRO-3 share + one layer)' if m.buffer else ''}"
+def _frozen_label(m: ModelEstimate, what: str = "frozen weights") -> str:
+    return f"{m.role} {m.shape}: {what}{' (ZeRO-3 share + one layer)' if m.buffer else ''}"
 
 
 def _train_phase(setup: Setup, trained: list[ModelEstimate], acts: list[tuple[str, Activations]],
@@ -246,7 +246,7 @@ def plan_rejection_sampling(cfg, setup: Setup, default: str | None) -> StagePlan
         if path is None:
             raise ValueError(f"reward.{name}_rm is not set; reward.mode={cfg.reward.mode!r} needs it")
         rms.append(_frozen(setup, path, f"{name} RM", Head.SCORE, cfg.reward.dtype, default, zero3=cfg.reward.zero3))
-    items = [(_frozen_label(m).replace("frozen weights", "weights"), m.gpu) for m in [sampler, *rms]]
+    items = [(_frozen_label(m, "weights"), m.gpu) for m in [sampler, *rms]]
     items += _generation_items(setup, resolve_shape(sampler_path, default), cfg.generation.batch_size,
                                cfg.generation.max_new_tokens, "sampler")
     rm_shape = resolve_shape(getattr(cfg.reward, f"{rm_paths[0]}_rm"), default)
@@ -266,7 +266,7 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
     shape = resolve_shape(cfg.model.path, default)
 
     def sampling(name: str, rows: int, seq: int) -> Phase:
-        return Phase(name, ((_frozen_label(sampler).replace("frozen weights", "weights"), sampler.gpu),
+        return Phase(name, ((_frozen_label(sampler, "weights"), sampler.gpu),
                             (f"sampler KV cache: {rows} x {seq} tokens",
                              kv_cache_bytes(shape, rows, seq, act_bytes=setup.act_bytes)), RESERVED))
 
@@ -282,9 +282,9 @@ def plan_gatt(cfg, setup: Setup, default: str | None) -> StagePlan:
 def plan_ppo(cfg, setup: Setup, default: str | None) -> StagePlan:
     """Actor and critic in one ZeRO engine (the actor alone for the critic-free ppo.algorithm rloo and grpo);
     reference and RMs frozen full copies on every GPU (on the CPU between their phases with reward.offload),
-    or with reward.zero3 partitioned over all GPUs (`alignment.frozen`).
-    Under ZeRO-3 generation gathers the actor's full weights (rollout.gather "round") or one layer at a time. Rows are prompt_tokens + rollout.max_new_tokens
-    long; each process answers its prompts ppo.num_samples times."""
+    or with reward.zero3 partitioned over all GPUs (`alignment.frozen`). Under ZeRO-3 generation gathers the
+    actor's full weights (rollout.gather "round") or one layer at a time. Rows are prompt_tokens +
+    rollout.max_new_tokens long; each process answers its prompts ppo.num_samples times."""
     m, r = cfg.model, cfg.reward
     actor = _trained(setup, m.path, "actor", Head.LM, m.lora, default)
     has_critic = cfg.ppo.algorithm == "ppo"
