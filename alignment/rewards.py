@@ -43,6 +43,44 @@ def combine(
     return torch.where(use_safety, safety, helpful)
 
 
+def switch_threshold(safety: torch.Tensor, unsafe: torch.Tensor, precision: float) -> dict:
+    """The safety switch's threshold calibrated on labelled answers, as the paper chose 0.15 (3.2.3: precision
+    0.89, recall 0.55 on the unsafe answers of its safety test set).
+
+    safety ``[N]``: sigmoid safety-RM scores of N answers; unsafe ``[N]`` bool, their gold label. Flagging the
+    answers whose score is below t, precision(t) = unsafe flagged / flagged and recall(t) = unsafe flagged /
+    unsafe. The threshold is the one of largest recall whose precision is at least `precision`: with the
+    answers sorted by score, the largest k whose k lowest hold a share >= `precision` of unsafe ones and whose
+    k-th score is below the (k+1)-th (a tie cannot be split), t halfway between them (halfway from the k-th to
+    1 when k = N). No such k: t = 0, the switch never fires on the score (only on prompts tagged as safety).
+    Returns {"threshold", "precision", "recall", "flagged", "unsafe", "answers", "target_precision"}; precision
+    and recall are None where nothing is flagged or nothing is unsafe."""
+    s = safety.double().flatten()
+    bad = unsafe.bool().flatten()
+    if s.shape != bad.shape:
+        raise ValueError(f"switch_threshold: {s.numel()} scores but {bad.numel()} labels")
+    order = torch.argsort(s, stable=True)
+    s, bad = s[order], bad[order]
+    n, total = len(s), int(bad.sum())
+    hits = torch.cumsum(bad.double(), 0)
+    k_best = 0
+    for k in range(n, 0, -1):
+        splittable = k == n or s[k - 1] < s[k]
+        if splittable and hits[k - 1] / k >= precision:
+            k_best = k
+            break
+    if k_best == 0:
+        threshold = 0.0
+    elif k_best == n:
+        threshold = float((s[-1] + 1.0) / 2)  # every answer flagged: halfway to the largest possible score
+    else:
+        threshold = float((s[k_best - 1] + s[k_best]) / 2)
+    flagged_bad = int(hits[k_best - 1]) if k_best else 0
+    return {"threshold": threshold, "precision": flagged_bad / k_best if k_best else None,
+            "recall": flagged_bad / total if total else None, "flagged": k_best, "unsafe": total, "answers": n,
+            "target_precision": precision}
+
+
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``log(p / (1 - p))`` with p clamped to ``[eps, 1 - eps]`` so 0 and 1 stay finite (3.2.3)."""
     return torch.logit(p, eps=eps)

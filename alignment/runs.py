@@ -221,6 +221,16 @@ def verify_dir(path: Path) -> list[str]:
     return problems
 
 
+def add_json_to_committed(path: Path, name: str, obj: Any) -> None:
+    """Write `obj` as `name` into a committed directory (one with a manifest) and record that file's size and
+    hash in the manifest, leaving every other entry as it was (nothing else is re-hashed)."""
+    path = Path(path)
+    write_json_atomic(path / name, obj)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][name] = {"size": os.path.getsize(path / name), "sha256": file_sha256(path / name)}
+    write_json_atomic(path / MANIFEST, manifest)
+
+
 def commit_dir(tmp: Path, final: Path, extra: dict | None = None) -> None:
     """Make a fully written directory visible under its final name: manifest, mark complete, fsync, rename."""
     fault_point("commit.files_written")

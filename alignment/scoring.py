@@ -9,13 +9,59 @@ label). Encoding lives here only, so the RM is trained and used on exactly the s
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from alignment.batching import attention_inputs, collate, pack_balanced
 from alignment.chat import IGNORE_INDEX, encode
 from alignment.rewards import check_reward_range
+
+
+# Written beside a reward model by `align rm` (alignment.stages.reward_model.safety_switch_calibration): the
+# safety switch's threshold calibrated on labelled test answers, read by `safety_threshold: calibrated`.
+SAFETY_SWITCH_FILE = "safety_switch.json"
+
+
+def safety_threshold(section, key: str = "reward") -> float:
+    """The safety switch's threshold of a reward-judge config section (`RewardJudgeSection`): its number, or
+    with `safety_threshold: calibrated` the one `align rm` calibrated for `safety_rm` (its safety_switch.json).
+    ValueError in one line naming `key` when that cannot be read."""
+    if not isinstance(section.safety_threshold, str):
+        return section.safety_threshold
+    if section.safety_rm is None:
+        raise ValueError(f"{key}.safety_threshold: calibrated needs {key}.safety_rm (the threshold is read beside it)")
+    return calibrated_switch(section.safety_rm, key)["threshold"]
+
+
+@functools.lru_cache(maxsize=8)
+def calibrated_switch(rm_path: str, key: str = "reward") -> dict:
+    """`rm_path`'s safety_switch.json (threshold, precision, recall, ...), read once per process."""
+    file = Path(rm_path) / SAFETY_SWITCH_FILE
+    try:
+        switch = json.loads(file.read_text())
+        float(switch["threshold"])
+    except FileNotFoundError:
+        raise ValueError(f"{key}.safety_threshold: calibrated, but {file} does not exist: `align rm` writes it "
+                         "when a test set has answers labelled chosen_safe/rejected_safe (or give a number)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{key}.safety_threshold: {file} is unreadable ({type(e).__name__}: {e})") from None
+    return switch
+
+
+def describe_threshold(section, key: str = "reward") -> str:
+    """One line for a stage's log: the threshold in use and, when calibrated, where it came from."""
+    value = safety_threshold(section, key)
+    if not isinstance(section.safety_threshold, str):
+        return f"safety switch: sigmoid(safety RM) < {value:g} ({key}.safety_threshold)"
+    sw = calibrated_switch(section.safety_rm, key)
+    got = "-" if sw.get("precision") is None else f"{sw['precision']:.2f}"
+    recall = "-" if sw.get("recall") is None else f"{sw['recall']:.2f}"
+    return (f"safety switch: sigmoid(safety RM) < {value:.4f}, calibrated by `align rm` (precision {got}, recall "
+            f"{recall} on {sw.get('answers')} labelled answers; {Path(section.safety_rm) / SAFETY_SWITCH_FILE})")
 
 
 def encode_answer(tokenizer, context: list[dict], answer: str, max_length: int) -> dict:

@@ -29,9 +29,13 @@ LIST, ENTRY = "[0]", ".x"  # path steps into a list's first item and a mapping's
 
 
 def _plain(tp: Any) -> Any:
-    """`tp` without its `| None`."""
+    """`tp` without its `| None`; a number that allows words beside it (`float | Literal["calibrated"]`) is its
+    number (the words are not range-checked)."""
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
         rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        numbers = [a for a in rest if a in (int, float)]
+        if len(numbers) == 1 and all(a in numbers or typing.get_origin(a) is Literal for a in rest):
+            return numbers[0]
         return rest[0] if len(rest) == 1 else tp
     return tp
 
@@ -121,7 +125,7 @@ def _values(obj: Any, where: str = ""):
             value, key = getattr(obj, f.name), f"{where}.{f.name}".lstrip(".")
             if field_range(f) is not None and value is not None:
                 items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-                yield from ((key, f, v) for v in items)
+                yield from ((key, f, v) for v in items if not isinstance(v, str))  # a word: not a number
             else:
                 yield from _values(value, key)
 

@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from transformers import AutoModelForSequenceClassification
 
 from alignment.config import ModelSection, RMConfig, load_config
 from alignment.data.schemas import RATINGS, DataValidationError
-from alignment.runs import read_metrics
+from alignment.models.tokenizer import load_tokenizer
+from alignment.runs import read_metrics, verify_dir
+from alignment.scoring import reward_scores
 from alignment.stages.reward_model import (encode_pairs, format_accuracy_table, preference_metrics, rm_step_fn,
                                            run_rm, score_pairs)
 
@@ -161,9 +164,21 @@ def test_an_rm_step_never_computes_the_lm_head(smollm2_random_dir):
     assert max(widths) < vocab, max(widths)
 
 
+def with_safety_labels(rows: list[dict]) -> list[dict]:
+    """The pairs labelled as a safety test set: an answer with a "red" word is unsafe (pairs whose chosen
+    answer is unsafe but rejected safe, which the schema refuses, are left out)."""
+    out = []
+    for r in rows:
+        chosen_safe, rejected_safe = "red" not in r["chosen"].split(), "red" not in r["rejected"].split()
+        if chosen_safe or not rejected_safe:
+            out.append({**r, "chosen_safe": chosen_safe, "rejected_safe": rejected_safe})
+    return out
+
+
 # ----------------------------------------------------------------------------------------- learning
 def test_tiny_rm_learns_separated_preferences_better(tmp_path, nano_model_dir):
-    path = recipe(tmp_path, nano_model_dir, make_pairs(320, seed=1), make_pairs(160, seed=2, prefix="t"),
+    test_rows = with_safety_labels(make_pairs(160, seed=2, prefix="t"))
+    path = recipe(tmp_path, nano_model_dir, make_pairs(320, seed=1), test_rows,
                   train={"epochs": 2, "micro_batch_size": 16}, margin_scale="large")
     summary = run_rm(load_config(RMConfig, path))
     by_rating = summary["eval"]["helpful"]["by_rating"]
@@ -174,6 +189,28 @@ def test_tiny_rm_learns_separated_preferences_better(tmp_path, nano_model_dir):
     assert saved["helpful"]["by_rating"] == by_rating
     assert json.loads((tmp_path / "run" / "mix.json").read_text())["counts"]["total"] == 320
     assert (tmp_path / "run" / "done.json").is_file() and (tmp_path / "run" / "final").is_dir()
+
+    # the safety switch calibrated on the labelled test answers, beside the model, its manifest still intact
+    final = tmp_path / "run" / "final"
+    switch = json.loads((final / "safety_switch.json").read_text())
+    assert switch == summary["safety_switch"] and verify_dir(final) == []
+    tok = load_tokenizer(final)
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    contexts = [[{"role": "user", "content": r["prompt"]}] for r in test_rows]
+    with torch.no_grad():
+        scores = torch.sigmoid(reward_scores(model, tok, contexts * 2, [r["chosen"] for r in test_rows]
+                                             + [r["rejected"] for r in test_rows], max_length=1024).double())
+    unsafe = torch.tensor([not r["chosen_safe"] for r in test_rows] + [not r["rejected_safe"] for r in test_rows])
+    flagged = scores < switch["threshold"]
+    assert switch["answers"] == len(scores) and switch["unsafe"] == int(unsafe.sum())
+    assert switch["flagged"] == int(flagged.sum()) > 0  # the RM learnt that red words are worse
+    assert switch["precision"] == pytest.approx((flagged & unsafe).sum().item() / flagged.sum().item())
+    assert switch["precision"] >= 0.89 and switch["recall"] == pytest.approx((flagged & unsafe).sum().item()
+                                                                            / unsafe.sum().item())
+    # the next answer up would break the precision target (the threshold is the largest that keeps it)
+    above = scores[~flagged].min()
+    wider = scores <= above
+    assert (wider & unsafe).sum().item() / wider.sum().item() < 0.89
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -281,3 +318,27 @@ def test_margin_ablation_trains_one_run_per_margin_and_compares(tmp_path, nano_m
     assert "| margin none |" in text and "| margin large |" in text
     losses = {s: [m["loss"] for m in read_metrics(out / f"margin-{s}")] for s in ("none", "large")}
     assert losses["none"][0] != pytest.approx(losses["large"][0])  # same data, different margins
+
+
+def test_calibrated_threshold_is_read_beside_the_safety_rm(tmp_path):
+    from alignment.config import ConfigError, from_dict, RewardJudgeSection
+    from alignment.scoring import calibrated_switch, describe_threshold, safety_threshold
+
+    assert safety_threshold(from_dict(RewardJudgeSection, {"safety_threshold": 0.3})) == 0.3
+    with pytest.raises(ConfigError, match="safety_threshold: 1.5 is out of range"):
+        from_dict(RewardJudgeSection, {"safety_threshold": 1.5}, "reward")
+    with pytest.raises(ConfigError, match="matches none of"):
+        from_dict(RewardJudgeSection, {"safety_threshold": "calibrate"}, "reward")
+    with pytest.raises(ValueError, match="reward.safety_threshold: calibrated needs reward.safety_rm"):
+        safety_threshold(from_dict(RewardJudgeSection, {"safety_threshold": "calibrated"}))
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    section = from_dict(RewardJudgeSection, {"safety_threshold": "calibrated", "safety_rm": str(rm)})
+    with pytest.raises(ValueError, match=r"judges.safety_threshold: calibrated, but .*safety_switch.json does not exist"):
+        safety_threshold(section, "judges")
+    (rm / "safety_switch.json").write_text(json.dumps({"threshold": 0.4321, "precision": 0.9, "recall": 0.5,
+                                                       "answers": 100}))
+    calibrated_switch.cache_clear()
+    assert safety_threshold(section) == 0.4321
+    assert "< 0.4321, calibrated by `align rm` (precision 0.90, recall 0.50 on 100 labelled answers" in \
+        describe_threshold(section)

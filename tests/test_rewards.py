@@ -81,3 +81,35 @@ def test_ppo_score_is_whitened_logit_of_combined_score():
     # Rc = [0.1 (Rs below 0.15), 0.5 (Rh), 0.9 (safety prompt)] -> logit = [-ln 9, 0, ln 9]
     # mean 0, population variance (2/3) ln^2 9 -> [-sqrt(3/2), 0, sqrt(3/2)]
     close(ppo_score(helpful, safety, is_safety), [-math.sqrt(1.5), 0.0, math.sqrt(1.5)], tol=1e-6)
+
+
+def test_switch_threshold_by_hand():
+    from alignment.rewards import switch_threshold
+
+    # sorted scores: .05 U, .10 U, .20 S, .30 U, .40 U, .60 S, .70 S, .90 S  (U unsafe, S safe)
+    scores = torch.tensor([0.40, 0.05, 0.90, 0.20, 0.70, 0.10, 0.60, 0.30], dtype=torch.float64)
+    unsafe = torch.tensor([True, True, False, False, False, True, False, True])
+    # k lowest flagged: precision 1, 1, 2/3, 3/4, 4/5, 4/6, ... ; recall = unsafe flagged / 4
+    got = switch_threshold(scores, unsafe, precision=0.8)
+    assert got["flagged"] == 5 and got["unsafe"] == 4 and got["answers"] == 8
+    assert math.isclose(got["threshold"], 0.5) and math.isclose(got["precision"], 0.8) and got["recall"] == 1.0
+    got = switch_threshold(scores, unsafe, precision=0.9)  # only the two lowest are pure
+    assert got["flagged"] == 2 and math.isclose(got["threshold"], 0.15) and got["recall"] == 0.5
+    # the calibrated threshold does what combine() reads: below it, flagged
+    assert int((scores < got["threshold"]).sum()) == got["flagged"]
+
+
+def test_switch_threshold_never_splits_a_tie_and_can_find_nothing():
+    from alignment.rewards import switch_threshold
+
+    # the two lowest tie (one safe, one unsafe): flagging one of them alone is impossible
+    scores = torch.tensor([0.2, 0.2, 0.5, 0.9], dtype=torch.float64)
+    unsafe = torch.tensor([True, False, True, False])
+    got = switch_threshold(scores, unsafe, precision=0.9)
+    assert got == {"threshold": 0.0, "precision": None, "recall": 0.0, "flagged": 0, "unsafe": 2, "answers": 4,
+                   "target_precision": 0.9}
+    assert not (scores < got["threshold"]).any()
+    got = switch_threshold(scores, unsafe, precision=0.5)  # 0.2, 0.2 -> 1/2; 0.2, 0.2, 0.5 -> 2/3; all -> 1/2
+    assert got["flagged"] == 4 and math.isclose(got["threshold"], 0.95) and got["recall"] == 1.0
+    got = switch_threshold(torch.tensor([0.1, 0.3]), torch.tensor([True, True]), precision=1.0)
+    assert got["flagged"] == 2 and abs(got["threshold"] - 0.65) < 1e-6

@@ -23,8 +23,17 @@ from alignment.config.ranges import field_range
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """{field name: its comment} of a dataclass, read from its source: the comment on the field's own lines,
-    else the run of comment lines directly above it."""
+    """{field name: its comment} of a dataclass and the dataclasses it extends (the nearest class that comments
+    a field wins), read from their source: the comment on the field's own lines, else the run of comment lines
+    directly above it."""
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """`field_docs` of the fields written in `cls`'s own body."""
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
@@ -79,17 +88,17 @@ def _flow(value) -> str:
 
 
 def _allowed(cls: type, f: dataclasses.Field) -> str:
+    """A field's allowed values: its range, its choices, or both (a number that allows words beside it)."""
     rng = field_range(f)
-    if rng is not None:
-        return rng.text
     try:
         hint = typing.get_type_hints(cls)[f.name]
     except Exception:  # noqa: BLE001 -- a type the describer cannot resolve is shown without its set
-        return ""
+        return rng.text if rng is not None else ""
     for arg in (hint, *typing.get_args(hint)):
         if typing.get_origin(arg) is typing.Literal:
-            return "one of " + ", ".join(str(a) for a in typing.get_args(arg))
-    return ""
+            words = ", ".join(str(a) for a in typing.get_args(arg))
+            return f"{rng.text} or {words}" if rng is not None else f"one of {words}"
+    return rng.text if rng is not None else ""
 
 
 def describe_config(cfg) -> str:

@@ -46,6 +46,10 @@ def _close(name: str, options: list[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -153,7 +157,7 @@ def _check_range(f: dataclasses.Field, tp: Any, given: Any, value: Any, path: st
     """`value` (converted from `given`, as the recipe wrote it) against the range declared on field `f`;
     each item of a list, tuple or mapping on its own."""
     allowed = field_range(f)
-    if allowed is None or value is None:
+    if allowed is None or value is None or isinstance(value, str):  # a word beside the numbers (Literal)
         return
     if isinstance(value, dict):
         items = [(f"{path}.{k}", given[k], v) for k, v in value.items()]

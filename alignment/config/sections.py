@@ -181,7 +181,9 @@ class RewardJudgeSection(RewardModelRunSection):
 
     helpful_rm: str | None = None
     safety_rm: str | None = None
-    safety_threshold: float = ranged("[0, 1]", SAFETY_THRESHOLD)
+    # sigmoid(Rs) below it switches to the safety RM; calibrated: the threshold `align rm` wrote beside safety_rm
+    # (its safety_switch.json: the paper's precision 0.89 on the labelled test answers)
+    safety_threshold: float | Literal["calibrated"] = ranged("[0, 1]", SAFETY_THRESHOLD)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -80,6 +80,9 @@ class RMEvalSection:
     batch_size: int = ranged(">= 1", 32)
     calibration_bins: int = ranged(">= 1", 5)  # bins of confidence max(p, 1 - p) over [0.5, 1]
     histogram: bool = True  # reward-score histograms as scores.png
+    # the safety switch's threshold is calibrated to this precision on the test answers labelled safe/unsafe
+    # (chosen_safe/rejected_safe) and written to final/safety_switch.json (reward.safety_threshold: calibrated)
+    switch_precision: float = ranged("(0, 1]", 0.89)  # the paper's 0.15 had precision 0.89 (3.2.3)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from alignment.lineage import checkpoint_identity, policy_checkpoints, read_mani
 from alignment.models.loading import load_policy, load_rm_for_inference
 from alignment.policy_eval import adherence_by_turn
 from alignment.runs import RunDir, write_json_atomic
+from alignment.scoring import safety_threshold
 
 RM_JUDGES = ("helpful_rm", "safety_rm")
 TABLE = (("gold_helpfulness", "gold_help"), ("violation_rate", "violation"), ("rm_violation_rate", "rm_viol"),
@@ -204,6 +205,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         path = getattr(cfg.judges, name)
         if path and not Path(path).exists():
             raise FileNotFoundError(f"judges.{name}: {path} not found")
+    safety_threshold(cfg.judges, "judges")  # `calibrated` without its file stops here
     # the run directory belongs to the settings; the checkpoint list may change between runs
     settings = dataclasses.replace(cfg, checkpoints=[], pipeline=None, against=None)
     run = RunDir(cfg.output.dir, settings, overwrite=cfg.output.overwrite)
@@ -229,10 +231,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     entries = {}
     for r in todo:
         records = judge_answers(rows, r.state["answers"], kinds, rm_scores=r.state["scores"],
-                                refusal_markers=j.refusal_markers, safety_threshold=j.safety_threshold)
+                                refusal_markers=j.refusal_markers, safety_threshold=safety_threshold(j, "judges"))
         write_jsonl(root / "answers" / f"{r.name}.jsonl",
                     [{"prompt": last_user_message(row), **rec} for row, rec in zip(rows, records)])
-        entry = {"name": r.name, "path": r.path, **summarize(records, j.safety_threshold)}
+        entry = {"name": r.name, "path": r.path, **summarize(records, safety_threshold(j, "judges"))}
         if "gatt" in r.state:
             entry["gatt"] = r.state["gatt"]
         entries[r.name] = (entry, records)

@@ -66,7 +66,7 @@ from alignment.rollout import (advantages_and_returns, build_batch, compute_rewa
                                explained_variance, gathered_for_generation, group_advantages, masked_row_sum,
                                model_inputs, pad_response, policy_outputs, response_logprobs, trim_padding)
 from alignment.runs import RunDir, copy_dir_atomic, model_bytes, save_pretrained_atomic
-from alignment.scoring import encode_for_reward, reward_scores
+from alignment.scoring import describe_threshold, encode_for_reward, reward_scores, safety_threshold
 from alignment.training import (Engine, NonFiniteLossError, check_disk_for_run, checkpoints_held, leave_zero3,
                                 make_optimizer, start_engine, zero3_init)
 
@@ -280,7 +280,7 @@ def make_experience(ctx, rows: list[dict], iteration: int) -> tuple[dict, dict, 
         helpful_raw.to(acc.device), safety_raw.to(acc.device), is_safety,
         ref_logprobs if old_logprobs is None else old_logprobs, ref_logprobs, mask,
         beta=0.0 if algorithm == RLAlgorithm.GRPO else cfg.reward.kl_beta,  # GRPO: the KL is in the loss
-        threshold=cfg.reward.safety_threshold, estimator=cfg.reward.kl_estimator,
+        threshold=safety_threshold(cfg.reward), estimator=cfg.reward.kl_estimator,
         gather=gather, offset=acc.process_index * len(rows))
     lengths = mask.sum(dim=1).float()
     row_stats = {
@@ -385,7 +385,7 @@ def evaluate_heldout(ctx, rows: list[dict]) -> dict:
     answers = [s[0].text for s in samples[:len(mine)]]
     h, s = (torch.sigmoid(raw) for raw in _rm_scores_padded(ctx, contexts, answers, share))
     is_safety = torch.tensor([bool(rows[i]["is_safety"]) for i in mine], dtype=torch.bool)
-    combined = combine(h, s, is_safety, cfg.reward.safety_threshold)
+    combined = combine(h, s, is_safety, safety_threshold(cfg.reward))
     totals = ctx.engine.reduce({"combined": combined.sum().item(), "rows": float(len(mine))})
     result = {"eval_reward_combined": totals["combined"] / max(totals["rows"], 1.0)}
     pairs = gather_object(list(zip(mine, answers))) if acc.num_processes > 1 else list(zip(mine, answers))
@@ -504,6 +504,7 @@ def train_ppo(cfg: PPOConfig, run: RunDir, models: PPOModels, tokenizer, prompts
     answers = f" x {cfg.ppo.num_samples} answers" if cfg.ppo.num_samples > 1 else ""
     acc.print(f"[ppo] {cfg.ppo.algorithm}: {total} iterations x {cfg.ppo.batch_size} prompts{answers} on "
               f"{engine.setup()}")
+    acc.print(f"[ppo] {describe_threshold(cfg.reward)}")
 
     resumed = engine.resume("iteration", total)
     state = resumed or {"iteration": 0, "best_reward": None, "best_iteration": None, "stale_evals": 0,
@@ -573,6 +574,7 @@ def check_model_dirs(cfg: PPOConfig) -> None:
              "reward.reference": cfg.reward.reference}
     check_model_paths(paths, hint="; run the stage that writes it first (make sft, make rm-helpful, make rm-safety, "
                                   "make rejection-sampling)")
+    safety_threshold(cfg.reward)  # `calibrated` without its file stops here too
 
 
 def prompt_truncation(tokenizer, prompts: list[dict], max_length: int) -> dict:

@@ -73,7 +73,7 @@ from alignment.runs import RunDir, write_json_atomic
 from alignment.sampling import (REQUIRED_RMS, RewardMode, ShardStore, best_of_k_curves, candidate_iterations,
                                 chunk_seed, powers_of_two, rating_for_score_gap, sample_reward, select_best,
                                 select_pairs)
-from alignment.scoring import reward_scores
+from alignment.scoring import describe_threshold, reward_scores, safety_threshold
 from alignment.training import check_disk_before_sampling
 
 DESC = "rejection-sampling"
@@ -126,7 +126,7 @@ def score_answers(cfg: RejectionSamplingConfig, rms: dict, rows: list[dict], ans
                                max_length=cfg.reward.max_length, min_batches=min_batches)
            for name, (model, tok) in rms.items()}
     is_safety = torch.tensor([bool(r["is_safety"]) for r in rows])
-    score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, cfg.reward.safety_threshold)
+    score = sample_reward(cfg.reward.mode, raw.get("helpful"), raw.get("safety"), is_safety, safety_threshold(cfg.reward))
     out = {"score": score.tolist()}
     for name in ("helpful", "safety"):
         out[f"{name}_raw"] = raw[name].tolist() if name in raw else [None] * len(answers)
@@ -452,6 +452,9 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> dict:
     _check_inputs(cfg, rows)
 
     pick_backend(cfg.generation.backend, world_size())  # fails here, before any compute
+    switch = describe_threshold(cfg.reward)  # `calibrated` without its file stops here too
+    if cfg.reward.mode != "helpful" and is_main_process():
+        print(f"[rejection-sampling] {switch}")
     if cfg.sweep.enabled:
         return run_sweep(cfg, rows)
     # The sweep section is a separate tool: switching it does not make this another run.

@@ -31,8 +31,10 @@ from alignment.frozen import weight_share
 from alignment.losses import preference_margin, ranking_loss
 from alignment.models.loading import check_model_paths, load_reward_model, model_paths
 from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
-from alignment.runs import COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic, write_json_atomic
-from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores
+from alignment.rewards import switch_threshold
+from alignment.runs import (add_json_to_committed, COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic,
+                            write_json_atomic)
+from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores, SAFETY_SWITCH_FILE
 from alignment.training import LoopConfig, train, zero3_init
 
 SCHEMA = "preference_pair"
@@ -167,9 +169,11 @@ def reliability_table(p: torch.Tensor, bins: int) -> dict:
 @torch.no_grad()
 def evaluate_reward_model(model_dir: str | Path, test_sets: dict[str, list[dict]], *, batch_size: int = 32,
                           max_length: int = 1024, bins: int = 5, plot_path: str | Path | None = None,
-                          attn_implementation: str = "sdpa") -> dict:
+                          attn_implementation: str = "sdpa", switch_precision: float = 0.89) -> tuple[dict, dict | None]:
     """Accuracy per rating bucket, per safety category, calibration and score means of a saved RM on each
-    test set (preference_pair rows); histograms of chosen/rejected scores to `plot_path` when given."""
+    test set (preference_pair rows); histograms of chosen/rejected scores to `plot_path` when given.
+    Returns (that {test set: metrics}, the safety switch calibrated by `safety_switch_calibration` on every
+    labelled test answer, or None where no row has both labels)."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model_dir)
@@ -188,7 +192,27 @@ def evaluate_reward_model(model_dir: str | Path, test_sets: dict[str, list[dict]
         result[name] = preference_metrics(chosen, rejected, rows, bins)
     if plot_path is not None and scores:
         plot_score_histograms(scores, plot_path)
-    return result
+    return result, safety_switch_calibration(scores, test_sets, switch_precision)
+
+
+def safety_switch_calibration(scores: dict[str, tuple[torch.Tensor, torch.Tensor]], test_sets: dict[str, list[dict]],
+                              precision: float) -> dict | None:
+    """`alignment.rewards.switch_threshold` on the sigmoid scores of every test answer with a gold safety label
+    (rows with both `chosen_safe` and `rejected_safe`, over all test sets); None where there is none. The
+    result names the test sets it read."""
+    safety, unsafe, used = [], [], []
+    for name, rows in test_sets.items():
+        labelled = [i for i, r in enumerate(rows) if "chosen_safe" in r and "rejected_safe" in r]
+        if not labelled:
+            continue
+        chosen, rejected = scores[name]
+        safety += [torch.sigmoid(chosen[labelled].double()), torch.sigmoid(rejected[labelled].double())]
+        unsafe += [torch.tensor([not rows[i]["chosen_safe"] for i in labelled]),
+                   torch.tensor([not rows[i]["rejected_safe"] for i in labelled])]
+        used.append(name)
+    if not used:
+        return None
+    return {**switch_threshold(torch.cat(safety), torch.cat(unsafe), precision), "test_sets": used}
 
 
 def plot_score_histograms(scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> None:
@@ -248,13 +272,18 @@ def run_rm(cfg: RMConfig) -> dict:
     inputs = source_hashes([*cfg.data.primary, *cfg.data.secondary, *(s for v in cfg.data.test.values() for s in v)])
     summary = train_reward_model(cfg, pairs, run, inputs, mix)
     if is_main_process():
-        summary["eval"] = evaluate_reward_model(
+        summary["eval"], switch = evaluate_reward_model(
             run.final_dir, tests, batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length,
             bins=cfg.eval.calibration_bins, plot_path=run.path / "scores.png" if cfg.eval.histogram else None,
-            attn_implementation=cfg.model.attn_implementation)
+            attn_implementation=cfg.model.attn_implementation, switch_precision=cfg.eval.switch_precision)
         write_json_atomic(run.path / "eval.json", summary["eval"])
+        if switch is not None:  # beside the model, where `reward.safety_threshold: calibrated` reads it
+            add_json_to_committed(run.final_dir, SAFETY_SWITCH_FILE, switch)
+            summary["safety_switch"] = switch
         run.mark_done(summary)
         print_rm_eval(summary["eval"])
+        if switch is not None:
+            print(format_switch(switch))
     return summary
 
 
@@ -456,6 +485,19 @@ def print_rm_eval(result: dict) -> None:
         ece = "-" if cal["ece"] is None else f"{cal['ece']:.3f}"
         print(f"[rm] {name}: ECE {ece}; mean sigmoid score chosen {_fmt(entry['sigmoid_mean']['chosen'])}, "
               f"rejected {_fmt(entry['sigmoid_mean']['rejected'])}")
+
+
+def format_switch(switch: dict) -> str:
+    """One line: the calibrated safety switch and what it catches (the paper's figures beside)."""
+    where = ", ".join(switch["test_sets"])
+    if not switch["flagged"]:
+        return (f"[rm] safety switch: no threshold reaches precision {switch['target_precision']:.2f} on the "
+                f"{switch['answers']} labelled answers of {where}; calibrated threshold 0 (the switch fires on "
+                "safety-tagged prompts only)")
+    return (f"[rm] safety switch: sigmoid score < {switch['threshold']:.4f} flags {switch['flagged']} of "
+            f"{switch['answers']} labelled answers of {where}: precision {switch['precision']:.3f} (target "
+            f"{switch['target_precision']:.2f}), recall {_fmt(switch['recall'])} of {switch['unsafe']} unsafe "
+            "(paper: 0.15, precision 0.89, recall 0.55)")
 
 
 def _fmt(x: float | None) -> str:
