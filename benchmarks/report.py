@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-TARGETS = {"sft": 1.5, "rm": 1.5, "dpo": 1.5, "rl": 2.0, "rloo": 2.0, "grpo": 2.0, "sft-smollm2": 1.5, "rm-smollm2": 1.5}
+TARGETS = {"sft": 1.5, "rm": 1.5, "dpo": 1.5, "rl": 1.0, "rloo": 2.0, "grpo": 2.0, "sft-smollm2": 1.5, "rm-smollm2": 1.5}
 # why an RL row compares no losses, in the table's words
 NO_LOSS_CHECK = {"rl": "PPO vs RLOO", "rloo": "own samples", "grpo": "own samples"}
 # what the split line calls each RL row's iteration

@@ -1,7 +1,6 @@
 """Critic-free online RL in the RL stage (`ppo.algorithm: rloo | grpo`, docs/method.md#rloo-and-grpo): the
 advantages and the KL term by hand, the rollout's group layout, the strict config, tiny runs without a critic,
 and resume == uninterrupted."""
-import json
 import math
 
 import pytest
@@ -12,7 +11,7 @@ from alignment.losses import grpo_advantages, kl_loss, rloo_advantages
 from alignment.rollout import group_advantages
 from alignment.runs import read_metrics
 
-from test_ppo import TIMING, _cli, _metrics, ppo_recipe, prompt_rows
+from test_ppo import assert_killed_run_resumes_identically, ppo_recipe, prompt_rows
 
 
 # ----------------------------------------------------------------------------------------- the math by hand
@@ -157,20 +156,7 @@ def test_killed_run_resumes_with_identical_statistics(tmp_path, nano_model_dir, 
     path = critic_free_recipe(tmp_path, nano_model_dir, algorithm, eval_prompts=prompt_rows(6, seed=5),
                               early_stopping={"every_iterations": 2, "patience": 5, "max_new_tokens": 6},
                               output={"save_every_steps": 1})
-    full = _cli(path, f"output.dir={tmp_path / 'full'}")
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = _cli(path, f"output.dir={tmp_path / 'part'}", env={"ALIGN_STOP_AFTER_STEP": "3"})
-    assert killed.returncode == 99, killed.stderr[-3000:]
-    resumed = _cli(path, f"output.dir={tmp_path / 'part'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr
-    reference, again = _metrics(tmp_path / "full", TIMING), _metrics(tmp_path / "part", TIMING)
-    assert [m["step"] for m in again] == [0, 1, 2, 3, 4] and len(reference) == len(again)
-    for a, b in zip(reference, again):
-        assert a.keys() == b.keys()
-        assert [a[k] for k in sorted(a)] == pytest.approx([b[k] for k in sorted(b)], rel=1e-5, abs=1e-6)
-    done = [json.loads((tmp_path / d / "done.json").read_text()) for d in ("full", "part")]
-    assert done[0]["best_iteration"] == done[1]["best_iteration"]
+    assert_killed_run_resumes_identically(path, tmp_path)
 
 
 def test_grpo_updating_once_per_rollout_skips_the_old_policy_forward_and_changes_nothing(tmp_path, nano_model_dir,

@@ -209,11 +209,9 @@ def _cli(recipe, *overrides, env=None, nproc=None):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
-def test_killed_run_resumes_with_identical_statistics(tmp_path, nano_model_dir):
-    evals = prompt_rows(6, seed=5)
-    path = ppo_recipe(tmp_path, nano_model_dir, eval_prompts=evals,
-                      early_stopping={"every_iterations": 2, "patience": 5, "max_new_tokens": 6},
-                      output={"save_every_steps": 1})
+def assert_killed_run_resumes_identically(path, tmp_path) -> None:
+    """The recipe run whole into full/, and killed after its 3rd step then resumed into part/: the same
+    statistics at every logged step (timings aside) and the same best iteration."""
     full = _cli(path, f"output.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _cli(path, f"output.dir={tmp_path / 'part'}", env={"ALIGN_STOP_AFTER_STEP": "3"})
@@ -231,6 +229,14 @@ def test_killed_run_resumes_with_identical_statistics(tmp_path, nano_model_dir):
     done_full = json.loads((tmp_path / "full" / "done.json").read_text())
     done_part = json.loads((tmp_path / "part" / "done.json").read_text())
     assert done_full["best_iteration"] == done_part["best_iteration"]
+
+
+def test_killed_run_resumes_with_identical_statistics(tmp_path, nano_model_dir):
+    evals = prompt_rows(6, seed=5)
+    path = ppo_recipe(tmp_path, nano_model_dir, eval_prompts=evals,
+                      early_stopping={"every_iterations": 2, "patience": 5, "max_new_tokens": 6},
+                      output={"save_every_steps": 1})
+    assert_killed_run_resumes_identically(path, tmp_path)
 
 
 @pytest.mark.parametrize("zero", ["zero3", pytest.param("zero2", marks=pytest.mark.slow)])

@@ -19,6 +19,9 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     by_rating = {"significantly_better": {"accuracy": 0.9, "count": 10}, "better": {"accuracy": 0.8, "count": 10},
                  "slightly_better": {"accuracy": 0.6, "count": 10}, "negligibly_better": None}
     (tmp_path / "rm" / "eval.json").write_text(json.dumps({"helpful": {"accuracy": 0.8, "by_rating": by_rating}}))
+    switch = {"threshold": 0.4125, "precision": 0.9, "recall": 0.6, "flagged": 20, "unsafe": 30, "answers": 100,
+              "target_precision": 0.89, "test_sets": ["safety"]}
+    (rm_dir / "safety_switch.json").write_text(json.dumps(switch))  # what `align rm` writes beside the RM
     rs_iter = tmp_path / "rs" / "iterations"
     for v in ("v1", "v2", "v10"):
         (rs_iter / v).mkdir(parents=True)
@@ -51,6 +54,9 @@ def test_report_has_the_checkpoints_in_pipeline_order(tmp_path, nano_model_dir, 
     assert 0.0 <= check["gold_single"] <= check["gold_best_of_k_oracle"] <= 1.0
     assert check["gold_best_of_k_rm"] <= check["gold_best_of_k_oracle"]
     assert "helpfulness RM on sft's own samples (2 helpful prompts x 3" in html.unescape((tmp_path / "report.html").read_text())
+    assert saved["reward_models"]["safety"]["switch"] == switch  # the safety RM's calibrated switch, and its line
+    assert ("sigmoid(safety RM) < 0.412 flags 20 of 100 labelled test answers (safety), precision 0.900, recall "
+            "0.600 of the 30 unsafe ones") in html.unescape((tmp_path / "report.html").read_text())
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "rlhf-v3" in page
     assert "<h2>Reward model accuracy by rating</h2>" in page and "<h2>Progress per checkpoint</h2>" in page
