@@ -264,3 +264,22 @@ def test_pipeline_checkpoints_are_read_under_the_pipeline_directory(tmp_path, na
                                  "checkpoints": [f"extra={nano_model_dir}"]})
     assert checkpoint_list(cfg) == [("sft", str(run / "sft/final")), ("rlhf-v1", str(run / "rlhf/iterations/v1/final")),
                                     ("safety", str(run / "safety/final")), ("extra", str(nano_model_dir))]
+
+
+def test_gatt_constraint_types_choose_the_instructions_before_any_model_runs(tmp_path, eval_world):
+    from alignment.config import EvalConfig, load_config
+    from alignment.stages.evaluation import gatt_instruction_sets, run_eval
+
+    rows = toyworld.gatt_instructions(0, 40)
+    recipe = _eval_recipe(tmp_path / "eval.yaml", {**eval_world, "instructions": write_jsonl(tmp_path / "i.jsonl", rows)},
+                          tmp_path / "out")
+    cfg = load_config(EvalConfig, recipe, ["gatt.constraint_types=[upper, end]", "gatt.max_instructions=5"])
+    want = [r for r in rows if {c["type"] for c in r["constraints"]} <= {"upper", "end"}][:5]
+    assert len(want) == 5 and want != rows[:5]  # the filter changes which instructions are played
+    assert gatt_instruction_sets(cfg) == {"instructions": want}
+    assert gatt_instruction_sets(load_config(EvalConfig, recipe, ["gatt.max_instructions=5"])) == {"instructions": rows[:5]}
+    # a filter that keeps nothing stops `align eval` in one line before any checkpoint is answered
+    cfg = load_config(EvalConfig, recipe, ["gatt.constraint_types=[exclaim]", f"checkpoints=[a={eval_world['other']}]"])
+    with pytest.raises(ValueError, match=r"gatt.constraint_types \['exclaim'\]: none of the 40 rows of gatt.instructions"):
+        run_eval(cfg)
+    assert not (tmp_path / "out").exists()

@@ -383,6 +383,9 @@ class PPOConfig:
 
 
 # --------------------------------------------------------------------------------------------- GAtt (3.3)
+ConstraintType = Literal["upper", "start", "end", "persona", "language", "lower", "exclaim"]  # a GAtt constraint
+
+
 @dataclass(frozen=True)
 class GAttData:
     instructions: list[DataSource]  # gatt_instruction rows the training dialogs carry
@@ -394,8 +397,7 @@ class GAttData:
     # only the instructions (of data.instructions and eval.instructions) whose every constraint is of these
     # types; empty: all. For a model that cannot take some type at all (SmolLM2-135M and the toy world's
     # made-up word-for-word languages); the report and eval.json name the types kept.
-    constraint_types: list[Literal["upper", "start", "end", "persona", "language", "lower", "exclaim"]] = field(
-        default_factory=list)
+    constraint_types: list[ConstraintType] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -565,6 +567,15 @@ class EvalOutputSection:
 
 
 @dataclass(frozen=True)
+class EvalGAttSection(GAttEvalSection):
+    """`align eval`'s Table 30 (the GAtt stage's evaluation section, plus the choice of instruction types)."""
+
+    # only the instructions whose every constraint is of these types (as the GAtt stage's data.constraint_types
+    # chose what it trained on); empty: all
+    constraint_types: list[ConstraintType] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """`align eval`: every policy checkpoint answers the same held-out prompts; gold (toy world) and RM
     metrics, win/tie/loss against another checkpoint, GAtt adherence by turn; eval.json, table, plots.
@@ -577,5 +588,5 @@ class EvalConfig:
     against: str | None = None  # the reference every checkpoint is compared with (paper Figure 11: ChatGPT)
     judges: EvalJudgeSection = field(default_factory=EvalJudgeSection)
     generation: EvalGenerationSection = field(default_factory=lambda: EvalGenerationSection(temperature=0.0))
-    gatt: GAttEvalSection = field(default_factory=GAttEvalSection)  # adherence by turn where instructions are set
+    gatt: EvalGAttSection = field(default_factory=EvalGAttSection)  # adherence by turn where instructions are set
     seed: int = ranged(">= 0", 0)

@@ -33,7 +33,7 @@ from pathlib import Path
 from alignment.config import EvalConfig
 from alignment.data.io import write_jsonl
 from alignment.data.sources import load_source, load_sources, source_hashes
-from alignment.gatt_data import check_constraint_types
+from alignment.gatt_data import check_constraint_types, with_constraint_types
 from alignment.judging import (KINDS, answer_prompts, compare, judge_answers, last_user_message,
                                rm_sigmoids, summarize)
 from alignment.lineage import checkpoint_identity, policy_checkpoints, read_manifest
@@ -159,16 +159,29 @@ def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: 
         results.save()
 
 
+def gatt_instruction_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """{"instructions": rows, "zero_shot": rows} of the sets given: each source's rows of `gatt.constraint_types`
+    (all when empty), the first `gatt.max_instructions`. ValueError where a given set keeps none."""
+    e = cfg.gatt
+    sets = {}
+    for key, name, sources in (("instructions", "instructions", e.instructions),
+                               ("zero_shot", "zero_shot_instructions", e.zero_shot_instructions)):
+        given = load_sources(sources, "gatt_instruction")
+        instructions = with_constraint_types(given, e.constraint_types)[:e.max_instructions]
+        if given and not instructions:
+            raise ValueError(f"gatt.constraint_types {e.constraint_types}: none of the {len(given)} rows of "
+                             f"gatt.{name} has only those types")
+        if instructions:
+            check_constraint_types(instructions, f"gatt.{name}")
+            sets[key] = instructions
+    return sets
+
+
 def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
     """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (the sets given),
     the dialogs' user turns drawn from `users`."""
     e = cfg.gatt
-    sets = {}
-    for key, sources in (("instructions", e.instructions), ("zero_shot", e.zero_shot_instructions)):
-        instructions = load_sources(sources, "gatt_instruction")[:e.max_instructions]
-        if instructions:
-            check_constraint_types(instructions, f"gatt.{key}")
-            sets[key] = instructions
+    sets = gatt_instruction_sets(cfg)
     if not sets:
         return {}
     return adherence_by_turn(path, sets, users, seed=e.seed, turns=e.turns, max_new_tokens=e.max_new_tokens,
@@ -199,8 +212,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     checkpoints = checkpoint_list(cfg)
     rows, kinds = load_prompt_sets(cfg)  # every input is checked before any model is loaded
     if _gatt_wanted(cfg):
-        for key in ("instructions", "zero_shot_instructions", "prompts"):
-            load_sources(getattr(cfg.gatt, key), "rl_prompt" if key == "prompts" else "gatt_instruction")
+        load_sources(cfg.gatt.prompts, "rl_prompt")
+        gatt_instruction_sets(cfg)  # bad rows and a constraint_types that keeps nothing stop here
     for name in RM_JUDGES:
         path = getattr(cfg.judges, name)
         if path and not Path(path).exists():
