@@ -278,6 +278,12 @@ def test_gatt_constraint_types_choose_the_instructions_before_any_model_runs(tmp
     assert len(want) == 5 and want != rows[:5]  # the filter changes which instructions are played
     assert gatt_instruction_sets(cfg) == {"instructions": want}
     assert gatt_instruction_sets(load_config(EvalConfig, recipe, ["gatt.max_instructions=5"])) == {"instructions": rows[:5]}
+    # the zero-shot set (held-out types by design) is not filtered
+    held_out = [r for r in rows if any(c["type"] == "language" for c in r["constraints"])]
+    zero = write_jsonl(tmp_path / "z.jsonl", held_out)
+    cfg = load_config(EvalConfig, recipe, ["gatt.constraint_types=[upper, end]", "gatt.max_instructions=5",
+                                           f"gatt.zero_shot_instructions=[{{path: {zero}}}]"])
+    assert gatt_instruction_sets(cfg) == {"instructions": want, "zero_shot": held_out[:5]}
     # a filter that keeps nothing stops `align eval` in one line before any checkpoint is answered
     cfg = load_config(EvalConfig, recipe, ["gatt.constraint_types=[exclaim]", f"checkpoints=[a={eval_world['other']}]"])
     with pytest.raises(ValueError, match=r"gatt.constraint_types \['exclaim'\]: none of the 40 rows of gatt.instructions"):

@@ -5,8 +5,8 @@ written as an error shows it: "> 0", ">= 1", "[0, 1]", "[0, 1)", "(0, 1]", "(0, 
 finite. Each item of a list, tuple or mapping is checked. None, where the field's type allows it, is the
 field's documented "off" (or "default") and is not range-checked. A field's documented off value inside
 the numbers (`save_every_steps: 0`) is part of its range; a word a field allows beside its numbers
-(`safety_threshold: calibrated`, a `Literal` in its type) is not range-checked. Enumerated fields are `Literal` types: the
-loader checks their set.
+(`safety_threshold: calibrated`, a `Literal` in its type) is not range-checked. Enumerated fields are `Literal`
+types: the loader checks their set.
 """
 from __future__ import annotations
 

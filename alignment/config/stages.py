@@ -570,8 +570,8 @@ class EvalOutputSection:
 class EvalGAttSection(GAttEvalSection):
     """`align eval`'s Table 30 (the GAtt stage's evaluation section, plus the choice of instruction types)."""
 
-    # only the instructions whose every constraint is of these types (as the GAtt stage's data.constraint_types
-    # chose what it trained on); empty: all
+    # only the instructions (not the zero-shot ones) whose every constraint is of these types, as the GAtt
+    # stage's data.constraint_types chose what it trained on; empty: all
     constraint_types: list[ConstraintType] = field(default_factory=list)
 
 

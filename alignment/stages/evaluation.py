@@ -160,14 +160,16 @@ def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: 
 
 
 def gatt_instruction_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """{"instructions": rows, "zero_shot": rows} of the sets given: each source's rows of `gatt.constraint_types`
-    (all when empty), the first `gatt.max_instructions`. ValueError where a given set keeps none."""
+    """{"instructions": rows, "zero_shot": rows} of the sets given, the first `gatt.max_instructions` of each;
+    of gatt.instructions only the rows of `gatt.constraint_types` (all when empty; the zero-shot set is held-out
+    types by design and is not filtered). ValueError where the filter keeps none."""
     e = cfg.gatt
     sets = {}
     for key, name, sources in (("instructions", "instructions", e.instructions),
                                ("zero_shot", "zero_shot_instructions", e.zero_shot_instructions)):
         given = load_sources(sources, "gatt_instruction")
-        instructions = with_constraint_types(given, e.constraint_types)[:e.max_instructions]
+        types = e.constraint_types if key == "instructions" else []
+        instructions = with_constraint_types(given, types)[:e.max_instructions]
         if given and not instructions:
             raise ValueError(f"gatt.constraint_types {e.constraint_types}: none of the {len(given)} rows of "
                              f"gatt.{name} has only those types")
