@@ -214,6 +214,7 @@ def train_on_pairs(cfg: DPOConfig, run: RunDir, tokenizer, examples: list[dict],
     """DPO of `cfg.model` on the encoded pairs `examples` into `run` (prepared): the reference log-probs of
     the training and test pairs (`cached_reference`), then the shared loop (resume, checkpoints, final/).
     Returns (the loop's summary, the reference log-probs {"train" | "test/<name>": {"chosen", "rejected"}})."""
+    torch.manual_seed(cfg.seed)  # LoRA adapters new to the checkpoint start the same in every run
     model = load_causal_lm(cfg.model)
     sets = {"train": examples, **{f"test/{name}": e for name, e in test_examples.items()}}
 

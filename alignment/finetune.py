@@ -147,6 +147,7 @@ def fine_tune(cfg, dialogs: list[dict], run: RunDir, inputs: dict[str, str], des
     if dropped and is_main_process():
         print(f"[{desc}] dropped {dropped} of {len(dialogs)} dialogs: no answer token left within "
               f"train.max_length={cfg.train.max_length}")
+    torch.manual_seed(cfg.seed)  # LoRA adapters new to the checkpoint start the same in every run
     with zero3_init(cfg.distributed, cfg.train, cfg.optim, cfg.model.lora.enabled) as partitioned:
         model = load_causal_lm(cfg.model)
     if partitioned and is_main_process():

@@ -226,3 +226,23 @@ def test_lora_with_gradient_checkpointing_saves_merged_or_adapters(tmp_path, nan
         assert changed and all(("proj" in k) for k in changed)  # only LoRA target weights moved
     else:
         assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+
+
+def test_a_lora_run_is_the_same_run_to_run(tmp_path, nano_model_dir):
+    """The adapters' random initialisation is part of the run's seed: two runs of one LoRA recipe, with the
+    global RNG left in different states before them, log the same losses and save the same adapters (the real
+    model's LoRA runs differed from step 1 before the seed was set ahead of get_peft_model)."""
+    from safetensors.torch import load_file
+
+    path = recipe(tmp_path, nano_model_dir, make_dialogs(16),
+                  model={"lora": {"enabled": True, "r": 4, "alpha": 8, "merge_on_save": False}},
+                  logging={"every_steps": 1, "progress": False, "tensorboard": False})
+    saved = []
+    for i in (1, 2):
+        torch.manual_seed(1000 + i)  # whatever ran before in the process
+        run_sft(load_config(SFTConfig, path, [f"output.dir={tmp_path / f'run{i}'}"]))
+        saved.append(load_file(tmp_path / f"run{i}" / "final" / "adapter_model.safetensors"))
+    assert losses(tmp_path / "run1") == losses(tmp_path / "run2")
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    grads = [[m["grad_norm"] for m in read_metrics(tmp_path / f"run{i}")] for i in (1, 2)]
+    assert grads[0] == grads[1]
