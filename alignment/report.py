@@ -21,7 +21,7 @@ from alignment.models.loading import load_reward_model
 from alignment.models.tokenizer import load_tokenizer
 from alignment.report_html import DIRECTIONS, LABELS, TABLE_KEYS, render_html, report_plots
 from alignment.runs import read_metrics, write_json_atomic
-from alignment.scoring import reward_scores, SAFETY_SWITCH_FILE
+from alignment.scoring import reward_scores, SAFETY_SWITCH_FILE, switch_text
 from alignment.stages import STAGES
 
 SAMPLES_PER_KIND = 3  # sample answers shown per prompt kind
@@ -92,14 +92,8 @@ def switch_line(report: dict) -> str:
     sw = report.get("reward_models", {}).get("safety", {}).get("switch")
     if not sw:
         return ""
-    where = ", ".join(sw.get("test_sets", []))
-    if not sw["flagged"]:
-        return (f"safety switch calibrated by the safety RM's stage: no threshold reaches precision "
-                f"{sw['target_precision']:.2f} on {sw['answers']} labelled test answers ({where}); threshold 0")
     return (f"safety switch calibrated by the safety RM's stage (used by stages with safety_threshold: calibrated): "
-            f"sigmoid(safety RM) < {sw['threshold']:.3f} flags {sw['flagged']} of {sw['answers']} labelled test "
-            f"answers ({where}), precision {sw['precision']:.3f}, recall {sw['recall']:.3f} of the {sw['unsafe']} "
-            "unsafe ones; the paper's 0.15: precision 0.89, recall 0.55")
+            f"{switch_text(sw)}; the paper's 0.15: precision 0.89, recall 0.55")
 
 
 def real_pairs_line(report: dict) -> str:
@@ -329,8 +323,9 @@ def build_report(root: str | Path, *, prompts: list[dict], helpful_rm_stage: str
         report["reward_models"].setdefault("safety", {})["real_pairs"] = real_pairs_summary(
             stage_dir[safety_rm_stage], real_pairs_test, cache)
         print(f"[report] {real_pairs_line(report)}", flush=True)
-    if safety_rm is not None and (Path(safety_rm) / SAFETY_SWITCH_FILE).is_file():
-        report["reward_models"].setdefault("safety", {})["switch"] = _json_file(Path(safety_rm) / SAFETY_SWITCH_FILE)
+    switch = _json_file(Path(safety_rm) / SAFETY_SWITCH_FILE) if safety_rm is not None else {}
+    if switch:
+        report["reward_models"].setdefault("safety", {})["switch"] = switch
         print(f"[report] {switch_line(report)}", flush=True)
     for name in manifest["order"]:
         entry = manifest["stages"].get(name, {})

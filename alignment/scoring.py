@@ -52,16 +52,27 @@ def calibrated_switch(rm_path: str, key: str = "reward") -> dict:
     return switch
 
 
+def switch_text(switch: dict) -> str:
+    """What a calibrated safety switch (a safety_switch.json) flags, in words: the RM stage's log and the report."""
+    where = ", ".join(switch["test_sets"])
+    if not switch["flagged"]:
+        return (f"no threshold reaches precision {switch['target_precision']:.2f} on {switch['answers']} labelled "
+                f"test answers ({where}); threshold 0 (the switch fires on safety-tagged prompts only)")
+    return (f"sigmoid(safety RM) < {switch['threshold']:.3f} flags {switch['flagged']} of {switch['answers']} "
+            f"labelled test answers ({where}), precision {switch['precision']:.3f}, recall {switch['recall']:.3f} "
+            f"of the {switch['unsafe']} unsafe ones")
+
+
 def describe_threshold(section, key: str = "reward") -> str:
     """One line for a stage's log: the threshold in use and, when calibrated, where it came from."""
     value = safety_threshold(section, key)
     if not isinstance(section.safety_threshold, str):
         return f"safety switch: sigmoid(safety RM) < {value:g} ({key}.safety_threshold)"
     sw = calibrated_switch(section.safety_rm, key)
-    got = "-" if sw.get("precision") is None else f"{sw['precision']:.2f}"
-    recall = "-" if sw.get("recall") is None else f"{sw['recall']:.2f}"
+    got = "-" if sw["precision"] is None else f"{sw['precision']:.2f}"
+    recall = "-" if sw["recall"] is None else f"{sw['recall']:.2f}"
     return (f"safety switch: sigmoid(safety RM) < {value:.4f}, calibrated by `align rm` (precision {got}, recall "
-            f"{recall} on {sw.get('answers')} labelled answers; {Path(section.safety_rm) / SAFETY_SWITCH_FILE})")
+            f"{recall} on {sw['answers']} labelled answers; {Path(section.safety_rm) / SAFETY_SWITCH_FILE})")
 
 
 def encode_answer(tokenizer, context: list[dict], answer: str, max_length: int) -> dict:

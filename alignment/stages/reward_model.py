@@ -34,7 +34,8 @@ from alignment.models.tokenizer import load_tokenizer, toy_tokenizer_warning
 from alignment.rewards import switch_threshold
 from alignment.runs import (add_json_to_committed, COMPLETE_MARK, MetricsLog, RunDir, save_pretrained_atomic,
                             write_json_atomic)
-from alignment.scoring import encode_for_reward, packed_features, packed_scores, reward_scores, SAFETY_SWITCH_FILE
+from alignment.scoring import (encode_for_reward, packed_features, packed_scores, reward_scores, SAFETY_SWITCH_FILE,
+                               switch_text)
 from alignment.training import LoopConfig, train, zero3_init
 
 SCHEMA = "preference_pair"
@@ -283,7 +284,8 @@ def run_rm(cfg: RMConfig) -> dict:
         run.mark_done(summary)
         print_rm_eval(summary["eval"])
         if switch is not None:
-            print(format_switch(switch))
+            print(f"[rm] safety switch at precision >= {switch['target_precision']:.2f}: {switch_text(switch)} "
+                  "(paper: 0.15, precision 0.89, recall 0.55)")
     return summary
 
 
@@ -485,19 +487,6 @@ def print_rm_eval(result: dict) -> None:
         ece = "-" if cal["ece"] is None else f"{cal['ece']:.3f}"
         print(f"[rm] {name}: ECE {ece}; mean sigmoid score chosen {_fmt(entry['sigmoid_mean']['chosen'])}, "
               f"rejected {_fmt(entry['sigmoid_mean']['rejected'])}")
-
-
-def format_switch(switch: dict) -> str:
-    """One line: the calibrated safety switch and what it catches (the paper's figures beside)."""
-    where = ", ".join(switch["test_sets"])
-    if not switch["flagged"]:
-        return (f"[rm] safety switch: no threshold reaches precision {switch['target_precision']:.2f} on the "
-                f"{switch['answers']} labelled answers of {where}; calibrated threshold 0 (the switch fires on "
-                "safety-tagged prompts only)")
-    return (f"[rm] safety switch: sigmoid score < {switch['threshold']:.4f} flags {switch['flagged']} of "
-            f"{switch['answers']} labelled answers of {where}: precision {switch['precision']:.3f} (target "
-            f"{switch['target_precision']:.2f}), recall {_fmt(switch['recall'])} of {switch['unsafe']} unsafe "
-            "(paper: 0.15, precision 0.89, recall 0.55)")
 
 
 def _fmt(x: float | None) -> str:
