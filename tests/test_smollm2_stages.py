@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,8 +133,10 @@ def run_sft_stage(root: Path, base: Path, template: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sft_chatml(tmp_path_factory, smollm2_random_dir) -> Path:
-    return run_sft_stage(tmp_path_factory.mktemp("sft_model"), smollm2_random_dir, "model")
+def sft_chatml(tmp_path_factory, smollm2_random_dir) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("sft_model")
+    yield run_sft_stage(root, smollm2_random_dir, "model")
+    shutil.rmtree(root, ignore_errors=True)  # ~0.5 GB of weights: not kept past this module
 
 
 def test_chatml_labels_are_the_answers_and_their_end_of_turn_only():
@@ -186,7 +190,7 @@ def plain_rm_score(model, tok, prompt: str, answer: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def rm_chatml(tmp_path_factory, sft_chatml) -> Path:
+def rm_chatml(tmp_path_factory, sft_chatml) -> Iterator[Path]:
     from alignment.config import RMConfig
     from alignment.stages.reward_model import run_rm
 
@@ -204,7 +208,8 @@ def rm_chatml(tmp_path_factory, sft_chatml) -> Path:
         "output": {"dir": str(root / "run")},
     })
     timed("rm", run_rm, load_config(RMConfig, recipe))
-    return root / "run"
+    yield root / "run"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_rm_one_step(rm_chatml, sft_chatml):
