@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -32,6 +33,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def _session_in_use(directory: Path) -> bool:
+    """Whether a running pytest holds `directory` (pytest writes its pid to `.lock` and removes it at exit)."""
+    try:
+        os.kill(int((directory / ".lock").read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_test_directories(tmp_path_factory):
+    """Remove the base directories that finished pytest sessions left beside this one (pytest-of-USER/pytest-N),
+    before any test writes. pyproject's retention settings keep nothing that passed, but directories kept under
+    older settings or by failed sessions hold GBs of real-model checkpoints and filled a small CI disk. A
+    directory of a session still running (its .lock names a live pid) is left alone; --basetemp is left alone."""
+    base = tmp_path_factory.getbasetemp()
+    if not base.parent.name.startswith("pytest-of-"):
+        return
+    for old in base.parent.glob("pytest-[0-9]*"):
+        if old != base and old.is_dir() and not old.is_symlink() and not _session_in_use(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
