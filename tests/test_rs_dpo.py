@@ -78,6 +78,8 @@ def test_the_update_key_is_checked():
                                         "iterations": [{"num_samples": 2}, {"num_samples": 1, "update": "dpo"}]})
     with pytest.raises(ConfigError, match="dpo.beta"):
         from_dict(RejectionSamplingConfig, {**base, "dpo": {"beta": 0}})
+    with pytest.raises(ConfigError, match=r"iterations\[1\].lr: 0 is out of range; allowed: > 0, or null"):
+        from_dict(RejectionSamplingConfig, {**base, "iterations": [{"num_samples": 4}, {"num_samples": 4, "lr": 0}]})
 
 
 def test_the_report_names_an_rs_dpo_iteration(tmp_path):
@@ -121,7 +123,7 @@ def _sha(path: Path) -> str:
 
 
 def rs_dpo_recipe(tmp_path: Path, nano_model_dir, reward_dirs) -> tuple[Path, list[dict]]:
-    """One SFT iteration (K=2), then one RS+DPO iteration (K=4) on 12 toy-world prompts."""
+    """One SFT iteration (K=2), then one RS+DPO iteration (K=4, its own lr) on 12 toy-world prompts."""
     from alignment.data import toyworld
 
     prompts = toyworld.rl_prompts(0, 12)
@@ -129,7 +131,7 @@ def rs_dpo_recipe(tmp_path: Path, nano_model_dir, reward_dirs) -> tuple[Path, li
                                [*toyworld.eval_prompts(0, 2, "helpful"), *toyworld.eval_prompts(0, 2, "adversarial")])
     path = recipe(tmp_path, nano_model_dir, reward_dirs, prompts,
                   iterations=[{"num_samples": 2, "temperature": 1.0},
-                              {"num_samples": 4, "temperature": 1.2, "update": "dpo"}],
+                              {"num_samples": 4, "temperature": 1.2, "update": "dpo", "lr": 2e-3}],
                   generation={"prompts_per_shard": 6},
                   # packing on in the recipe: the SFT iteration packs, the DPO one reads it as false
                   train={"epochs": 3, "micro_batch_size": 4, "packing": True, "max_steps": None},
@@ -152,6 +154,9 @@ def test_an_sft_then_an_rs_dpo_iteration_end_to_end_and_resumed(tmp_path, nano_m
     saved = json.loads((v2 / "config.json").read_text())["config"]
     assert saved["model"]["path"] == str(v1 / "final") and saved["train"]["packing"] is False
     assert saved["dpo"]["beta"] == 0.5 and saved["data"]["primary"][0]["path"] == str(v2 / PAIRS_FILE)
+    # the DPO iteration trains at its own lr, the SFT iteration at the recipe's
+    assert saved["optim"]["lr"] == 2e-3
+    assert json.loads((v1 / "config.json").read_text())["config"]["optim"]["lr"] == 3e-3
 
     # the pairs: valid preference_pair rows, the higher-scored answer chosen, as the shards say
     pairs = [json.loads(line) for line in (v2 / PAIRS_FILE).read_text().splitlines()]

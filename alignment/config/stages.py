@@ -181,6 +181,9 @@ class RSIteration:
     # paper); "dpo" (RS+DPO, beyond the paper: later Llama releases) trains DPO from this iteration's start
     # checkpoint, also the reference, on one (best, worst) pair per prompt, with the recipe's `dpo` section
     update: Literal["sft", "dpo"] = "sft"
+    # this iteration's learning rate (optim.lr for its fine-tune or DPO); None: the recipe's optim.lr. RS+DPO
+    # iterations want a lower one than the SFT iterations they follow (README, "DPO")
+    lr: float | None = ranged("> 0", None)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ import torch
 
 from alignment.batching import format_truncation
 from alignment.chat import encode_prompt
-from alignment.config import (DataSource, DPOConfig, FineTuneSections, RejectionSamplingConfig, RMData, RSSweepSection,
-                              SFTConfig, SFTData)
+from alignment.config import (DataSource, DPOConfig, FineTuneSections, RejectionSamplingConfig, RMData, RSIteration,
+                              RSSweepSection, SFTConfig, SFTData)
 from alignment.data.io import file_sha256, write_jsonl
 from alignment.data.schemas import prompt_context
 from alignment.data.sources import load_sources, source_hashes
@@ -282,6 +282,13 @@ def print_summary(reports: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- iterations
+def with_iteration_lr(cfg: RejectionSamplingConfig, spec: RSIteration) -> RejectionSamplingConfig:
+    """`cfg` with the iteration's own learning rate (`iterations[n].lr`) in optim, where it sets one."""
+    if spec.lr is None:
+        return cfg
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=spec.lr))
+
+
 def iteration_sft_config(cfg: RejectionSamplingConfig, iteration: int, start: str, kept_path: Path) -> SFTConfig:
     """The SFT run of iteration n: `start` fine-tuned on its kept answers with the recipe's SFT sections."""
     data = SFTData(train=[DataSource(path=str(kept_path))], eval=cfg.data.eval, train_on=cfg.data.train_on)
@@ -377,8 +384,9 @@ def run_iteration(cfg: RejectionSamplingConfig, root: Path, iteration: int, rows
     start = cfg.model.path if iteration == 1 else str(iteration_dir(root, iteration - 1) / "final")
     sampler = spec.sample_from or cfg.policy.sample_from or start
     kept_path = it_dir / "kept.jsonl"
-    sft_cfg = iteration_sft_config(cfg, iteration, start, kept_path)  # also what a dpo iteration is evaluated by
-    dpo_cfg = iteration_dpo_config(cfg, sft_cfg, it_dir / PAIRS_FILE) if spec.update == "dpo" else None
+    it_cfg = with_iteration_lr(cfg, spec)
+    sft_cfg = iteration_sft_config(it_cfg, iteration, start, kept_path)  # also what a dpo iteration is evaluated by
+    dpo_cfg = iteration_dpo_config(it_cfg, sft_cfg, it_dir / PAIRS_FILE) if spec.update == "dpo" else None
     run = RunDir(it_dir, dpo_cfg or sft_cfg, overwrite=cfg.output.overwrite)
     if run.finished_summary(f"rs-v{iteration}") is not None:  # a damaged final/ is named and re-made
         return json.loads((it_dir / "report.json").read_text())
