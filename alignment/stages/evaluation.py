@@ -140,8 +140,9 @@ class Results:
         write_json_atomic(self.file, self.state)
 
 
-def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: list[str]) -> None:
-    """The checkpoint's answers to every prompt (and its adherence by turn), unless already saved."""
+def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_sets: dict[str, list[dict]],
+               gatt_users: list[str]) -> None:
+    """The checkpoint's answers to every prompt (and its adherence by turn on `gatt_sets`), unless already saved."""
     g = cfg.generation
     if "answers" not in results.state:
         print(f"[eval] {results.name}: answering {len(rows)} prompts ({results.path})", flush=True)
@@ -155,7 +156,7 @@ def answer_all(cfg: EvalConfig, results: Results, rows: list[dict], gatt_users: 
         del model
         results.save()
     if _gatt_wanted(cfg) and "gatt" not in results.state:
-        results.state["gatt"] = gatt_adherence(cfg, results.path, gatt_users)
+        results.state["gatt"] = gatt_adherence(cfg, results.path, gatt_sets, gatt_users)
         results.save()
 
 
@@ -179,11 +180,10 @@ def gatt_instruction_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
     return sets
 
 
-def gatt_adherence(cfg: EvalConfig, path: str, users: list[str]) -> dict:
-    """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (the sets given),
+def gatt_adherence(cfg: EvalConfig, path: str, sets: dict[str, list[dict]], users: list[str]) -> dict:
+    """Table 30 for one checkpoint: {"instructions": {turn: rate}, "zero_shot": {...}} (`gatt_instruction_sets`),
     the dialogs' user turns drawn from `users`."""
     e = cfg.gatt
-    sets = gatt_instruction_sets(cfg)
     if not sets:
         return {}
     return adherence_by_turn(path, sets, users, seed=e.seed, turns=e.turns, max_new_tokens=e.max_new_tokens,
@@ -213,9 +213,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     """`align eval`: answer, judge, compare, write eval.json, the table and the plots."""
     checkpoints = checkpoint_list(cfg)
     rows, kinds = load_prompt_sets(cfg)  # every input is checked before any model is loaded
+    gatt_sets = {}
     if _gatt_wanted(cfg):
         load_sources(cfg.gatt.prompts, "rl_prompt")
-        gatt_instruction_sets(cfg)  # bad rows and a constraint_types that keeps nothing stop here
+        gatt_sets = gatt_instruction_sets(cfg)  # bad rows and a constraint_types that keeps nothing stop here
     for name in RM_JUDGES:
         path = getattr(cfg.judges, name)
         if path and not Path(path).exists():
@@ -239,7 +240,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                   if cfg.gatt.prompts and _gatt_wanted(cfg) else
                   [last_user_message(r) for r, k in zip(rows, kinds) if k == "helpful"])
     for r in todo:
-        answer_all(cfg, r, rows, gatt_users)
+        answer_all(cfg, r, rows, gatt_sets, gatt_users)
     score_all(cfg, todo, rows)
 
     j = cfg.judges
